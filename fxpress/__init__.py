@@ -1,0 +1,24 @@
+"""fxpress: a compression compiler for PyTorch.
+
+    import fxpress
+    cm = fxpress.compress(model, (x,), [fxpress.Quantize(mode="static")], calibration=batches)
+    run = fxpress.lower(cm, backend="inductor", example_inputs=(x,))
+"""
+from .api import CompressedModel, compress, lower
+from .configs import *  # noqa: F401,F403  (registers recipe entries)
+from .errors import (CalibrationError, CaptureError, FxpressError, InputError, LoweringError,
+                     PassError, RecipeError, UnsupportedOpError, VerificationError)
+from .frontends import capture
+from .passes.base import Pass, PassContext, PassResult
+from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm
+from .passes.manager import PassManager
+from .recipe import Recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
+    "PassResult", "PassManager", "FoldBatchNorm", "DeadCodeElimination", "ConstantFold",
+    "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",
+    "PassError", "VerificationError", "CalibrationError", "LoweringError",
+]

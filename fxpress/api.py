@@ -1,0 +1,88 @@
+"""compress() and lower(): the two calls most users make.
+
+    cm = fxpress.compress(model, (x,), [fxpress.Quantize(mode="static")], calibration=loader)
+    run = fxpress.lower(cm, backend="onnxruntime", example_inputs=(x,))
+    y = run(x)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from .backends.base import Lowered, get_backend
+from .frontends.export import capture
+from .passes.base import PassContext
+from .passes.manager import PassManager, Report
+from .recipe import Recipe
+from .utils import as_input_tuple
+
+__all__ = ["CompressedModel", "compress", "lower"]
+
+
+class CompressedModel(torch.nn.Module):
+    """The compressed IR as an nn.Module: call it, fine-tune it, lower it.
+
+    `graph_module` is the IR after the recipe's passes; `report` holds per-pass stats
+    and extra sections (sensitivity, lowerability, ...). Its parameters are its own:
+    an ordinary torch optimizer can fine-tune them.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, recipe: Recipe,
+                 example_inputs: tuple, example_kwargs: dict | None = None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.recipe = recipe
+        self.example_inputs = example_inputs
+        self.example_kwargs = example_kwargs or {}
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+
+def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
+             calibration: Iterable | None = None, finetune: Callable | None = None,
+             example_kwargs: dict | None = None, frontend: str = "export",
+             debug: bool = False) -> CompressedModel:
+    """Capture `model`, run the recipe's passes, return a CompressedModel.
+
+    The user's model is never modified: capture works on a deep copy in eval mode.
+    `calibration` is any iterable of input tuples (or tensors); `finetune(module)` trains
+    a module in place where a pass asks for it (iterative pruning, QAT, distillation).
+    """
+    recipe = Recipe.coerce(recipe)
+    example_inputs = as_input_tuple(example_inputs)
+    work = copy.deepcopy(model).eval()
+    gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend)
+    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
+                      original=model, debug=debug)
+    gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)
+    return CompressedModel(gm, report, recipe, example_inputs, example_kwargs)
+
+
+def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None, device: str = "cpu",
+          **options: Any) -> Lowered:
+    """Lower a CompressedModel, an IR GraphModule or a plain nn.Module to `backend`."""
+    if isinstance(model, CompressedModel):
+        gm = model.graph_module
+        example_inputs = as_input_tuple(example_inputs) if example_inputs is not None else model.example_inputs
+    elif isinstance(model, fx.GraphModule):
+        gm = model
+        if example_inputs is None:
+            from .passes.analysis.shape_prop import placeholder_examples
+            example_inputs = tuple(placeholder_examples(gm))
+        example_inputs = as_input_tuple(example_inputs)
+    elif isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            from .errors import InputError
+            raise InputError("lower() of a plain nn.Module needs example_inputs to capture it")
+        example_inputs = as_input_tuple(example_inputs)
+        gm = capture(copy.deepcopy(model).eval(), example_inputs)
+    else:
+        from .errors import RecipeError
+        raise RecipeError("lower() takes a CompressedModel, a GraphModule or an nn.Module",
+                          field="model", value=type(model).__name__)
+    return get_backend(backend)(gm, example_inputs, device=device, **options)

@@ -1,0 +1,136 @@
+"""PassManager: runs passes in order, verifies, times, and names the pass that failed.
+
+    pm = PassManager([FoldBatchNorm(), DeadCodeElimination()], debug=True)
+    gm, report = pm.run(gm, PassContext(example_inputs=(x,)))
+    print(report)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from ..errors import FxpressError, PassError, VerificationError
+from .base import Pass, PassContext
+
+__all__ = ["PassManager", "PassRecord", "Report"]
+
+# Properties a pass may `require` that the manager can establish by itself.
+_PROVIDERS: dict[str, str] = {"shapes": "fxpress.passes.analysis.shape_prop:ShapeProp"}
+# Properties that any modifying pass invalidates unless it lists them in `ensures`.
+_FRAGILE = ("shapes",)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict[str, Any]
+    iteration: int = 0
+
+
+@dataclass
+class Report:
+    """Per-pass stats plus free sections (sensitivity, lowerability, ...)."""
+
+    passes: list[PassRecord] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        for r in reversed(self.passes):
+            if r.name == key:
+                return r.stats
+        return self.sections[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sections or any(r.name == key for r in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [vars(r) for r in self.passes], "sections": dict(self.sections)}
+
+    def __str__(self) -> str:
+        rows = ["| pass | modified | ms | stats |", "| --- | --- | --- | --- |"]
+        for r in self.passes:
+            stats = ", ".join(f"{k}={_short(v)}" for k, v in r.stats.items())
+            rows.append(f"| {r.name} | {'yes' if r.modified else 'no'} | {r.seconds * 1e3:.1f} | {stats} |")
+        for k, v in self.sections.items():
+            rows.append(f"\n{k}:\n{v}")
+        return "\n".join(rows)
+
+
+def _short(v: Any) -> str:
+    s = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _provider(prop: str) -> Pass:
+    import importlib
+    mod, cls = _PROVIDERS[prop].split(":")
+    return getattr(importlib.import_module(mod), cls)()
+
+
+class PassManager:
+    """Run `passes` in order; with `fixed_point=True` repeat until none modifies (max_iter).
+
+    With `debug=True` the verifier runs after every pass and a broken invariant is a
+    VerificationError naming that pass.
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, fixed_point: bool = False, max_iter: int = 10,
+                 debug: bool = False):
+        self.passes = list(passes)
+        self.fixed_point, self.max_iter, self.debug = fixed_point, max_iter, debug
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None,
+            report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+        from ..ir.verify import verify
+
+        ctx = ctx or PassContext(debug=self.debug)
+        report = report if report is not None else Report()
+        report.sections = ctx.report if not report.sections else report.sections
+        ctx.report = report.sections
+        done: list[str] = []
+        established: set[str] = set()
+        for it in range(self.max_iter if self.fixed_point else 1):
+            any_modified = False
+            for p in self.passes:
+                for prop in p.requires:
+                    if prop not in established:
+                        if prop not in _PROVIDERS:
+                            raise PassError(p.name, done, FxpressError(
+                                f"requires {prop!r}, which no earlier pass ensures"))
+                        gm = self._run_one(_provider(prop), gm, ctx, report, done, it).graph_module
+                        established.add(prop)
+                res = self._run_one(p, gm, ctx, report, done, it)
+                gm = res.graph_module
+                if res.modified:
+                    any_modified = True
+                    established -= {x for x in _FRAGILE if x not in p.ensures}
+                    established -= set(p.invalidates)
+                established |= set(p.ensures)
+                if self.debug or ctx.debug:
+                    problems = verify(gm, raise_on_error=False)
+                    if problems:
+                        raise VerificationError(problems, after=p.name)
+            if not any_modified:
+                break
+        return gm, report
+
+    @staticmethod
+    def _run_one(p: Pass, gm, ctx, report: Report, done: list[str], it: int):
+        t0 = time.perf_counter()
+        try:
+            res = p.run(gm, ctx)
+        except PassError:
+            raise
+        except Exception as e:  # name the pass; keep the cause chained for the traceback
+            raise PassError(p.name, done, e) from e
+        if res is None or not isinstance(res.graph_module, fx.GraphModule):
+            raise PassError(p.name, done, TypeError("run() must return PassResult(graph_module, ...)"))
+        report.passes.append(PassRecord(p.name, bool(res.modified), time.perf_counter() - t0,
+                                        dict(res.stats), it))
+        done.append(p.name)
+        return res
