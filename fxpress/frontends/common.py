@@ -55,13 +55,26 @@ def annotate_lineage(gm: fx.GraphModule) -> None:
 
 
 def detach_parameters(gm: fx.GraphModule) -> None:
-    """Give the IR its own copies of parameters and buffers (export shares the user's)."""
+    """Give the IR its own copies of parameters and buffers (export shares the user's).
+
+    Tensors shared between modules (tied embeddings, GPT-2's lm_head) stay shared: one
+    copy per distinct tensor, so fine-tuning the IR keeps them tied.
+    """
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(t: torch.Tensor, make):
+        if id(t) not in copies:
+            copies[id(t)] = make(t)
+        return copies[id(t)]
+
     for mod in gm.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(name, torch.nn.Parameter(p.detach().clone(), p.requires_grad))
+            mod.register_parameter(name, copy(p, lambda p: torch.nn.Parameter(p.detach().clone(),
+                                                                              p.requires_grad)))
         for name, b in list(mod.named_buffers(recurse=False)):
             persistent = name not in getattr(mod, "_non_persistent_buffers_set", set())
-            mod.register_buffer(name, b.detach().clone() if b is not None else None, persistent=persistent)
+            mod.register_buffer(name, copy(b, lambda b: b.detach().clone()) if b is not None else None,
+                                persistent=persistent)
 
 
 def remove_guards(gm: fx.GraphModule) -> None:
