@@ -1,0 +1,111 @@
+"""Inductor backend: compile the IR with torch.compile/Inductor so Q/DQ patterns become oneDNN kernels.
+
+    run = fxpress.lower(cm, backend="inductor", example_inputs=(x,))
+    run.report["kernels"]   # {'qconv': 20, 'qlinear': 1, ...} int8 patterns Inductor matched
+
+Inductor only rewrites ``dq(act) + dq(w) -> conv/linear -> q`` into ``onednn.qconv_pointwise`` /
+``qlinear_pointwise`` when freezing is on (weights become constants it can prepack). We turn
+freezing on for *our* compile only, with ``torch._inductor.config.patch`` around every call of
+the compiled function (compiles are lazy, so the first call and any recompile happen inside it);
+the user's global ``torch._inductor.config`` is never touched. (``torch.compile(options=
+{"freezing": True})`` is not enough: compile_fx decides on the freezing path before it applies
+those options, and the prepack ops then reach fake-tensor propagation unfolded.)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..errors import LoweringError, RecipeError
+from ..recipe import check_choice
+from .base import Lowered
+
+__all__ = ["compile_inductor", "InductorLowered", "inductor_kernel_counts"]
+
+# Inductor pattern counters that mean "an int8 kernel replaced Q/DQ + fp32 op", by kernel family.
+_KERNEL_COUNTERS = {
+    "qconv": ("qconv_unary_lower_count", "qconv2d_binary_lower_count"),
+    "qlinear": ("qlinear_unary_lower_count", "qlinear_binary_lower_count"),
+    "qconv_prepack": ("qconv_weight_prepack_matcher_count",),
+    "qlinear_prepack": ("qlinear_weight_prepack_matcher_count",),
+    "qmaxpool2d": ("qmaxpool2d_matcher_count",),
+    "qcat": ("qcat_matcher_count",),
+    "qreshape": ("qreshape_matcher_count",),
+    "dequant_promotion": ("dequant_promotion_matcher_count",),
+}
+
+_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+def inductor_kernel_counts(before: dict | None = None) -> dict[str, int]:
+    """Int8 pattern hits in ``torch._dynamo.utils.counters['inductor']`` (minus a `before` snapshot)."""
+    from torch._dynamo.utils import counters
+    c = counters["inductor"]
+    before = before or {}
+    out = {}
+    for fam, keys in _KERNEL_COUNTERS.items():
+        n = sum(int(c.get(k, 0)) - int(before.get(k, 0)) for k in keys)
+        if n:
+            out[fam] = n
+    return out
+
+
+class InductorLowered(Lowered):
+    backend = "inductor"
+
+    def __init__(self, gm: fx.GraphModule, compiled, example_inputs: tuple, report: dict,
+                 config: dict):
+        super().__init__(gm)
+        self.gm, self.compiled, self.example_inputs = gm, compiled, example_inputs
+        self.report, self._config = report, config
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), torch._inductor.config.patch(self._config):
+            return self.compiled(*args, **kwargs)
+
+    def run_flat(self, flat_inputs: Sequence[torch.Tensor]):
+        return pytree.tree_leaves(self(*flat_inputs))
+
+
+def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
+                     freezing: bool = True, mode: str = "default", warmup: bool = True,
+                     **options: Any) -> InductorLowered:
+    """Compile `gm` with Inductor (freezing on by default, scoped to this compile).
+
+    Extra keyword options are Inductor config entries (``{"cpp.simdlen": 512}``) applied to
+    this compile only. With `warmup` the compile happens now (on `example_inputs`) and
+    ``report["kernels"]`` lists the int8 patterns Inductor lowered.
+    """
+    check_choice("mode", mode, _MODES)
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda"):
+        raise RecipeError("unknown device", field="device", value=device, accepted=["cpu", "cuda"])
+    from torch._dynamo.utils import counters
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+    gm = copy.deepcopy(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    config = {"freezing": bool(freezing), **options}
+    try:
+        with torch._inductor.config.patch(config):
+            pass  # validates the option names now, as a RecipeError below
+    except (AttributeError, KeyError) as e:
+        raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
+    compiled = torch.compile(gm, backend="inductor", mode=None if mode == "default" else mode,
+                             dynamic=False)
+    report: dict[str, Any] = {"config": dict(config)}
+    lowered = InductorLowered(gm, compiled, example_inputs, report, config)
+    if warmup:
+        before = dict(counters["inductor"])
+        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        try:
+            lowered(*inputs)
+        except Exception as e:  # Inductor raises many types; name the backend and keep the cause
+            raise LoweringError(f"Inductor could not compile the IR: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        report["kernels"] = inductor_kernel_counts(before)
+    return lowered
