@@ -1,0 +1,53 @@
+"""TVM backend: the IR (float or int8 Q/DQ form) lowered to Relax, optionally MetaSchedule-tuned.
+
+    run = fxpress.lower(cm, backend="tvm", example_inputs=(x,))                 # untuned
+    run = fxpress.lower(cm, backend="tvm", example_inputs=(x,),
+                        tune=TuneOptions(trials=2000, time_budget_s=600))       # tuned, cached
+    run.save("model.so"); y = fxpress.backends.tvm.load("model.so")(x)
+
+Tuning records are kept per (graph hash, target) under the user cache directory
+(``$FXPRESS_TVM_CACHE``, else ``$XDG_CACHE_HOME/fxpress/tvm``, else ``~/.cache/fxpress/tvm``);
+the next compile of the same graph for the same target re-uses them and tunes nothing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch.fx as fx
+
+from ...errors import RecipeError
+from .build import TVMLowered, TVMModule, build, host_target, load, lower_relax, make_target
+from .convert import to_relax
+from .tune import TuneOptions, tune
+
+__all__ = ["compile_tvm", "TVMLowered", "TVMModule", "TuneOptions", "load", "host_target"]
+
+
+def compile_tvm(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
+                tune: TuneOptions | bool | None = None, target: Any = None) -> TVMLowered:
+    """Lower `gm` to TVM for `device` ("cpu" or "cuda"); `tune` enables MetaSchedule.
+
+    `tune=True` uses `TuneOptions()` defaults; `target` overrides the detected target
+    (a tvm.target.Target or its dict form).
+    """
+    if tune is True:
+        tune = TuneOptions()
+    elif tune is False:
+        tune = None
+    elif tune is not None and not isinstance(tune, TuneOptions):
+        raise RecipeError("tune must be a TuneOptions or a bool", field="tune", value=tune)
+    tgt = make_target(device, target)
+    t0 = time.perf_counter()
+    imp = to_relax(gm, tuple(example_inputs))
+    report: dict[str, Any] = {"target": str(tgt), "graph_key": imp.key, "lowering": dict(imp.stats)}
+    database = None
+    if tune is not None:
+        lowered = lower_relax(imp.mod, tgt)
+        database, report["tuning"] = _tune(lowered, tgt, imp.key, tune)
+    mod = lower_relax(imp.mod, tgt, database)
+    report["compile_s"] = round(time.perf_counter() - t0, 2)
+    return TVMLowered(gm, build(mod, tgt), tgt, report)
+
+
+_tune = tune  # the module-level name `tune` is shadowed by compile_tvm's argument

@@ -1,0 +1,183 @@
+"""Targets, the Relax build, the runnable artefact and its deployable library.
+
+    target = host_target()                  # llvm with the host's mcpu and core count
+    run = TVMLowered(gm, build(mod, target), target)
+    run.save("model.so"); y = load("model.so")(x)     # load() needs TVM only, no fxpress passes
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from ...errors import LoweringError, RecipeError
+from ...utils import atomic_write, atomic_write_text
+from ..base import Lowered, flatten_inputs, unflatten_outputs
+
+__all__ = ["host_target", "cuda_target", "make_target", "lower_relax", "build", "TVMLowered",
+           "TVMModule", "load"]
+
+
+def _num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def host_target(num_cores: int | None = None):
+    """llvm for this CPU: LLVM's own host-CPU detection picks mcpu (so AVX2/AVX-512 is right)."""
+    import tvm
+    from tvm.target import codegen
+
+    triple = codegen.llvm_get_system_triple()
+    cfg: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or _num_cores()}
+    mcpu = codegen.llvm_get_system_cpu()
+    if mcpu and mcpu != "generic" and codegen.llvm_is_valid_cpu(mcpu, triple):
+        cfg["mcpu"] = mcpu
+    return tvm.target.Target(cfg)
+
+
+def cuda_available() -> bool:
+    import tvm
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # a TVM built without CUDA raises instead of saying False
+        return False
+
+
+def cuda_target():
+    import tvm
+    if not cuda_available():
+        raise LoweringError("tvm backend: device='cuda' asked for but no CUDA device is visible to TVM")
+    dev = tvm.cuda(0)
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host_target())
+
+
+def make_target(device: str, target: Any = None):
+    import tvm
+    if target is not None:
+        return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if device == "cpu":
+        return host_target()
+    if device.startswith("cuda"):
+        return cuda_target()
+    raise RecipeError("unknown device for the tvm backend", field="device", value=device,
+                      accepted=["cpu", "cuda"])
+
+
+def lower_relax(mod, target, database=None):
+    """Legalize + fuse (the 'zero' pipeline); apply tuned schedules from `database` if given."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.transform.CanonicalizeBindings()(mod)
+        if database is not None:
+            with database:
+                mod = relax.get_pipeline("zero")(mod)
+        else:
+            mod = relax.get_pipeline("zero")(mod)
+        if target.kind.name == "cuda":
+            # GPU kernels need thread bindings; dlight gives every untuned kernel a default.
+            from tvm.s_tir import dlight as dl
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return mod
+
+
+def build(mod, target):
+    import tvm
+    try:
+        return tvm.compile(mod, target=target)
+    except Exception as e:
+        raise LoweringError(f"tvm backend: build for {target} failed: {type(e).__name__}: {e}") from e
+
+
+def _device(target):
+    import tvm
+    return tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
+
+
+def _to_tvm(t: torch.Tensor):
+    import tvm
+    return tvm.runtime.from_dlpack(t.detach().contiguous())
+
+
+def _to_torch(x) -> list[torch.Tensor]:
+    import tvm
+    if isinstance(x, tvm.runtime.Tensor):
+        return [torch.from_dlpack(x)]
+    return [t for item in x for t in _to_torch(item)]
+
+
+class _VMRunner:
+    def __init__(self, executable, dev, torch_device: str):
+        from tvm import relax
+        self.vm = relax.VirtualMachine(executable, dev)
+        self.torch_device = torch_device
+
+    def run_flat(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        args = [_to_tvm(t.to(self.torch_device)) for t in flat_inputs if isinstance(t, torch.Tensor)]
+        return _to_torch(self.vm["main"](*args))
+
+
+class TVMLowered(Lowered):
+    """The TVM Relax VM for the IR; `report` says which ops went int8 and what tuning did."""
+
+    backend = "tvm"
+
+    def __init__(self, gm, executable, target, report: dict | None = None):
+        super().__init__(gm)
+        self.executable, self.target = executable, target
+        self._runner = _VMRunner(executable, _device(target), "cuda" if target.kind.name == "cuda" else "cpu")
+        self.report.update(report or {})
+
+    def run_flat(self, flat_inputs):
+        with torch.no_grad():
+            return self._runner.run_flat(flat_inputs)
+
+    def save(self, path) -> Path:
+        """Write a shared library (export_library) plus `<path>.json` with the I/O structure."""
+        path = Path(path)
+        atomic_write(path, lambda tmp: self.executable.export_library(tmp))
+        meta = {"format": "fxpress-tvm-1", "target": str(self.target), "kind": self.target.kind.name,
+                "in_spec": pytree.treespec_dumps(self._in_spec) if self._in_spec else None,
+                "out_spec": pytree.treespec_dumps(self._out_spec) if self._out_spec else None}
+        atomic_write_text(_meta_path(path), json.dumps(meta, indent=1))
+        return path
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+class TVMModule:
+    """A saved TVM library, runnable with the model's calling convention (no fxpress passes)."""
+
+    def __init__(self, path):
+        import tvm
+        path = Path(path)
+        meta_file = _meta_path(path)
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self._in_spec = pytree.treespec_loads(meta["in_spec"]) if meta.get("in_spec") else None
+        self._out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
+        cuda = meta.get("kind") == "cuda"
+        dev = tvm.cuda(0) if cuda else tvm.cpu(0)
+        self._runner = _VMRunner(tvm.runtime.load_module(str(path)), dev, "cuda" if cuda else "cpu")
+
+    def __call__(self, *args, **kwargs):
+        flat = flatten_inputs(self._in_spec, args, kwargs)
+        with torch.no_grad():
+            return unflatten_outputs(self._out_spec, self._runner.run_flat(flat))
+
+
+def load(path) -> TVMModule:
+    """Load what `TVMLowered.save(path)` wrote."""
+    return TVMModule(path)

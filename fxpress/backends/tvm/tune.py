@@ -1,0 +1,229 @@
+"""MetaSchedule tuning with a trial budget, a time budget and a persistent per-graph database.
+
+    db, info = tune(lowered_mod, target, graph_key, TuneOptions(trials=800, time_budget_s=600))
+
+Where trials go: every task first gets one search round (a sampled schedule is already
+parallel and vectorized, far better than the naive default), largest FLOPs first; the rest
+of the budget is dealt out in rounds proportional to each task's FLOPs x occurrences, so the
+convolutions that hold the time get the trials. The loop stops at whichever budget ends first.
+
+The database (best record per workload, `dump_pruned`) is written atomically to
+`<cache>/<graph key>-<target hash>/` with a manifest naming the key, target and TVM version;
+a database whose manifest does not match, or that does not parse, is ignored with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ...recipe import check_range
+from ...utils import atomic_write_text
+
+__all__ = ["TuneOptions", "tune", "cache_root", "database_dir", "load_database"]
+
+_FORMAT = "fxpress-tvm-db-1"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """MetaSchedule budget. `trials`: total measured candidates; `time_budget_s`: wall clock.
+
+    `trials_per_round` is one search round (the budget's granularity); `cache_dir` overrides
+    the database location; `progress` prints one line per round to stderr.
+    """
+
+    name: ClassVar[str] = "tvm_tune"
+    trials: int = 1000
+    time_budget_s: float = 600.0
+    trials_per_round: int = 16
+    population: int = 256
+    build_timeout_s: float = 15.0
+    run_timeout_s: float = 10.0
+    cache_dir: str | None = None
+    use_cache: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        check_range("trials", self.trials, 1)
+        check_range("time_budget_s", self.time_budget_s, 0, lo_open=True)
+        check_range("trials_per_round", self.trials_per_round, 1, 512)
+        check_range("population", self.population, 16)
+        check_range("build_timeout_s", self.build_timeout_s, 0, lo_open=True)
+        check_range("run_timeout_s", self.run_timeout_s, 0, lo_open=True)
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("FXPRESS_TVM_CACHE"):
+        return Path(os.environ["FXPRESS_TVM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxpress" / "tvm"
+
+
+def _target_id(target) -> str:
+    return hashlib.sha256(str(target).encode()).hexdigest()[:12]
+
+
+def database_dir(root: Path, key: str, target) -> Path:
+    return root / f"{key}-{_target_id(target)}"
+
+
+def _manifest(key: str, target) -> dict:
+    import tvm
+    return {"format": _FORMAT, "graph_key": key, "target": str(target), "tvm": tvm.__version__}
+
+
+def load_database(path: Path, key: str, target):
+    """The JSONDatabase at `path` if its manifest matches (key, target, TVM) and it parses."""
+    from tvm.s_tir import meta_schedule as ms
+
+    man_file = path / "manifest.json"
+    if not man_file.exists():
+        return None
+    try:
+        found = json.loads(man_file.read_text())
+        want = _manifest(key, target)
+        if found != want:
+            diff = sorted(k for k in want if found.get(k) != want[k])
+            warnings.warn(f"tvm tuning database {path} is for another graph/target/TVM "
+                          f"(differs in {', '.join(diff)}); ignoring it and tuning afresh")
+            return None
+        db = ms.database.JSONDatabase(str(path / "workload.json"), str(path / "records.json"),
+                                      allow_missing=False)
+        if len(db) == 0:
+            raise ValueError("no tuning records")
+        return db
+    except Exception as e:  # corrupt JSON, truncated files, records TVM cannot parse
+        warnings.warn(f"tvm tuning database {path} is unreadable ({type(e).__name__}: {e}); "
+                      f"ignoring it and tuning afresh")
+        return None
+
+
+def _save_database(db, path: Path, key: str, target) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        pruned = ms.database.JSONDatabase(str(tmp / "workload.json"), str(tmp / "records.json"))
+        db.dump_pruned(pruned)
+        atomic_write_text(tmp / "manifest.json", json.dumps(_manifest(key, target), indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _task_flops(task) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+    try:
+        return max(float(estimate_tir_flops(task.dispatched[0])), 1.0)
+    except Exception:  # opaque/extern functions have no estimate; treat as cheap
+        return 1.0
+
+
+def _plan(weights: list[float], trials: int, per_round: int) -> list[int]:
+    """Task indices in the order they get rounds: one each (largest first), then by share."""
+    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    plan = list(order)
+    rounds_left = max(trials // per_round - len(plan), 0)
+    total = sum(weights)
+    quota = {i: rounds_left * weights[i] / total for i in order}
+    given = {i: 0 for i in order}
+    for _ in range(rounds_left):
+        i = max(order, key=lambda j: quota[j] - given[j])
+        given[i] += 1
+        plan.append(i)
+    return plan
+
+
+def tune(mod, target, key: str, opts: TuneOptions) -> tuple[Any, dict]:
+    """Tune `mod` (already legalized and fused) for `target`; returns (database, report)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db_path = database_dir(cache_root(opts.cache_dir), key, target)
+    if opts.use_cache:
+        db = load_database(db_path, key, target)
+        if db is not None:
+            return db, {"cached": True, "database": str(db_path), "seconds": 0.0, "trials": 0}
+
+    t0 = time.perf_counter()
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    weights = [_task_flops(t) * t.weight for t in extracted]
+    work = tempfile.mkdtemp(prefix="fxpress-tvm-tune-")
+    try:
+        ctxs, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted, work, strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=opts.population, init_min_unmeasured=min(50, opts.population // 4)),
+            num_threads=max(1, target.attrs.get("num-cores", 1)) if target.kind.name == "llvm" else "physical")
+        db = ms.database.JSONDatabase(work_dir=work)
+        builder = ms.builder.LocalBuilder(timeout_sec=opts.build_timeout_s)
+        runner = ms.runner.LocalRunner(timeout_sec=opts.run_timeout_s, evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
+        cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
+                                            adaptive_training=True)
+        done = [0] * len(ctxs)
+        trials = 0
+        for step, i in enumerate(_plan(weights, opts.trials, opts.trials_per_round)):
+            elapsed = time.perf_counter() - t0
+            if trials >= opts.trials or elapsed >= opts.time_budget_s:
+                break
+            n = min(opts.trials_per_round, opts.trials - trials)
+            with _quiet():
+                ms.tune_tasks(tasks=[ctxs[i]], task_weights=[1.0], work_dir=work,
+                              max_trials_global=done[i] + n, num_trials_per_iter=n,
+                              builder=builder, runner=runner, database=db, cost_model=cost_model,
+                              measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                                 ms.measure_callback.RemoveBuildArtifact(),
+                                                 ms.measure_callback.UpdateCostModel()],
+                              task_scheduler="round-robin")
+            done[i] += n
+            trials += n
+            if opts.progress:
+                best = _best_ms(db, ctxs[i])
+                print(f"[fxpress tvm tune] {trials}/{opts.trials} trials "
+                      f"{time.perf_counter() - t0:6.0f}/{opts.time_budget_s:.0f}s  task {i + 1}/{len(ctxs)} "
+                      f"{extracted[i].task_name[:40]:40s} best {best}", file=sys.stderr, flush=True)
+        if len(db):
+            _save_database(db, db_path, key, target)
+        seconds = time.perf_counter() - t0
+        return db, {"cached": False, "database": str(db_path), "seconds": round(seconds, 1),
+                    "trials": trials, "tasks": len(ctxs),
+                    "tasks_tuned": sum(1 for d in done if d)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _best_ms(db, ctx) -> str:
+    try:
+        recs = db.get_top_k(db.commit_workload(ctx.mod), 1)
+        secs = [float(s) for s in recs[0].run_secs] if recs and recs[0].run_secs else []
+        return f"{1e3 * sum(secs) / len(secs):.3f} ms" if secs else "n/a"
+    except Exception:
+        return "n/a"
+
+
+class _quiet:
+    """MetaSchedule logs a task table per round at INFO; keep the user's terminal readable."""
+
+    def __enter__(self):
+        import logging
+        self._lg = logging.getLogger("tvm.s_tir.meta_schedule")
+        self._level = self._lg.level
+        self._lg.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        self._lg.setLevel(self._level)
