@@ -1,33 +1,129 @@
 """The torch.compile entry: a Dynamo graph (torch-level fx) -> the fxpress IR.
 
-torch.compile hands a backend ``(gm, example_inputs)``; the inputs are the flattened
-user inputs (and possibly lifted parameters). We re-export that graph module, which
-is plain straight-line Python, to the same ATen training IR `capture` produces.
+torch.compile hands a backend ``(gm, example_inputs)``: the flattened user inputs and
+the module's parameters and buffers, lifted to graph inputs. Compression passes need
+parameters as named attributes (``conv1.weight``), so lifted ones become attributes
+again under the user's names, and the graph is re-exported to the same ATen training IR
+`capture` produces. ``ir.meta["dynamo_user_inputs"]`` lists which of the backend's
+inputs the IR still takes; ``call_with_dynamo_inputs`` makes a callable of the
+backend's signature.
+
+    def my_backend(gm, example_inputs):
+        ir = from_dynamo_graph(gm, example_inputs)
+        return call_with_dynamo_inputs(ir, ir)
 """
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
+from ..errors import CaptureError
 from .common import finish_ir
 from .export import _capture_error
 
-__all__ = ["from_dynamo_graph"]
+__all__ = ["from_dynamo_graph", "call_with_dynamo_inputs"]
+
+_PART = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]")
 
 
-def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+def _attr_path(node: fx.Node) -> str | None:
+    """'conv1.weight' for a placeholder Dynamo lifted from a module parameter or buffer."""
+    arg = node.meta.get("grapharg")
+    source = getattr(getattr(arg, "source", None), "name", None)
+    source = source() if callable(source) else source
+    if not isinstance(source, str) or not source.startswith("L['self']"):
+        return None
+    parts = _PART.findall(source)
+    if not parts or parts[-1][0] not in ("parameters", "buffers"):
+        return None
+    return ".".join(name for _, name in parts)
+
+
+def _set_path(root: torch.nn.Module, path: str, value: torch.Tensor) -> None:
+    *mods, attr = path.split(".")
+    mod = root
+    for m in mods:
+        if not hasattr(mod, m):
+            mod.add_module(m, torch.nn.Module())
+        mod = getattr(mod, m)
+    if isinstance(value, torch.nn.Parameter):
+        mod.register_parameter(attr, value)
+    else:
+        mod.register_buffer(attr, value)
+
+
+def _normalise_module_stack(gm: fx.GraphModule) -> None:
+    """Dynamo names modules L['self'].layer1._modules['0'] / L['self'].conv1: make them user paths."""
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        fixed = {}
+        for key, (path, mtype) in stack.items():
+            p = re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path))
+            p = re.sub(r"\['([^']+)'\]", r".\1", p)
+            p = re.sub(r"^L\.self\.?|^L__self__\.?", "", p)
+            fixed[key] = (p, mtype)
+        n.meta["nn_module_stack"] = fixed
+
+
+def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Convert the graph a torch.compile backend receives into the fxpress IR."""
-    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
 
     inputs = list(example_inputs)
-    fake_mode = detect_fake_mode(inputs)
-    if fake_mode is not None:  # backends may get fake tensors: make real ones of the same kind
-        inputs = [torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x
-                  for x in inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        raise CaptureError(f"Dynamo graph has {len(placeholders)} inputs but {len(inputs)} example "
+                           "inputs were given", frontend="dynamo")
+    # Dynamo hands real tensors to a plain backend; aot/compiled-autograd callers hand fakes
+    fake = any(isinstance(x, FakeTensor) for x in inputs)
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    user_inputs, user_examples = [], []
+    for i, (n, x) in enumerate(zip(placeholders, inputs)):
+        path = _attr_path(n) if isinstance(x, torch.Tensor) and not fake else None
+        if path is not None:  # a lifted parameter/buffer: an attribute again, under its user name
+            _set_path(root, path, x)
+            env[n] = graph.get_attr(path)
+        else:
+            env[n] = graph.placeholder(n.name)
+            user_inputs.append(i)
+            user_examples.append(torch.zeros(x.shape, dtype=x.dtype) if fake and isinstance(x, torch.Tensor) else x)
+        env[n].meta = dict(n.meta)
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    for name, mod in gm.named_children():  # call_module targets Dynamo kept
+        root.add_module(name, mod)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not hasattr(root, str(n.target).split(".")[0]):
+            obj = gm
+            for p in str(n.target).split("."):
+                obj = getattr(obj, p)
+            _set_path(root, str(n.target), obj)
+    rebuilt = fx.GraphModule(root, graph)
+    _normalise_module_stack(rebuilt)
     try:
-        ep = torch.export.export(gm, tuple(inputs), strict=False)
+        ep = torch.export.export(rebuilt, tuple(user_examples), strict=False)
     except Exception as e:
         raise _capture_error(e, "export") from e
-    return finish_ir(ep.module())
+    ir = finish_ir(ep.module())
+    ir.meta["dynamo_user_inputs"] = tuple(user_inputs)
+    return ir
+
+
+def call_with_dynamo_inputs(ir: fx.GraphModule, fn: Callable) -> Callable:
+    """Wrap `fn` (the IR or what a backend made of it) to take all of Dynamo's inputs."""
+    keep = ir.meta.get("dynamo_user_inputs")
+
+    def run(*args):
+        picked = args if keep is None else [args[i] for i in keep]
+        out = fn(*picked)
+        return out if isinstance(out, (tuple, list)) else (out,)
+
+    return run

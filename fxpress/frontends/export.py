@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import linecache
 import re
 import traceback
 from typing import Any
@@ -30,29 +31,39 @@ def check_inputs(model: torch.nn.Module, example_inputs: tuple, example_kwargs: 
     """Run `model` once on the inputs; on failure raise InputError saying which input and module."""
     example_kwargs = example_kwargs or {}
     try:
-        sig = inspect.signature(model.forward)
-        sig.bind(*example_inputs, **example_kwargs)
-    except TypeError as e:
         names = list(inspect.signature(model.forward).parameters)
-        raise InputError(f"example inputs do not match {type(model).__name__}.forward{tuple(names)}: "
-                         f"got {len(example_inputs)} positional input(s) "
-                         f"({', '.join(_describe(x) for x in example_inputs)}): {e}") from e
-    except ValueError:
-        pass  # builtins without a signature: let the call below decide
+    except (TypeError, ValueError):  # builtins without a signature: let the call below decide
+        names = []
+    if names:
+        try:
+            inspect.signature(model.forward).bind(*example_inputs, **example_kwargs)
+        except TypeError as e:
+            extra = len(example_inputs) if len(example_inputs) > len(names) else None
+            raise InputError(f"example inputs do not match {type(model).__name__}.forward"
+                             f"({', '.join(names)}): got {len(example_inputs)} positional input(s) "
+                             f"({', '.join(_describe(x) for x in example_inputs)}): {e}",
+                             index=extra) from e
     try:
         with torch.no_grad():
             model(*example_inputs, **example_kwargs)
     except Exception as e:
-        names = list(inspect.signature(model.forward).parameters)
         where = _failing_module(model, e)
-        described = ", ".join(f"{i} ({names[i] if i < len(names) else '?'}: {_describe(x)})"
-                              for i, x in enumerate(example_inputs))
-        first = _first_tensor_index(model, e, example_inputs)
-        msg = (f"example inputs do not fit {type(model).__name__}: {type(e).__name__}: "
-               f"{str(e).splitlines()[0] if str(e) else ''}\n  inputs: {described}")
+        reached = _inputs_reaching_failure(model, example_inputs, example_kwargs)
+        first = reached[0] if reached else None
+
+        def label(i):
+            return f"input {i} ({names[i] + ': ' if i < len(names) else ''}{_describe(example_inputs[i])})"
+
+        msg = f"example inputs do not fit {type(model).__name__}"
+        if reached:
+            verb = "reaches" if len(reached) == 1 else "reach"
+            msg += f": {' and '.join(label(i) for i in reached)} {verb} the failing op"
         if where:
-            msg += f"\n  failed in module {where!r}"
-        raise InputError(msg, index=first, input_name=names[first] if first is not None and first < len(names) else None) from e
+            msg += f" in module {where!r}"
+        msg += f"\n  {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        msg += "\n  inputs: " + ", ".join(label(i) for i in range(len(example_inputs)))
+        raise InputError(msg, index=first,
+                         input_name=names[first] if first is not None and first < len(names) else None) from e
 
 
 def _failing_module(model: torch.nn.Module, exc: BaseException) -> str | None:
@@ -66,11 +77,47 @@ def _failing_module(model: torch.nn.Module, exc: BaseException) -> str | None:
     return found
 
 
-def _first_tensor_index(model, exc, inputs) -> int | None:
+class _Provenance(torch.overrides.TorchFunctionMode):
+    """Tracks which example inputs every tensor derives from; notes them at the failing call."""
+
+    def __init__(self):
+        super().__init__()
+        self.origin: dict[int, tuple[torch.Tensor, frozenset]] = {}  # id -> (tensor kept alive, inputs)
+        self.failed: frozenset | None = None
+
+    def of(self, x) -> frozenset:
+        hit = self.origin.get(id(x))
+        return hit[1] if hit is not None and hit[0] is x else frozenset()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        srcs = frozenset().union(*(self.of(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                                   if isinstance(t, torch.Tensor)))
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = srcs
+            raise
+        if srcs:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.origin[id(t)] = (t, srcs | self.of(t))
+        return out
+
+
+def _inputs_reaching_failure(model, inputs: tuple, kwargs: dict) -> list[int]:
+    """Indices of the example inputs whose values flow into the op that raised (a diagnostic re-run)."""
+    mode = _Provenance()
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor):
-            return i
-    return None
+            mode.origin[id(x)] = (x, frozenset([i]))
+    try:
+        with torch.no_grad(), mode:
+            model(*inputs, **kwargs)
+    except Exception:
+        pass
+    return sorted(mode.failed) if mode.failed else []
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict | None = None,
@@ -105,28 +152,60 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes) -> fx
     return ep.module()
 
 
+# Where torch's message names the op it refused (checked in order).
 _OP_PATTERNS = [
-    re.compile(r"(?:call_function|function|op|operator)[: ]+<?([\w.:]+)"),
-    re.compile(r"(aten::?\.?[\w.]+)"),
-    re.compile(r"Could not guard on data-dependent expression ([^\s(]+)"),
+    re.compile(r"(aten::[\w.]+|aten\.[\w.]+)"),
+    re.compile(r"(?:call_function|function|operator)[: ]+<?([\w.:]+)"),
+    re.compile(r"(\.\w+\(\)) is not supported"),            # ".numpy() is not supported ..."
 ]
+_DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependent", "cannot be used as inputs to control flow",
+                   "Proxy")
+
+
+def _user_frame(e: BaseException) -> tuple[str, int] | None:
+    """The innermost frame outside torch and fxpress: where the user's code did the thing."""
+    text = str(e)
+    frames = [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)]
+    tb = [(f.f_code.co_filename, n) for f, n in traceback.walk_tb(e.__traceback__)]
+    stack = [(fs.filename, fs.lineno) for fs in getattr(e, "real_stack", None) or []]
+
+    def user(frames):
+        return [f for f in frames if "/torch/" not in f[0] and "/fxpress/" not in f[0]
+                and not f[0].startswith("<")]
+
+    found = user(frames) or user(stack) or user(tb)
+    return found[-1] if found else None
+
+
+def _failed_op(e: BaseException) -> str | None:
+    """The op torch refused or whose value the model branched on, as 'aten.item.default'."""
+    partial = getattr(e, "partial_fx_graph", None)
+    if partial:  # the graph traced up to the failure: its last op produced the offending value
+        ops = re.findall(r"torch\.ops\.([\w.]+)\(", partial)
+        if ops:
+            return ops[-1]
+    for pat in _OP_PATTERNS:
+        m = pat.search(str(e))
+        if m:
+            return m.group(1).replace("::", ".")
+    return None
 
 
 def _capture_error(e: BaseException, frontend: str) -> CaptureError:
     text = str(e)
-    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
-    tb_frames = [(f.f_code.co_filename, str(line)) for f, line in traceback.walk_tb(e.__traceback__)]
-    user = [f for f in frames + tb_frames if "/torch/" not in f[0] and "/fxpress/" not in f[0]]
-    source = f"{user[-1][0]}:{user[-1][1]}" if user else source_of(text)
-    op = None
-    for pat in _OP_PATTERNS:
-        m = pat.search(text)
-        if m:
-            op = m.group(1)
-            break
+    frame = _user_frame(e)
+    source = None
+    if frame:
+        code = linecache.getline(frame[0], frame[1]).strip()
+        source = f"{frame[0]}:{frame[1]}" + (f": {code}" if code else "")
+    else:
+        source = source_of(text)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    return CaptureError(f"torch.{frontend} could not capture the model: {type(e).__name__}: {first}",
-                        op=op, source=source, frontend=frontend)
+    msg = f"torch.{frontend} could not capture the model: {type(e).__name__}: {first}"
+    if any(k in text or k in type(e).__name__ for k in _DATA_DEPENDENT):
+        msg += ("\n  why: the model turns a tensor value into Python control flow or a Python number "
+                "at this line; a captured graph cannot depend on it")
+    return CaptureError(msg, op=_failed_op(e), source=source, frontend=frontend)
 
 
 def _capture_fx(model, example_inputs) -> fx.GraphModule:
