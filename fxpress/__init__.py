@@ -11,14 +11,18 @@ from .errors import (CalibrationError, CaptureError, FxpressError, InputError, L
 from .frontends import capture
 from .passes.base import Pass, PassContext, PassResult
 from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm
+from .passes.factorize import LowRank
 from .passes.manager import PassManager
+from .passes.quant import Quantize, convert
 from .recipe import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Quantize", "convert",
     "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
     "PassResult", "PassManager", "FoldBatchNorm", "DeadCodeElimination", "ConstantFold",
     "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",
     "PassError", "VerificationError", "CalibrationError", "LoweringError",
+    "LowRank",
 ]

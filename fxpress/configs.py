@@ -4,3 +4,5 @@ Each line pulls in one family of passes; add a line when you add a family.
 """
 from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm  # noqa: F401
 from .passes.analysis import CostAnalysis, ShapeProp  # noqa: F401
+from .passes.factorize import LowRank  # noqa: F401
+from .passes.quant import Quantize  # noqa: F401
