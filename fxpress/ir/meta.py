@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 __all__ = [
-    "Record", "Lineage", "QuantSpec", "ObserverStats", "ChannelRef", "ChannelGroup",
+    "Record", "Lineage", "QuantSpec", "QuantAnnotation", "ObserverStats", "ChannelRef", "ChannelGroup",
     "SparsityMask", "Factorization", "set_record", "get_record", "records", "drop_record",
     "lineage", "module_path", "META_KEY",
 ]
@@ -92,6 +92,25 @@ class QuantSpec(Record):
         return p
 
 
+@dataclass(frozen=True)
+class QuantAnnotation(Record):
+    """Which tensors of one op are quantized: per input edge (arg index) and its output.
+
+    The quantizer only writes these; generic passes insert observers where they say.
+    """
+
+    KEY: ClassVar[str] = "qannot"
+    inputs: tuple[tuple[int, QuantSpec], ...] = ()   # (arg index, spec) per quantized input
+    output: QuantSpec | None = None
+
+    def input_spec(self, index: int) -> QuantSpec | None:
+        return dict(self.inputs).get(index)
+
+    def validate(self) -> list[str]:
+        p = [x for _, s in self.inputs for x in s.validate()]
+        return p + (self.output.validate() if self.output is not None else [])
+
+
 @dataclass(frozen=True, eq=False)
 class ObserverStats(Record):
     """Range statistics an observer collected for one tensor, and the qparams chosen."""
@@ -125,6 +144,7 @@ class ChannelRef:
     start: int
     stop: int
     role: str           # out | in | norm | pass | head
+    width: int = 1      # indices per unit of the group (a head's D, flatten's H*W); 0: scattered
 
     def __str__(self) -> str:
         side = {"out": ".out", "in": ".in"}.get(self.role, "")
@@ -144,8 +164,9 @@ class ChannelGroup(Record):
     def validate(self) -> list[str]:
         p = []
         for m in self.members:
-            if m.stop - m.start != self.size:
-                p.append(f"ChannelGroup member {m} spans {m.stop - m.start}, group size {self.size}")
+            if m.width and m.stop - m.start != self.size * m.width:
+                p.append(f"ChannelGroup member {m} spans {m.stop - m.start}, "
+                         f"group size {self.size} x {m.width}")
         if any(i < 0 or i >= self.size for i in self.pruned):
             p.append("ChannelGroup.pruned index out of range")
         if len(set(self.pruned)) >= self.size and self.size:

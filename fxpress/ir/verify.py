@@ -63,6 +63,7 @@ def _check_shapes(gm: fx.GraphModule) -> list[str]:
            ((n, recorded[n.name]) for n in gm.graph.nodes if n.op == "placeholder")):
         return []
     probe = fx.GraphModule(gm, gm.graph)  # shares params; keeps gm's own meta untouched
+    gm.graph.owning_module = gm  # the probe took ownership of the shared graph: give it back
     saved = {n.name: n.meta.get("val") for n in probe.graph.nodes}
     try:
         propagate_shapes(probe, placeholder_examples(gm))

@@ -1,0 +1,117 @@
+"""Calibrate: run the observed graph on calibration batches so every observer sees real data.
+
+Batches are checked against the graph's inputs first (count, dtype, rank, non-batch dims):
+a mismatch is an InputError naming the input and the batch. An empty calibration, or an
+observer that no batch reached, is a CalibrationError (never a silent min = max = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from ...errors import CalibrationError, InputError
+from ...ir.meta import set_record
+from ...utils import iter_batches
+from ..base import Pass, PassContext, PassResult
+from .insert_observers import observer_nodes
+
+__all__ = ["Calibrate", "check_batch", "calibration_batches"]
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def check_batch(gm: fx.GraphModule, batch: tuple, index: int) -> list[torch.Tensor]:
+    """Flatten one batch and check it against the graph's placeholders; InputError names the input."""
+    flat = torch.utils._pytree.tree_leaves(batch)
+    phs = _placeholders(gm)
+    if len(flat) != len(phs):
+        raise InputError(f"calibration batch {index} has {len(flat)} input tensor(s); the model "
+                         f"takes {len(phs)} ({', '.join(p.name for p in phs)})", index=index)
+    for ph, x in zip(phs, flat):
+        v = ph.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"calibration batch {index}: input {ph.name!r} is a "
+                             f"{type(x).__name__}, expected a tensor", input_name=ph.name, index=index)
+        if x.dtype != v.dtype:
+            raise InputError(f"calibration batch {index}: input {ph.name!r} has dtype "
+                             f"{str(x.dtype).replace('torch.', '')}, the model was captured with "
+                             f"{str(v.dtype).replace('torch.', '')}", input_name=ph.name, index=index)
+        if x.dim() != v.dim() or tuple(x.shape[1:]) != tuple(v.shape[1:]):
+            raise InputError(f"calibration batch {index}: input {ph.name!r} has shape "
+                             f"{list(x.shape)}, the model was captured with {list(v.shape)} "
+                             "(only the batch dimension may differ)", input_name=ph.name, index=index)
+    return flat
+
+
+def calibration_batches(ctx: PassContext, cfg, *, required: bool):
+    """Up to cfg.calib_batches batches (else about cfg.calib_samples samples) as input tuples."""
+    data = ctx.calibration
+    if data is None:
+        if required:
+            raise CalibrationError("static quantization needs calibration data: "
+                                   "compress(..., calibration=batches) with an iterable of input "
+                                   "batches (a DataLoader works); ~200 samples is enough")
+        data = [ctx.example_inputs]
+    samples = 0
+    for i, b in enumerate(iter_batches(data)):
+        if cfg.calib_batches is not None and i >= cfg.calib_batches:
+            return
+        if cfg.calib_batches is None and samples >= cfg.calib_samples:
+            return
+        yield i, b
+        first = next((t for t in torch.utils._pytree.tree_leaves(b) if isinstance(t, torch.Tensor)), None)
+        samples += int(first.shape[0]) if first is not None and first.dim() else 1
+
+
+@dataclass(frozen=True)
+class Calibrate(Pass):
+    """Feed calibration batches through the observed graph; record ObserverStats on observer nodes."""
+
+    name: ClassVar[str] = "quant_calibrate"
+    config: Any = None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from tqdm.auto import tqdm
+
+        from .config import Quantize
+        cfg = self.config or Quantize()
+        obs = observer_nodes(gm)
+        mods = {id(m): m for _, m in obs}.values()
+        for m in mods:
+            m.observing = True
+        was_training = gm.training
+        if cfg.mode == "qat":
+            gm.eval()  # BN running statistics are not calibration's to change
+        n_batches = n_samples = 0
+        try:
+            with torch.no_grad():
+                batches = calibration_batches(ctx, cfg, required=cfg.mode == "static")
+                for i, b in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=None):
+                    flat = check_batch(gm, b, i)
+                    gm(*b)
+                    n_batches += 1
+                    n_samples += int(flat[0].shape[0]) if flat and flat[0].dim() else 1
+        finally:
+            if cfg.mode == "qat":
+                gm.train(was_training)
+                for m in mods:
+                    m.observing = False  # QAT: observe again only in training steps
+        if n_batches == 0:
+            raise CalibrationError("calibration is empty: the iterable gave no batches, so no "
+                                   "activation range can be observed")
+        for node, m in obs:
+            if getattr(m, "is_dynamic", False):
+                continue
+            if m.num_batches == 0:
+                raise CalibrationError(f"the observer of node {node.args[0].name!r} saw no data "
+                                       "during calibration (the batches never reached it)")
+            set_record(node, m.stats())
+        return PassResult(gm, False, {"batches": n_batches, "samples": n_samples,
+                                      "observers": len(obs)})

@@ -1,0 +1,192 @@
+"""Quantize: the recipe entry for PTQ (static, dynamic) and QAT, and the spec strings it reads.
+
+    fxpress.Quantize(mode="static")      # per-channel symmetric int8 weights, uint8 affine acts
+    fxpress.Quantize(mode="static", weights="int8-per-channel-symmetric",
+                     activations="uint8-per-tensor-affine", observer="histogram")
+    fxpress.Quantize(mode="dynamic")     # activation qparams chosen at run time
+    fxpress.Quantize(mode="qat")         # fake-quant + trainable BN; then fxpress.convert(cm)
+
+A spec string is ``dtype-granularity-scheme``: ``int8-per-channel-symmetric`` (narrow range
+[-127, 127], zero point 0), ``uint8-per-tensor-affine``, ... or ``none`` (leave in float).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ...errors import RecipeError
+from ...ir.meta import QuantSpec
+from ...recipe import check_choice, check_range, recipe_entry
+from ..base import Pass, RecipeEntry
+
+__all__ = ["Quantize", "parse_spec", "WEIGHT_SPECS", "ACTIVATION_SPECS", "OP_KINDS",
+           "STATIC_OBSERVERS", "QAT_OBSERVERS"]
+
+WEIGHT_SPECS = ("int8-per-channel-symmetric", "int8-per-channel-affine",
+                "int8-per-tensor-symmetric", "int8-per-tensor-affine", "none")
+ACTIVATION_SPECS = ("uint8-per-tensor-affine", "int8-per-tensor-affine",
+                    "int8-per-tensor-symmetric", "uint8-per-tensor-symmetric", "none")
+STATIC_OBSERVERS = ("minmax", "moving_average", "histogram", "mse", "entropy")
+QAT_OBSERVERS = ("moving_average", "minmax", "lsq")
+OP_KINDS = ("conv", "linear", "matmul", "add", "cat", "pool", "embedding")
+
+
+def parse_spec(text: str, *, weight: bool, observer: str, dynamic: bool = False,
+               field_name: str = "weights") -> QuantSpec | None:
+    """'int8-per-channel-symmetric' -> QuantSpec (None for 'none'); RecipeError names the field."""
+    check_choice(field_name, text, WEIGHT_SPECS if weight else ACTIVATION_SPECS)
+    if text == "none":
+        return None
+    dtype, _, rest = text.partition("-")
+    per_channel = rest.startswith("per-channel")
+    symmetric = rest.endswith("symmetric")
+    return QuantSpec(dtype=dtype, qscheme="per_channel" if per_channel else "per_tensor",
+                     symmetric=symmetric, axis=0 if per_channel else None,
+                     # symmetric int8 weights use [-127, 127] so -w quantizes like w (and the
+                     # int8 x int8 products of VNNI kernels cannot overflow their int16 pairs)
+                     narrow_range=weight and symmetric and dtype == "int8",
+                     dynamic=dynamic, observer=observer)
+
+
+@recipe_entry
+@dataclass(frozen=True)
+class Quantize(RecipeEntry):
+    """Quantize convs, linears, matmuls, adds, cats, pools (embeddings weight-only) to int8.
+
+    mode: "static" (calibrated activation ranges), "dynamic" (activation ranges computed at
+      run time; linear/matmul inputs only) or "qat" (fake-quant for training, then
+      ``fxpress.convert(cm)``).
+    observer: static: minmax | moving_average | histogram | mse | entropy (default histogram);
+      qat: moving_average | minmax | lsq (learned ranges; default moving_average).
+    percentile: clipping percentile of the histogram observer.
+    calib_batches / calib_samples: stop calibrating after this many batches (when given),
+      else after this many samples.
+    skip: module-path patterns (fnmatch, e.g. "classifier", "encoder.*.attention.*") left in float.
+    overrides: {pattern: {"weights": spec, "activations": spec}} (a bare string sets weights).
+    ops: which op kinds to quantize. quantize_outputs: also quantize conv/linear/matmul outputs.
+    sensitivity: measure per-layer SQNR (each layer quantized alone) into cm.report.
+    keep_float: keep this many of the most sensitive layers in float.
+    guard_metric / guard_budget / guard_max_float: accuracy-guarded mode: keep the most sensitive
+      layers in float, one by one, until ``fp32_metric - metric(module) <= guard_budget``
+      (metric higher is better) or guard_max_float layers are float.
+    freeze_bn_after / freeze_observer_after: QAT training steps after which BN statistics /
+      observed ranges stop updating.
+    """
+
+    name: ClassVar[str] = "quantize"
+    mode: str = "static"
+    weights: str = "int8-per-channel-symmetric"
+    activations: str = "uint8-per-tensor-affine"
+    observer: str | None = None
+    percentile: float = 99.99
+    calib_batches: int | None = None
+    calib_samples: int = 200
+    skip: tuple = ()
+    overrides: dict = field(default_factory=dict)
+    ops: tuple = OP_KINDS
+    quantize_outputs: bool = True
+    sensitivity: bool = False
+    keep_float: int = 0
+    guard_metric: Callable[[Any], float] | None = None
+    guard_budget: float = 0.01
+    guard_max_float: int = 8
+    freeze_bn_after: int = 200
+    freeze_observer_after: int = 400
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("static", "dynamic", "qat"))
+        parse_spec(self.weights, weight=True, observer="minmax", field_name="weights")
+        parse_spec(self.activations, weight=False, observer="minmax", field_name="activations")
+        observers = QAT_OBSERVERS if self.mode == "qat" else STATIC_OBSERVERS
+        default = {"static": "histogram", "dynamic": "minmax", "qat": "moving_average"}[self.mode]
+        object.__setattr__(self, "observer", self.observer or default)
+        check_choice("observer", self.observer, observers)
+        if self.mode == "dynamic":
+            if self.activations == "none":
+                raise RecipeError("dynamic quantization quantizes activations at run time; "
+                                  "use weights-only static quantization for float activations",
+                                  field="activations", value=self.activations,
+                                  accepted=[a for a in ACTIVATION_SPECS if a != "none"])
+            if self.weights == "none":
+                raise RecipeError("dynamic quantization needs quantized weights", field="weights",
+                                  value=self.weights, accepted=WEIGHT_SPECS[:-1])
+        if self.weights == "none" and self.activations == "none":
+            raise RecipeError("weights and activations are both 'none': nothing to quantize",
+                              field="weights", value=self.weights, accepted=WEIGHT_SPECS[:-1])
+        check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
+        if self.calib_batches is not None:
+            check_range("calib_batches", self.calib_batches, 1)
+        check_range("calib_samples", self.calib_samples, 1)
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        for s in skip:
+            if not isinstance(s, str):
+                raise RecipeError("skip patterns are strings", field="skip", value=s)
+        object.__setattr__(self, "skip", skip)
+        ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
+        for o in ops:
+            check_choice("ops", o, OP_KINDS)
+        object.__setattr__(self, "ops", ops)
+        if not isinstance(self.overrides, dict):
+            raise RecipeError("overrides is a {pattern: spec} mapping", field="overrides",
+                              value=self.overrides)
+        for pat, spec in self.overrides.items():
+            spec = {"weights": spec} if isinstance(spec, str) else spec
+            if not isinstance(spec, dict) or set(spec) - {"weights", "activations"}:
+                raise RecipeError("override values are a weights spec string or "
+                                  "{'weights': ..., 'activations': ...}",
+                                  field=f"overrides[{pat!r}]", value=spec)
+            if "weights" in spec:
+                parse_spec(spec["weights"], weight=True, observer="minmax",
+                           field_name=f"overrides[{pat!r}].weights")
+            if "activations" in spec:
+                parse_spec(spec["activations"], weight=False, observer="minmax",
+                           field_name=f"overrides[{pat!r}].activations")
+        check_range("keep_float", self.keep_float, 0)
+        check_range("guard_budget", self.guard_budget, 0.0)
+        check_range("guard_max_float", self.guard_max_float, 0)
+        if self.guard_metric is not None and not callable(self.guard_metric):
+            raise RecipeError("guard_metric is a callable(module) -> float", field="guard_metric",
+                              value=self.guard_metric)
+        if self.mode != "static" and (self.guard_metric is not None or self.keep_float):
+            raise RecipeError("sensitivity-guarded float layers need calibrated (static) ranges",
+                              field="guard_metric" if self.guard_metric else "keep_float",
+                              value=self.guard_metric or self.keep_float)
+        check_range("freeze_bn_after", self.freeze_bn_after, 0)
+        check_range("freeze_observer_after", self.freeze_observer_after, 0)
+
+    # -- what the passes read ---------------------------------------------------------
+    def specs_for(self, module: str) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """(weight spec, activation spec) for the layer at `module` (None: stays float)."""
+        w, a = self.weights, self.activations
+        for pat, spec in self.overrides.items():
+            if fnmatch.fnmatchcase(module, pat):
+                spec = {"weights": spec} if isinstance(spec, str) else spec
+                w, a = spec.get("weights", w), spec.get("activations", a)
+        wobs = "lsq" if self.observer == "lsq" else "minmax"
+        return (parse_spec(w, weight=True, observer=wobs),
+                parse_spec(a, weight=False, observer=self.observer, dynamic=self.mode == "dynamic",
+                           field_name="activations"))
+
+    def skipped(self, module: str) -> bool:
+        return any(fnmatch.fnmatchcase(module, p) or module.startswith(p + ".") for p in self.skip)
+
+    def passes(self) -> list[Pass]:
+        from ..cleanup import DeadCodeElimination, FoldBatchNorm
+        from .annotate import AnnotateQuant
+        from .calibrate import Calibrate
+        from .convert import ConvertToQDQ
+        from .fold import FoldQDQ
+        from .insert_observers import InsertObservers
+        from .qat import PrepareQAT, QATFinetune
+        from .sensitivity import Sensitivity
+        if self.mode == "qat":
+            # BN stays: PrepareQAT turns conv+BN into a module that trains BN (folded at convert)
+            return [AnnotateQuant(self), PrepareQAT(self), InsertObservers(self), Calibrate(self),
+                    QATFinetune()]
+        passes: list[Pass] = [FoldBatchNorm(), AnnotateQuant(self), InsertObservers(self)]
+        if self.mode == "static":
+            passes.append(Calibrate(self))
+            if self.sensitivity or self.keep_float or self.guard_metric is not None:
+                passes.append(Sensitivity(self))
+        return passes + [ConvertToQDQ(), FoldQDQ(), DeadCodeElimination()]

@@ -1,0 +1,166 @@
+"""ConvertToQDQ: replace observers / fake-quants by quantized_decomposed quantize/dequantize ops.
+
+The output is torchao's ``convert_pt2e(fold_quantize=True)`` form (docs/CONTRACTS.md):
+- weight: int8 get_attr -> dequantize_per_channel(w_int8, scales, zero_points, axis, qmin,
+  qmax, int8) (scales/zero points are get_attr buffers) or dequantize_per_tensor with
+  literal qparams; the weight is stored quantized, never quantized at run time;
+- static activation: quantize_per_tensor(x, scale, zp, qmin, qmax, dtype) ->
+  dequantize_per_tensor(...), scale/zp as Python literals;
+- dynamic activation: choose_qparams.tensor -> quantize_per_tensor.tensor ->
+  dequantize_per_tensor.tensor.
+Observers whose every consumer was left in float (sensitivity guard) are simply removed.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed)
+import torch.fx as fx
+
+from ...ir.meta import QuantAnnotation, QuantSpec, get_record, lineage, set_record
+from ..base import Pass, PassContext, PassResult
+from .insert_observers import observer_nodes
+
+__all__ = ["ConvertToQDQ", "register_tensor", "fetch_attr"]
+
+qd = torch.ops.quantized_decomposed
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for p in str(target).split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def register_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
+    """Register `value` as a buffer at dotted `name` (made unique); return the target."""
+    owner, _, attr = name.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    base, i = attr, 0
+    while hasattr(mod, attr):
+        i += 1
+        attr = f"{base}_{i}"
+    mod.register_buffer(attr, value.detach().clone())
+    return f"{owner}.{attr}" if owner else attr
+
+
+def _tag(node: fx.Node, like: fx.Node, spec: QuantSpec, what: str) -> None:
+    lin = lineage(like)
+    if lin is not None:
+        set_record(node, lin.derived(what))
+    set_record(node, spec)
+
+
+def _val(node: fx.Node, like: torch.Tensor | None) -> None:
+    if isinstance(like, torch.Tensor):
+        node.meta["val"] = like
+
+
+@dataclass(frozen=True)
+class ConvertToQDQ(Pass):
+    """Turn every observer/fake-quant node into quantize/dequantize ops (int8 weights stored as int8)."""
+
+    name: ClassVar[str] = "quant_convert"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        counts = {"weights": 0, "activations": 0, "dynamic": 0, "dropped": 0}
+        annotated = {n.name for n in graph.nodes if get_record(n, QuantAnnotation) is not None}
+        for node, mod in observer_nodes(gm):
+            x = node.args[0]
+            if mod.consumers and not (mod.consumers & annotated):
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+                counts["dropped"] += 1
+                continue
+            spec = mod.spec
+            if x.op == "get_attr":
+                new = self._weight(gm, node, mod, x, spec)
+                counts["weights"] += 1
+            elif getattr(mod, "is_dynamic", False):
+                new = self._dynamic(graph, node, x, spec)
+                counts["dynamic"] += 1
+            else:
+                scale, zp = mod.qparams()
+                args = (float(scale), int(zp), spec.quant_min, spec.quant_max, spec.torch_dtype)
+                with graph.inserting_before(node):
+                    q = graph.call_function(qd.quantize_per_tensor.default, (x,) + args)
+                    new = graph.call_function(qd.dequantize_per_tensor.default, (q,) + args)
+                _tag(q, x, spec, "quantize")
+                _tag(new, x, spec, "dequantize")
+                stats = mod.stats() if mod.num_batches else None
+                if stats is not None:
+                    set_record(q, stats)
+                _val(new, x.meta.get("val"))
+                counts["activations"] += 1
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        for n in graph.nodes:  # annotations are consumed: the IR now says it with ops
+            if get_record(n, QuantAnnotation) is not None:
+                from ...ir.meta import drop_record
+                drop_record(n, QuantAnnotation)
+        graph.lint()
+        from ..cleanup.dce import remove_unused_attributes
+        graph.eliminate_dead_code()
+        remove_unused_attributes(gm)
+        gm.recompile()
+        return PassResult(gm, any(counts.values()), counts)
+
+    @staticmethod
+    def _weight(gm, node, mod, x, spec):
+        graph = gm.graph
+        w = fetch_attr(gm, x.target).detach()
+        if not getattr(mod, "learned", False):
+            mod.reset()      # weights need no calibration data: observe the final value now
+            mod.observe(w)
+        scale, zp = mod.qparams()
+        stats = mod.stats()
+        with torch.no_grad():
+            if spec.qscheme == "per_channel":
+                wq = qd.quantize_per_channel(w, scale.float(), zp.to(torch.int64), spec.axis,
+                                             spec.quant_min, spec.quant_max, torch.int8)
+            else:
+                wq = qd.quantize_per_tensor(w, float(scale), int(zp), spec.quant_min,
+                                            spec.quant_max, torch.int8)
+        base = str(x.target)
+        wq_t = register_tensor(gm, base + "_int8", wq)
+        with graph.inserting_before(node):
+            wq_n = graph.get_attr(wq_t)
+            if spec.qscheme == "per_channel":
+                s_n = graph.get_attr(register_tensor(gm, base + "_scale", scale.float()))
+                z_n = graph.get_attr(register_tensor(gm, base + "_zero_point", zp.to(torch.int64)))
+                new = graph.call_function(qd.dequantize_per_channel.default,
+                                          (wq_n, s_n, z_n, spec.axis, spec.quant_min,
+                                           spec.quant_max, torch.int8))
+                for a in (s_n, z_n):
+                    _tag(a, x, spec, "get_attr")
+            else:
+                new = graph.call_function(qd.dequantize_per_tensor.default,
+                                          (wq_n, float(scale), int(zp), spec.quant_min,
+                                           spec.quant_max, torch.int8))
+        _tag(wq_n, x, spec, "get_attr:int8")
+        _tag(new, x, spec, "dequantize")
+        set_record(new, stats)
+        wq_n.meta["val"] = wq
+        _val(new, x.meta.get("val"))
+        return new
+
+    @staticmethod
+    def _dynamic(graph, node, x, spec):
+        choose = qd.choose_qparams_symmetric.tensor if spec.symmetric else qd.choose_qparams.tensor
+        eps = torch.finfo(torch.float32).eps
+        qmin, qmax, dt = spec.quant_min, spec.quant_max, spec.torch_dtype
+        with graph.inserting_before(node):
+            cq = graph.call_function(choose, (x, qmin, qmax, eps, dt))
+            s = graph.call_function(operator.getitem, (cq, 0))
+            z = graph.call_function(operator.getitem, (cq, 1))
+            q = graph.call_function(qd.quantize_per_tensor.tensor, (x, s, z, qmin, qmax, dt))
+            new = graph.call_function(qd.dequantize_per_tensor.tensor, (q, s, z, qmin, qmax, dt))
+        for n in (cq, s, z, q, new):
+            _tag(n, x, spec, "dynamic_quant")
+        _val(new, x.meta.get("val"))
+        return new

@@ -1,0 +1,320 @@
+"""Observers: modules that watch a tensor during calibration and choose its quantization range.
+
+    obs = HistogramObserver(spec, node="conv2d", percentile=99.9)
+    for x in batches: obs(x)
+    scale, zero_point = obs.qparams()
+
+All observers pass their input through unchanged; with ``fake_quant = True`` they return the
+tensor quantized and dequantized with their current qparams (used by the sensitivity
+analysis to quantize one layer at a time without rewriting the graph). NaN/inf or an empty
+calibration raise CalibrationError naming the node.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from ...errors import CalibrationError
+from ...ir.meta import ObserverStats, QuantSpec
+
+__all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver",
+           "MSEObserver", "EntropyObserver", "PerChannelMinMaxObserver", "DynamicObserver",
+           "make_observer", "qparams_from_range", "fake_quantize", "_fake"]
+
+def _fake(x) -> bool:
+    """True under shape propagation (a fake tensor, or any tensor while a FakeTensorMode is on)."""
+    return torch._guards.detect_fake_mode(x) is not None
+
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    """Scale and zero point mapping [lo, hi] (widened to hold 0) onto [quant_min, quant_max]."""
+    qmin, qmax = spec.quant_min, spec.quant_max
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = amax / ((qmax - qmin) / 2)
+        zp = torch.full_like(scale, 0 if spec.dtype != "uint8" else (qmin + qmax + 1) // 2)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        scale = torch.clamp(scale, min=_EPS)
+        zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    scale = torch.clamp(scale, min=_EPS)
+    return scale, zp.to(torch.int64)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec,
+                  axis: int | None = None) -> torch.Tensor:
+    """quantize -> dequantize with the given qparams (straight-through gradient)."""
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), spec.quant_min,
+                                                     spec.quant_max)
+    return torch.fake_quantize_per_channel_affine(x, scale.float(), zp.to(torch.int32), axis,
+                                                  spec.quant_min, spec.quant_max)
+
+
+class Observer(torch.nn.Module):
+    """Base: running min/max, finiteness check, qparams, stats, optional fake-quant."""
+
+    kind: ClassVar[str] = "minmax"
+
+    def __init__(self, spec: QuantSpec, node: str = ""):
+        super().__init__()
+        self.spec, self.node = spec, node
+        self.consumers: set[str] = set()   # annotated ops this observer serves (sensitivity)
+        self.fake_quant = False           # return fq(x) with current qparams (sensitivity)
+        self.observing = True             # update the range on each call
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.num_batches = 0
+
+    @property
+    def axis(self) -> int | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fake(x):
+            return x  # shape propagation: observers are the identity on shapes
+        if self.fake_quant:
+            scale, zp = self.qparams()
+            return fake_quantize(x, scale, zp, self.spec, self.axis)
+        if self.observing:
+            self.observe(x)
+        return x
+
+    def reset(self) -> None:
+        self.min_val = torch.tensor(float("inf"))
+        self.max_val = torch.tensor(float("-inf"))
+        self.num_batches = 0
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        if not x.is_floating_point():
+            return
+        x = x.detach().float()
+        if x.numel() == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+            raise CalibrationError(f"{bad} reached the observer of node {self.node!r} during "
+                                   f"calibration (batch {self.num_batches}): check the inputs and "
+                                   f"the float model; a quantization range cannot hold {bad}")
+        self._update(x)
+        self.num_batches += 1
+
+    def _update(self, x: torch.Tensor) -> None:
+        self.min_val = torch.minimum(self.min_val, x.min())
+        self.max_val = torch.maximum(self.max_val, x.max())
+
+    def _check_seen(self) -> None:
+        if self.num_batches == 0:
+            raise CalibrationError(f"the observer of node {self.node!r} saw no data: calibration "
+                                   "was empty or never reached this node; pass calibration "
+                                   "batches that exercise it (a range of min = max = 0 would "
+                                   "quantize everything to zero)")
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipping range [lo, hi] this observer chooses."""
+        self._check_seen()
+        return self.min_val, self.max_val
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.range()
+        return qparams_from_range(lo, hi, self.spec)
+
+    def stats(self) -> ObserverStats:
+        scale, zp = self.qparams()
+        return ObserverStats(self.kind, self.min_val.detach().clone(), self.max_val.detach().clone(),
+                             self.num_batches, scale.detach().clone(), zp.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"node={self.node!r}, {self.spec.dtype} {self.spec.qscheme}"
+
+
+class MinMaxObserver(Observer):
+    """Range = the smallest and largest value seen."""
+
+    kind = "minmax"
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Range = exponential moving average of per-batch min and max (robust to one odd batch)."""
+
+    kind = "moving_average"
+
+    def __init__(self, spec: QuantSpec, node: str = "", averaging_constant: float = 0.01):
+        super().__init__(spec, node)
+        self.c = averaging_constant
+
+    def _update(self, x: torch.Tensor) -> None:
+        lo, hi = x.min(), x.max()
+        if self.num_batches == 0:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val = self.min_val + self.c * (lo - self.min_val)
+            self.max_val = self.max_val + self.c * (hi - self.max_val)
+
+
+class PerChannelMinMaxObserver(Observer):
+    """Per-channel min/max along `spec.axis` (weights)."""
+
+    kind = "per_channel_minmax"
+
+    @property
+    def axis(self) -> int | None:
+        return self.spec.axis
+
+    def _update(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != self.spec.axis % x.dim()]
+        lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        if self.num_batches == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+
+class HistogramObserver(Observer):
+    """A 2048-bin histogram of everything seen; range clipped at a percentile.
+
+    The histogram grows its span when a batch exceeds it, re-binning the old counts, so it
+    is exact up to bin width whatever order the batches come in.
+    """
+
+    kind = "histogram"
+    bins = 2048
+
+    def __init__(self, spec: QuantSpec, node: str = "", percentile: float = 99.99):
+        super().__init__(spec, node)
+        self.percentile = percentile
+        self.register_buffer("hist", torch.zeros(self.bins, dtype=torch.float64))
+        self.lo_edge, self.hi_edge = 0.0, 0.0
+
+    def _update(self, x: torch.Tensor) -> None:
+        super()._update(x)
+        lo, hi = float(self.min_val), float(self.max_val)
+        if hi <= lo:
+            hi = lo + 1e-8
+        if self.hist.sum() == 0:
+            self.lo_edge, self.hi_edge = lo, hi
+        elif lo < self.lo_edge or hi > self.hi_edge:
+            self._rebin(min(lo, self.lo_edge), max(hi, self.hi_edge))
+        self.hist += torch.histc(x.double(), self.bins, self.lo_edge, self.hi_edge)
+
+    def _rebin(self, lo: float, hi: float) -> None:
+        centers = self.centers()
+        idx = ((centers - lo) / (hi - lo) * self.bins).floor().clamp(0, self.bins - 1).long()
+        new = torch.zeros_like(self.hist)
+        new.index_add_(0, idx, self.hist)
+        self.hist, self.lo_edge, self.hi_edge = new, lo, hi
+
+    def centers(self) -> torch.Tensor:
+        w = (self.hi_edge - self.lo_edge) / self.bins
+        return self.lo_edge + w * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+    def range(self):
+        self._check_seen()
+        cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
+        tail = (1.0 - self.percentile / 100.0) / 2.0
+        w = (self.hi_edge - self.lo_edge) / self.bins
+        i_lo = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
+        i_hi = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail, dtype=torch.float64)))
+        lo = self.lo_edge + w * i_lo if i_lo > 0 else float(self.min_val)
+        hi = self.lo_edge + w * (i_hi + 1) if i_hi < self.bins - 1 else float(self.max_val)
+        return torch.tensor(max(lo, float(self.min_val))), torch.tensor(min(hi, float(self.max_val)))
+
+
+class MSEObserver(HistogramObserver):
+    """Range minimising the expected squared quantization error over the observed histogram."""
+
+    kind = "mse"
+
+    def _error(self, lo: float, hi: float) -> float:
+        scale, zp = qparams_from_range(torch.tensor(lo), torch.tensor(hi), self.spec)
+        c = self.centers()
+        q = torch.clamp(torch.round(c / float(scale)) + int(zp), self.spec.quant_min, self.spec.quant_max)
+        err = (q - int(zp)) * float(scale) - c
+        return float((self.hist * err * err).sum())
+
+    def range(self):
+        self._check_seen()
+        lo0, hi0 = float(self.min_val), float(self.max_val)
+        best, best_err = (lo0, hi0), self._error(lo0, hi0)
+        # shrink both ends together by the same factor: 100 candidates from 1% to 100% of the span
+        for k in range(1, 100):
+            f = k / 100.0
+            err = self._error(lo0 * f, hi0 * f)
+            if err < best_err:
+                best, best_err = (lo0 * f, hi0 * f), err
+        return torch.tensor(best[0]), torch.tensor(best[1])
+
+
+class EntropyObserver(HistogramObserver):
+    """Threshold minimising KL(P || Q) between the |x| distribution and its quantized form
+    (TensorRT's entropy calibration), applied symmetrically (or to [0, t] for x >= 0)."""
+
+    kind = "entropy"
+
+    def range(self):
+        self._check_seen()
+        lo0, hi0 = float(self.min_val), float(self.max_val)
+        amax = max(abs(lo0), abs(hi0))
+        if amax == 0.0:
+            return self.min_val, self.max_val
+        nb = self.bins
+        abs_hist = torch.zeros(nb, dtype=torch.float64)
+        idx = (self.centers().abs() / amax * nb).floor().clamp(0, nb - 1).long()
+        abs_hist.index_add_(0, idx, self.hist)
+        levels = (self.spec.quant_max - self.spec.quant_min + 1) // (1 if lo0 >= 0 else 2)
+        best_i, best_kl = nb, math.inf
+        for i in range(max(levels, 16), nb + 1, 16):
+            p = abs_hist[:i].clone()
+            p[i - 1] += abs_hist[i:].sum()
+            # Q: p's first i bins merged into `levels` groups, spread back over the nonzero bins
+            groups = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+            nz = (abs_hist[:i] > 0).double()
+            gsum = torch.zeros(levels, dtype=torch.float64).index_add_(0, groups, abs_hist[:i])
+            gcnt = torch.zeros(levels, dtype=torch.float64).index_add_(0, groups, nz)
+            q = torch.where(nz > 0, (gsum / gcnt.clamp(min=1))[groups], torch.zeros_like(p))
+            ps, qs = p / p.sum(), q / q.sum().clamp(min=1e-30)
+            m = ps > 0
+            kl = float((ps[m] * torch.log(ps[m] / qs[m].clamp(min=1e-12))).sum())
+            if kl < best_kl:
+                best_kl, best_i = kl, i
+        t = amax * best_i / nb
+        lo = max(lo0, -t) if lo0 < 0 else lo0
+        return torch.tensor(lo), torch.tensor(min(hi0, t))
+
+
+class DynamicObserver(Observer):
+    """Placeholder for run-time (dynamic) quantization: records ranges only for reports."""
+
+    kind = "dynamic"
+    is_dynamic = True
+
+    def qparams(self):
+        # weights-only sanity and reports; convert emits choose_qparams instead
+        return qparams_from_range(self.min_val if self.num_batches else torch.tensor(0.0),
+                                  self.max_val if self.num_batches else torch.tensor(0.0), self.spec)
+
+
+_KINDS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+          "histogram": HistogramObserver, "mse": MSEObserver, "entropy": EntropyObserver}
+
+
+def make_observer(spec: QuantSpec, node: str, *, weight: bool, percentile: float = 99.99) -> Observer:
+    """The observer a spec asks for (weights: per-channel or per-tensor min/max)."""
+    if spec.qscheme == "per_channel":
+        return PerChannelMinMaxObserver(spec, node)
+    if weight:
+        return MinMaxObserver(spec, node)
+    if spec.dynamic:
+        return DynamicObserver(spec, node)
+    cls = _KINDS.get(spec.observer, MinMaxObserver)
+    if issubclass(cls, HistogramObserver):
+        return cls(spec, node, percentile=percentile)
+    return cls(spec, node)
