@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 
 from ..base import Pass, PassContext, PassResult
-from .common import PREV, Chain, Keep, Param, Plan, Skip, Step, const_weight, conv_args, run_factorize, shape_of
+from .common import (PREV, Chain, Keep, Param, Plan, Skip, Step, const_weight, conv_args, one_thread,
+                     run_factorize, shape_of)
 from .rank import budget_rank, energy_rank, vbmf_rank
 
 __all__ = ["CPFactorize", "cp_als", "cp_working_set"]
@@ -64,6 +65,7 @@ def _init(w: torch.Tensor, rank: int, gen: torch.Generator) -> list[torch.Tensor
     return out
 
 
+@one_thread()
 def cp_als(w: torch.Tensor, rank: int, iters: int = 300, tol: float = 1e-6, ridge: float = 1e-9,
            seed: int = 0) -> tuple[list[torch.Tensor], float]:
     """Rank-`rank` CP of a 4-way tensor by ridge-regularised ALS from an SVD start, float64.

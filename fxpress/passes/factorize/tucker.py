@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..base import Pass, PassContext, PassResult
-from .common import PREV, Chain, Keep, Param, Plan, Skip, Step, const_weight, conv_args, run_factorize, shape_of
+from .common import (PREV, Chain, Keep, Param, Plan, Skip, Step, const_weight, conv_args, one_thread,
+                     run_factorize, shape_of)
 from .rank import budget_scale, energy_rank, vbmf_rank
 
 __all__ = ["TuckerFactorize", "tucker2"]
@@ -29,6 +30,7 @@ def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
     return torch.linalg.svd(m, full_matrices=False)[0][:, :r]
 
 
+@one_thread()
 def tucker2(w: torch.Tensor, r_out: int, r_in: int, sweeps: int = 10):
     """(core (r_out, r_in, kh, kw), U_out (O, r_out), U_in (I, r_in)) by HOSVD + HOOI, float64."""
     w = w.double()
