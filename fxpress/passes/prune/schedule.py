@@ -1,0 +1,116 @@
+"""Pruning schedules and the pass that drives them: analyse, score, remove, fine-tune, repeat.
+
+One-shot removes `ratio` of the units at once; iterative reaches it in `steps`
+steps along a linear or cubic curve (cubic removes most early, as in Zhu & Gupta's
+gradual pruning), calling `ctx.finetune(gm)` after every step.
+
+    >>> step_ratios(0.5, 4, "linear")
+    [0.125, 0.25, 0.375, 0.5]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ...errors import FxpressError
+from ...ir.meta import set_record
+from ..analysis.cost import total_cost
+from ..analysis.dependency import analyze
+from ..analysis.shape_prop import propagate_shapes
+from ..base import Pass, PassContext, PassResult
+from .channel_removal import remove_channels
+from .importance import choose_units, taylor_grads, unit_scores
+
+__all__ = ["step_ratios", "PruneChannels"]
+
+
+def step_ratios(ratio: float, steps: int, curve: str = "linear") -> list[float]:
+    """Cumulative fraction of units removed after each step."""
+    out = []
+    for i in range(1, steps + 1):
+        f = i / steps
+        out.append(ratio * (f if curve == "linear" else 1 - (1 - f) ** 3))
+    return out
+
+
+def _out_shapes(gm: fx.GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [tuple(x.meta["val"].shape) if isinstance(x, fx.Node) and "val" in x.meta else None
+            for x in torch.utils._pytree.tree_leaves(out.args)]
+
+
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove whole channel groups (structured pruning) by the config's schedule and importance."""
+
+    name: ClassVar[str] = "prune_channels"
+    requires: ClassVar[tuple[str, ...]] = ("shapes",)
+    ensures: ClassVar[tuple[str, ...]] = ("shapes",)
+    config: Any = None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        c = self.config
+        before = total_cost(gm)
+        shapes0 = _out_shapes(gm)
+        removed: dict[str, int] = {}
+        speed_rows: list[dict] = []
+        prev, dep = 0.0, None
+        for step, target in enumerate(step_ratios(c.ratio, c.steps, c.curve)):
+            rel = 1 - (1 - target) / (1 - prev)  # fraction of what is left now
+            prev = target
+            dep = analyze(gm, exclude=tuple(c.exclude))
+            grads = None
+            if c.importance == "taylor":
+                grads = taylor_grads(gm, ctx.calibration, ctx.example_inputs, c.taylor_batches)
+            scores = unit_scores(gm, dep, c.importance, grads=grads, seed=c.seed + step)
+            plan = choose_units(dep, scores, ratio=rel, scope=c.scope, round_to=c.round_to,
+                                max_ratio=c.max_ratio, caps=c.caps)
+            if c.verify_speed and plan:
+                from .speed import check_speed
+                plan, rows = check_speed(gm, dep, plan, example_inputs=ctx.example_inputs,
+                                         backend=c.speed_backend)
+                speed_rows += rows
+            pruned = np.zeros(dep.num_comps, dtype=bool)
+            for gidx, comps in plan.items():
+                pruned[comps] = True
+                g = dep.groups[gidx]
+                key = str(g).split(" => ")[0]
+                removed[key] = removed.get(key, 0) + int(len(comps) * g.width)
+                pos = {int(x): i for i, x in enumerate(g.comps)}
+                node = next(n for n in gm.graph.nodes if n.name == dep.sites[g.sites[0][0]].node)
+                set_record(node, g.record(tuple(sorted(pos[int(x)] for x in comps))))
+            remove_channels(gm, dep, pruned)
+            propagate_shapes(gm, ctx.example_inputs or None)
+            if ctx.finetune is not None:
+                ctx.finetune(gm)
+        if _out_shapes(gm) != shapes0:  # the analysis guarantees this; a failure is our bug
+            raise FxpressError(f"channel pruning changed output shapes {shapes0} -> {_out_shapes(gm)}")
+        after = total_cost(gm)
+        final = analyze(gm, exclude=tuple(c.exclude))
+        ctx.report["channel_pruning"] = _section(removed, dep, final, speed_rows)
+        stats = {"macs_before": before.macs, "macs_after": after.macs,
+                 "params_before": before.params, "params_after": after.params,
+                 "channels_removed": sum(removed.values()), "groups_pruned": len(removed),
+                 "steps": c.steps, "unresolved": dep.unresolved if dep else [],
+                 "kept": {k: len(v) for k, v in (dep.unprunable if dep else {}).items()}}
+        if speed_rows:
+            stats["speed_rollbacks"] = sum(1 for r in speed_rows if not r["kept"])
+        return PassResult(gm, bool(removed), stats)
+
+
+def _section(removed: dict[str, int], dep, final, speed_rows) -> str:
+    lines = ["removed channels per group (producing layer):"]
+    lines += [f"  {k}: -{v}" for k, v in removed.items()]
+    if dep is not None:
+        for why, descs in dep.unprunable.items():
+            lines.append(f"kept whole ({why}): " + "; ".join(d.split(" => ")[0] for d in descs))
+        lines += [f"unresolved coupling (kept whole): {u}" for u in dep.unresolved]
+    for r in speed_rows:
+        lines.append(f"speed {r['group']}: {r['before_ms']:.3f} ms -> {r['after_ms']:.3f} ms "
+                     f"{'kept' if r['kept'] else 'rolled back'}")
+    lines.append(f"groups after pruning: {len(final.groups)}")
+    return "\n".join(lines)
