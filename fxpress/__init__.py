@@ -11,19 +11,15 @@ from .errors import (CalibrationError, CaptureError, FxpressError, InputError, L
 from .frontends import capture
 from .passes.base import Pass, PassContext, PassResult
 from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm
-from .passes.distill import Distill
 from .passes.factorize import LowRank
 from .passes.manager import PassManager
 from .passes.prune import ChannelPruning, MagnitudeSparsity
 from .passes.quant import Quantize, convert
 from .recipe import Recipe
 
-from . import distill  # noqa: E402  (fxpress.distill.offline / online / self_distill)
-
 __version__ = "0.1.0"
 
 __all__ = [
-    "Distill", "distill",
     "ChannelPruning", "MagnitudeSparsity",
     "Quantize", "convert",
     "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
