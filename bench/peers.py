@@ -1,0 +1,169 @@
+"""The peers fxpress is measured against, and the stand-in quantizer for fxpress's own path.
+
+Peers (each returns a callable taking the workload's inputs):
+  ort_fp32          torch.onnx.export (dynamo) -> ORT, all optimizations
+  inductor_fp32     torch.compile, freezing (scoped)
+  ort_static        ORT quantize_static: QDQ, per-channel s8 weights, u8 activations
+  ort_dynamic       ORT quantize_dynamic (int8 weights, per-channel)
+  torchao_inductor  torchao PT2E X86InductorQuantizer -> Inductor (freezing)
+
+`pt2e_quantize` produces the contract's quantized IR form through torchao. fxpress uses it
+until its own `fxpress.Quantize` lands (then `fxpress_quantize` switches automatically).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["pt2e_quantize", "fxpress_quantize", "ort_session", "ort_callable", "export_onnx",
+           "PEERS", "Peer"]
+
+
+def pt2e_quantize(model: torch.nn.Module, example: tuple, calibration: Sequence[tuple], *,
+                  dynamic: bool = False) -> torch.fx.GraphModule:
+    """torchao PT2E (X86InductorQuantizer) -> fxpress IR (lineage records, guards removed)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from fxpress.frontends.common import finish_ir
+
+    gm = torch.export.export(copy.deepcopy(model).eval(), tuple(example), strict=False).module()
+    _split_shared_relus(gm)
+    q = xiq.X86InductorQuantizer()
+    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
+    prepared = prepare_pt2e(gm, q)
+    with torch.no_grad():
+        for b in calibration:
+            prepared(*b)
+    return finish_ir(convert_pt2e(prepared))
+
+
+def _split_shared_relus(gm: torch.fx.GraphModule) -> None:
+    """One nn.ReLU called twice (torchvision's `self.relu`) makes one source partition with two
+    outputs, which X86InductorQuantizer refuses; give each relu call its own partition."""
+    for n in gm.graph.nodes:  # non-strict export leaves no source_fn_stack: partitions go by fqn
+        if n.target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default):
+            n.meta["source_fn_stack"] = [(n.name, torch.nn.ReLU)]
+
+
+def fxpress_quantize(model, example, calibration, *, dynamic: bool = False):
+    """(IR, how) — fxpress.Quantize when it exists, else the torchao PT2E IR (same form)."""
+    import fxpress
+    if hasattr(fxpress, "Quantize"):
+        try:
+            cm = fxpress.compress(model, example, [fxpress.Quantize(mode="dynamic" if dynamic else "static")],
+                                  calibration=calibration)
+            return cm.graph_module, "fxpress.Quantize"
+        except Exception as e:  # keep the bench running; say which quantizer was used
+            print(f"  fxpress.Quantize failed ({type(e).__name__}: {str(e)[:120]}); using torchao PT2E IR")
+    return pt2e_quantize(model, example, calibration, dynamic=dynamic), "torchao-pt2e IR"
+
+
+def export_onnx(model: torch.nn.Module, example: tuple, path: str, names: Sequence[str]) -> str:
+    """fp32 ONNX via torch.onnx.export (dynamo), the way a user of ORT would make one."""
+    torch.onnx.export(copy.deepcopy(model).eval(), tuple(example), path, input_names=list(names),
+                      dynamo=True, external_data=False, verbose=False)
+    return path
+
+
+def ort_session(path_or_bytes, threads: int | None = None):
+    import onnxruntime as ort
+    from fxpress.backends.onnxruntime import session_options
+    return ort.InferenceSession(path_or_bytes, session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def ort_callable(sess) -> Callable:
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*inputs):
+        feed = {n: x.numpy() for n, x in zip(names, inputs)}
+        return torch.from_numpy(sess.run(None, feed)[0])
+    return run
+
+
+class _Reader:
+    """onnxruntime.quantization CalibrationDataReader over our batches."""
+
+    def __init__(self, names, batches):
+        self.it = iter([{n: x.numpy() for n, x in zip(names, b)} for b in batches])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+class Peer:
+    def __init__(self, name: str, build: Callable, kind: str):
+        self.name, self.build, self.kind = name, build, kind  # kind: fp32 | static | dynamic
+
+
+def _names(w) -> list[str]:
+    return ["input_ids", "attention_mask"] if w.kind == "text" else ["x"]
+
+
+def _ort_fp32(w, tmp):
+    path = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_fp32.onnx"), _names(w))
+    return ort_callable(ort_session(path)), os.path.getsize(path)
+
+
+def _ort_static(w, tmp):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
+    pre = os.path.join(tmp, f"{w.name}_pre.onnx")
+    quant_pre_process(src, pre, skip_symbolic_shape=True)
+    dst = os.path.join(tmp, f"{w.name}_qdq.onnx")
+    quantize_static(pre, dst, _Reader(_names(w), w.calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return ort_callable(ort_session(dst)), os.path.getsize(dst)
+
+
+def _ort_dynamic(w, tmp):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
+    dst = os.path.join(tmp, f"{w.name}_dyn.onnx")
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+    return ort_callable(ort_session(dst)), os.path.getsize(dst)
+
+
+def _inductor_fp32(w, tmp):
+    import fxpress
+    run = fxpress.lower(w.model, "inductor", example_inputs=w.example)
+    return run, _param_bytes(w.model)
+
+
+def _torchao_inductor(w, tmp):
+    gm = pt2e_quantize(w.model, w.example, w.calibration, dynamic=w.kind == "text")
+    # The documented torchao flow: global freezing flag, restored afterwards.
+    import torch._inductor.config as cfg
+    with cfg.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(gm)
+        compiled(*w.example)
+
+    def run(*inputs):
+        with cfg.patch(freezing=True), torch.no_grad():
+            return compiled(*inputs)
+    return run, _int8_bytes(gm)
+
+
+def _param_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def _int8_bytes(gm: torch.fx.GraphModule) -> int:
+    return _param_bytes(gm)
+
+
+PEERS = [
+    Peer("ORT fp32", _ort_fp32, "fp32"),
+    Peer("Inductor fp32", _inductor_fp32, "fp32"),
+    Peer("ORT quantize_static (QDQ, per-channel)", _ort_static, "static"),
+    Peer("ORT quantize_dynamic", _ort_dynamic, "dynamic"),
+    Peer("torchao PT2E -> Inductor", _torchao_inductor, "int8"),
+]
