@@ -1,0 +1,192 @@
+"""Distillation on real data (sklearn digits): offline KD vs plain fine-tuning of a 50%-pruned
+student, deep mutual learning vs training alone, self distillation of a shallow exit.
+
+    .venv/bin/python bench/distill.py            # prints the table (about a minute on 2 cores)
+    .venv/bin/python bench/distill.py --seeds 0 1 2
+
+The experiment functions are imported by tests/passes/distill/test_digits.py, so the
+bench and the tests measure the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fxpress  # noqa: E402
+from fxpress.distill import accuracy, offline  # noqa: E402
+from fxpress.passes.distill.online import distill_online  # noqa: E402
+from fxpress.passes.distill.self_distill import distill_self  # noqa: E402
+from fxpress.passes.distill.trainer import Schedule  # noqa: E402
+from tests.digits import digits_data, trained_digits_cnn  # noqa: E402
+from tests.models import digits_cnn  # noqa: E402
+
+__all__ = ["labelled_batches", "offline_experiment", "online_experiment", "self_experiment"]
+
+
+# ---------------------------------------------------------------- data
+def labelled_batches(n: int | None = None, batch_size: int = 32, seed: int = 0) -> list:
+    """(x, y) batches of the first `n` (shuffled by `seed`) training digits."""
+    (xtr, ytr), _ = digits_data()
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:n]
+    return [(xtr[perm[i:i + batch_size]], ytr[perm[i:i + batch_size]])
+            for i in range(0, len(perm), batch_size)]
+
+
+def _test_acc(model) -> float:
+    _, (xte, yte) = digits_data()
+    return 100.0 * accuracy(model, [(xte, yte)])
+
+
+def _int8(gm) -> torch.nn.Module:
+    (xtr, _), _ = digits_data()
+    calib = [(xtr[i:i + 50],) for i in range(0, 400, 50)]
+    return fxpress.compress(gm, (xtr[:50],), [fxpress.Quantize(mode="static")], calibration=calib)
+
+
+# ---------------------------------------------------------------- offline: prune 50% + int8
+OFFLINE = dict(n=256, epochs=8, lr=3e-3)
+
+
+def offline_experiment(seeds=(0, 1, 2), n: int = OFFLINE["n"], epochs: int = OFFLINE["epochs"],
+                       lr: float = OFFLINE["lr"]) -> dict:
+    """The trained DigitsCNN (fp32 teacher) pruned 50% by fxpress.ChannelPruning, fine-tuned
+    by plain CE or by offline KD with the same budget (n labelled samples, epochs), then
+    int8 (fxpress.Quantize static). Test accuracies in %, per fine-tune seed."""
+    teacher = trained_digits_cnn()
+    (xtr, _), _ = digits_data()
+    pruned = fxpress.compress(teacher, (xtr[:50],), [fxpress.ChannelPruning(ratio=0.5)])
+    out = {"teacher": _test_acc(teacher), "pruned": _test_acc(pruned),
+           "pruned_int8": _test_acc(_int8(pruned.graph_module)), "plain": [], "kd": []}
+    for seed in seeds:
+        data = labelled_batches(n, seed=seed)
+        for arm, alpha in (("plain", 0.0), ("kd", 0.9)):
+            student = copy.deepcopy(pruned.graph_module)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                offline(teacher, data, epochs=epochs, lr=lr, alpha=alpha)(student)
+            out[arm].append((_test_acc(student), _test_acc(_int8(student))))
+    return out
+
+
+# ---------------------------------------------------------------- online: mutual learning
+ONLINE = dict(width=4, n=300, epochs=10, lr=3e-3)
+
+
+def online_experiment(seeds=(0, 1, 2), width: int = ONLINE["width"], n: int = ONLINE["n"],
+                      epochs: int = ONLINE["epochs"], lr: float = ONLINE["lr"]) -> dict:
+    """Two small DigitsCNNs (different inits) trained by deep mutual learning vs each alone,
+    same data and steps. Test accuracies in %: {"alone": [(a, b)], "mutual": [(a, b)]}."""
+    out = {"alone": [], "mutual": []}
+    for seed in seeds:
+        data = labelled_batches(n, seed=seed)
+        a0, b0 = digits_cnn(width, seed=2 * seed + 100), digits_cnn(width, seed=2 * seed + 101)
+        sched = Schedule(epochs=epochs, lr=lr)
+        alone = []
+        for m in (copy.deepcopy(a0), copy.deepcopy(b0)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _train_alone(m, data, sched)
+            alone.append(_test_acc(m.eval()))
+        a, b = copy.deepcopy(a0), copy.deepcopy(b0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            distill_online([a, b], data, schedule=sched)
+        out["alone"].append(tuple(alone))
+        out["mutual"].append((_test_acc(a.eval()), _test_acc(b.eval())))
+    return out
+
+
+def _train_alone(model, data, sched: Schedule) -> None:
+    """The same trainer with no peer: cross-entropy only (one peer's DML loss without the KL)."""
+    from fxpress.passes.distill.trainer import cross_entropy, run_epochs, trainable_parameters, training_mode
+    opt = sched.make_optimizer(trainable_parameters(model))
+    with training_mode([model], True):
+        run_epochs(lambda inputs, y: {"loss": cross_entropy(model(*inputs), y)}, [opt], data, sched,
+                   None)
+
+
+# ---------------------------------------------------------------- self: shallow exit
+SELF = dict(width=16, n=400, epochs=6, lr=3e-3, exit="bn1")
+
+
+def self_experiment(seeds=(0, 1, 2), width: int = SELF["width"], n: int = SELF["n"],
+                    epochs: int = SELF["epochs"], lr: float = SELF["lr"], exit: str = SELF["exit"]) -> dict:
+    """A DigitsCNN with an auxiliary exit after `exit`, trained with deep supervision only (exit
+    head on CE: "before") vs Be-Your-Own-Teacher self distillation ("after"), same budget.
+    Test accuracies in % of the shallow exit and the final classifier."""
+    _, (xte, yte) = digits_data()
+    out = {"before": [], "after": []}
+    for seed in seeds:
+        data = labelled_batches(n, seed=seed)
+        base = digits_cnn(width, seed=seed + 200)
+        for arm, alpha, fw in (("before", 0.0, 0.0), ("after", 0.5, 0.03)):
+            m = copy.deepcopy(base)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                res = distill_self(m, data, exits=[exit], schedule=Schedule(epochs=epochs, lr=lr),
+                                   alpha=alpha, feature_weight=fw)
+            m.eval()
+            logits = _exit_logits_eval(res, xte)
+            out[arm].append(tuple(100.0 * float((logits[k].argmax(-1) == yte).float().mean())
+                                  for k in (exit, "final")))
+    return out
+
+
+def _exit_logits_eval(res, x):
+    """Exit logits with the eager model in eval mode (BN running statistics)."""
+    res.model.eval()
+    from fxpress.passes.distill.taps import ensure_graph, tap
+    tapped = tap(ensure_graph(res.model, (x[:2],)), res.exits)
+    with torch.no_grad():
+        out, feats = tapped(x)
+    heads = res.heads.eval()
+    d = {e: heads[str(i)](feats[e])[0] for i, e in enumerate(res.exits)}
+    d["final"] = out
+    return d
+
+
+# ---------------------------------------------------------------- table
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    seeds = tuple(args.seeds)
+    rows = ["| experiment | arm | test accuracy % (per seed) | mean |", "| --- | --- | --- | --- |"]
+    off = offline_experiment(seeds)
+    rows.append(f"| offline (DigitsCNN, 50% channels pruned, int8) | fp32 teacher | {off['teacher']:.2f} | {off['teacher']:.2f} |")
+    rows.append(f"| | pruned, no fine-tune: fp32 / int8 | {off['pruned']:.2f} / {off['pruned_int8']:.2f} | |")
+    for arm in ("plain", "kd"):
+        label = "plain fine-tune (CE)" if arm == "plain" else "offline KD (T=4, alpha=0.9)"
+        fp = [a for a, _ in off[arm]]
+        q = [b for _, b in off[arm]]
+        rows.append(f"| | {label}: int8 (fp32) | {', '.join(f'{b:.2f} ({a:.2f})' for a, b in off[arm])} "
+                    f"| {_mean(q):.2f} ({_mean(fp):.2f}); gap to teacher {off['teacher'] - _mean(q):.2f} pt |")
+    on = online_experiment(seeds)
+    for i, name in enumerate(("student A", "student B")):
+        for arm in ("alone", "mutual"):
+            xs = [p[i] for p in on[arm]]
+            rows.append(f"| online (DigitsCNN width {ONLINE['width']}, {ONLINE['n']} samples) | {name} {arm} "
+                        f"| {', '.join(f'{x:.2f}' for x in xs)} | {_mean(xs):.2f} |")
+    se = self_experiment(seeds)
+    for arm, label in (("before", "deep supervision only"), ("after", "self distillation (BYOT)")):
+        ex = [p[0] for p in se[arm]]
+        fi = [p[1] for p in se[arm]]
+        rows.append(f"| self (exit after {SELF['exit']}) | {label}: shallow exit (final) "
+                    f"| {', '.join(f'{a:.2f} ({b:.2f})' for a, b in se[arm])} | {_mean(ex):.2f} ({_mean(fi):.2f}) |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
