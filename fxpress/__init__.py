@@ -11,6 +11,8 @@ from .errors import (CalibrationError, CaptureError, FxpressError, InputError, L
 from .frontends import capture
 from .passes.base import Pass, PassContext, PassResult
 from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm
+from .passes.distill import Distill
+from . import distill  # fxpress.distill.offline / online / self_distill (finetune factories)
 from .passes.factorize import LowRank
 from .passes.manager import PassManager
 from .passes.prune import ChannelPruning, MagnitudeSparsity
@@ -20,6 +22,7 @@ from .recipe import Recipe
 __version__ = "0.1.0"
 
 __all__ = [
+    "Distill", "distill",
     "ChannelPruning", "MagnitudeSparsity",
     "Quantize", "convert",
     "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
