@@ -123,6 +123,7 @@ class OrtLowered(Lowered):
 
     def __init__(self, gm: fx.GraphModule, sessions: list[_Session], runner, report: dict):
         super().__init__(gm)
+        self.graph_module = gm  # the IR that was emitted (requantized outputs included)
         self.sessions, self._runner, self.report = sessions, runner, report
 
     @property
@@ -159,19 +160,27 @@ def _warn_once(op: str, where: str) -> None:
 def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
                         calibration: Iterable | None = None, threads: int | None = None,
                         optimization: str = "all", requantize: bool = True,
-                        **options: Any) -> OrtLowered:
+                        int8_weights: str = "auto", **options: Any) -> OrtLowered:
     """Emit `gm` as ONNX and open an ORT CPU session on it.
 
     `calibration`: batches used to give int8 conv/linear outputs that feed fp32 ops their own
     Q/DQ (see onnx/requant.py); the example inputs are used when none are given.
+    `int8_weights`: "auto" | "s8" | "u8" (see onnx.emitter.emit_onnx: u8 is exact on CPUs
+    without VNNI). ``run.graph_module`` is the IR that was emitted (after requantization).
     """
     if options:
         name = next(iter(options))
         raise RecipeError("unknown onnxruntime backend option", field=name, value=options[name],
-                          accepted=["calibration", "threads", "optimization", "requantize"])
+                          accepted=["calibration", "threads", "optimization", "requantize",
+                                    "int8_weights"])
     check_choice("device", device, ["cpu"])
     check_choice("optimization", optimization, _LEVELS)
-    report: dict[str, Any] = {"threads": threads or physical_cores(), "optimization": optimization}
+    check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
+    from .onnx.emitter import has_vnni
+    u8 = int8_weights == "u8" or (int8_weights == "auto" and not has_vnni())
+    report: dict[str, Any] = {"threads": threads or physical_cores(), "optimization": optimization,
+                              "int8_weights": "u8" if u8 else "s8"}
+    emit = {"int8_weights": "u8" if u8 else "s8"}
     if requantize and any(n.target in QUANT_OPS for n in gm.graph.nodes):
         batches = list(iter_batches(calibration)) or [tuple(example_inputs)]
         gm, done = requantize_outputs(gm, batches)
@@ -183,12 +192,12 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
     for _ in range(32):  # an op may also refuse its arguments: mark it and partition again
         try:
             if not bad:
-                model = emit_onnx(gm, example_inputs)
+                model = emit_onnx(gm, example_inputs, **emit)
                 sess = _Session(model, threads, optimization)
                 report["kernels"] = dict(sess.kernels)
                 report["fallback"] = []
                 return OrtLowered(gm, [sess], sess, report)
-            return _partitioned(gm, example_inputs, bad, threads, optimization, report)
+            return _partitioned(gm, example_inputs, bad, threads, optimization, report, emit)
         except UnsupportedOpError as e:
             if e.node_name is None or e.node_name in bad:
                 raise
@@ -198,7 +207,7 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
 
 
 def _partitioned(gm: fx.GraphModule, example_inputs, bad: dict[str, str], threads,
-                 optimization, report) -> OrtLowered:
+                 optimization, report, emit) -> OrtLowered:
     from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
     from torch.fx.passes.operator_support import OperatorSupportBase
     from ..passes.analysis.shape_prop import propagate_shapes
@@ -223,7 +232,7 @@ def _partitioned(gm: fx.GraphModule, example_inputs, bad: dict[str, str], thread
         inputs = [a.meta["val"] for a in node.args]
         sub.graph.lint()
         sub.recompile()
-        sess = _Session(emit_onnx(sub, [torch.zeros(v.shape, dtype=v.dtype) for v in inputs]),
+        sess = _Session(emit_onnx(sub, [torch.zeros(v.shape, dtype=v.dtype) for v in inputs], **emit),
                         threads, optimization)
         sessions.append(sess)
         setattr(parts, node.target, _OrtModule(sess))

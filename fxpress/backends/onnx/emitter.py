@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...errors import UnsupportedOpError
 from ...ir.meta import lineage
 
-__all__ = ["Emitter", "emit_onnx", "register", "TABLE", "OPSET", "supported", "NO_FOLD"]
+__all__ = ["Emitter", "emit_onnx", "has_vnni", "register", "TABLE", "OPSET", "supported", "NO_FOLD"]
 
 OPSET = 21
 # aten/quantized_decomposed op object -> handler(em, node) returning ONNX name(s).
@@ -73,8 +73,9 @@ def _is_const(v) -> bool:
 class Emitter:
     """Walks a graph once, appending ONNX nodes; handlers use `v`, `const`, `add`, `val`."""
 
-    def __init__(self, gm: fx.GraphModule, name: str = "fxpress"):
+    def __init__(self, gm: fx.GraphModule, name: str = "fxpress", *, u8_weights: bool = False):
         self.gm, self.name = gm, name
+        self.u8_weights = u8_weights  # see qdq.as_u8: exact on CPUs without VNNI
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.env: dict[fx.Node, Any] = {}
@@ -256,10 +257,29 @@ def _module(node: fx.Node) -> str | None:
     return lin.module_path if lin is not None and lin.module_path else None
 
 
+def has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (u8 x s8 dot products without int16 saturation)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return True
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def emit_onnx(gm: fx.GraphModule, example_inputs: Sequence | None = None, *,
-              name: str = "fxpress") -> onnx.ModelProto:
-    """Translate the IR (fp32, pruned, factorized or Q/DQ-quantized) to an ONNX model."""
+              name: str = "fxpress", int8_weights: str = "auto") -> onnx.ModelProto:
+    """Translate the IR (fp32, pruned, factorized or Q/DQ-quantized) to an ONNX model.
+
+    `int8_weights`: "s8" keeps int8 weights; "u8" shifts them to uint8 (same values). On x86
+    without VNNI, ORT's u8 x s8 kernels use vpmaddubsw, whose int16 pair sums saturate on
+    full-range int8 weights (ORT's `reduce_range` exists for this); its u8 x u8 kernels are
+    exact. "auto" picks u8 on such CPUs and s8 elsewhere.
+    """
+    from ...recipe import check_choice
+    check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
+    u8 = int8_weights == "u8" or (int8_weights == "auto" and not has_vnni())
     from . import ops, qdq  # noqa: F401  (fill TABLE)
     from ...passes.analysis.shape_prop import propagate_shapes
     propagate_shapes(gm, example_inputs)  # refreshes meta["val"] only; the graph is not changed
-    return Emitter(gm, name).run()
+    return Emitter(gm, name, u8_weights=u8).run()

@@ -66,15 +66,28 @@ def _const_weight_dq(em: Emitter, w) -> tuple | None:
     return q, torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(zp), axis
 
 
+def as_u8(q: torch.Tensor, zp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same integers shifted to uint8: (q + 128, zp + 128) dequantize to the same values."""
+    return (q.to(torch.int16) + 128).to(torch.uint8), (torch.as_tensor(zp).to(torch.int16) + 128).to(torch.uint8)
+
+
+def _weight_ints(em: Emitter, q: torch.Tensor, zp):
+    """int8 weights as the emitter emits them (uint8-shifted where the CPU needs it)."""
+    if em.u8_weights and q.dtype == torch.int8:
+        return as_u8(q, zp)
+    return q, torch.as_tensor(zp).to(q.dtype)
+
+
 def weight(em: Emitter, w, *, transpose: bool = False) -> str:
     """A conv/linear weight operand; int8 weights stay DQ(int8 initializer), transposed if asked."""
     found = _const_weight_dq(em, w)
     if found is not None and transpose:
         q, scale, zp, axis = found
+        q, zp = _weight_ints(em, q, zp)
         axis = None if axis is None else 1 - (axis % 2)
         attrs = {} if axis is None else {"axis": axis}
         return em.add("DequantizeLinear", [em.const(q.t().contiguous(), "w_int8_t"),
-                                           _scale(em, scale), _zp(em, zp, q.dtype)], **attrs)
+                                           _scale(em, scale), em.const(zp, "zp")], **attrs)
     val = em.value(w)
     if isinstance(val, torch.Tensor):
         return em.const(val.t().contiguous() if transpose else val, "w")
@@ -137,9 +150,15 @@ def _is_relu(n) -> bool:
 
 @register(DQ_TENSOR, DQ_CHANNEL, fold=False)
 def _dequantize(em: Emitter, node: fx.Node):
-    q = em.v(node.args[0])
     dtype = node.args[6] if node.target is DQ_CHANNEL else node.args[5]
     scale, zp = em.value(node.args[1]), em.value(node.args[2])
+    qval = em.value(node.args[0])
+    if isinstance(qval, torch.Tensor) and not isinstance(zp, str):  # a constant (weight)
+        qval, zp = _weight_ints(em, qval, zp)
+        dtype = qval.dtype
+        q = em.const(qval, node.args[0].name if isinstance(node.args[0], fx.Node) else "w")
+    else:
+        q = em.v(node.args[0])
     attrs = {"axis": int(node.args[3])} if node.target is DQ_CHANNEL else {}
     return em.add("DequantizeLinear", [q, _scale(em, scale), _zp(em, zp, dtype)], **attrs)
 
@@ -192,7 +211,7 @@ def dynamic_matmul(em: Emitter, x, w, b) -> str | None:
     scale = scale.reshape(-1).expand(n).contiguous() if scale.numel() in (1, n) else None
     if scale is None:
         return None
-    zp = torch.as_tensor(zp).reshape(-1).expand(n).to(q.dtype).contiguous()
+    q, zp = _weight_ints(em, q, torch.as_tensor(zp).reshape(-1).expand(n).contiguous())
     bias = em.v(b) if b is not None else None
     return em.add("DynamicQuantizeMatMul",
                   [em.v(src), em.const(q.t().contiguous(), "w_int8_t"), em.const(scale, "w_scale"),

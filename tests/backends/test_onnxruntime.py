@@ -1,0 +1,112 @@
+"""ONNX Runtime backend: the int8 kernels really run (ORT's optimized graph), numerics, save, fallback."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import fxpress
+from fxpress.backends.onnxruntime import compile_onnxruntime
+
+from .helpers import TinyMLP, TinyResNet, batches, quantized
+
+
+def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - y).pow(2).mean().clamp_min(1e-20)))
+
+
+@pytest.fixture(scope="module")
+def static_case():
+    model, gm, x = quantized(TinyResNet(), (1, 3, 16, 16))
+    return model, gm, x, compile_onnxruntime(gm, (x,), calibration=batches((1, 3, 16, 16)))
+
+
+def test_static_int8_kernels_run(static_case):
+    _, gm, _, run = static_case
+    k = run.report["kernels"]
+    # every conv is a QLinearConv (none left in fp32), the residual add is QLinearAdd, fc is QGemm
+    assert k.get("QLinearConv") == 3 and "Conv" not in k and "FusedConv" not in k
+    assert k.get("QLinearAdd") == 1 and "Add" not in k
+    assert k.get("QGemm") == 1 and "Gemm" not in k
+    assert k.get("DequantizeLinear", 0) == 0  # no Q/DQ island left in the optimized graph
+    assert run.report["requantized_outputs"] == ["conv2"]
+    assert run.report["fallback"] == []
+
+
+def _attr(gm, target):
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def test_static_matches_quantized_ir_within_one_step(static_case):
+    _, gm, x, run = static_case
+    gm = run.graph_module  # the IR ORT runs: the input IR plus conv2's requantization
+    with torch.no_grad():
+        ref = gm(x)
+    y = run(x)
+    # fc's input is quantized: one step there moves an output by at most s_in * max_row |W|_1
+    fc = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    dq_x, dq_w = fc.args[0], fc.args[1]
+    w = _attr(gm, dq_w.args[0].target).float() * _attr(gm, dq_w.args[1].target).reshape(-1, 1)
+    step = float(dq_x.args[1]) * float(w.abs().sum(1).max())
+    assert (y - ref).abs().max() <= step
+    assert sqnr(ref, y) > 25
+
+
+def test_save_is_plain_onnx(static_case, tmp_path):
+    _, _, x, run = static_case
+    path = run.save(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    assert sum(i.data_type in int8 and len(i.dims) >= 2 for i in model.graph.initializer) == 4
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, run(x).numpy(), atol=1e-5)
+
+
+def test_dynamic_linear_uses_dynamic_int8_kernel():
+    model, gm, x = quantized(TinyMLP(), (2, 8, 32), dynamic=True)
+    run = compile_onnxruntime(gm, (x,))
+    assert run.report["kernels"].get("DynamicQuantizeMatMul") == 2
+    assert "MatMul" not in run.report["kernels"]
+    with torch.no_grad():
+        ref, fp = gm(x), model(x)
+    assert sqnr(fp, run(x)) > 30 and sqnr(ref, run(x)) > 30
+
+
+def test_fp32_graph_matches_eager():
+    model = TinyResNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    run = fxpress.lower(model, "onnxruntime", example_inputs=(x,))
+    assert run.report["kernels"].get("FusedConv", 0) + run.report["kernels"].get("Conv", 0) >= 3
+    torch.testing.assert_close(run(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _Cumsum(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=-1))
+
+
+def test_unsupported_op_falls_back_with_one_warning():
+    model = _Cumsum().eval()
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        run = fxpress.lower(model, "onnxruntime", example_inputs=(x,))
+    msgs = [str(w.message) for w in rec if "fxpress onnxruntime" in str(w.message)]
+    assert len(msgs) == 1 and "aten.cumsum" in msgs[0]
+    assert run.report["fallback"] == ["aten.cumsum.default at "] or \
+        any("cumsum" in f for f in run.report["fallback"])
+    assert run.report["partitions"] == 2
+    torch.testing.assert_close(run(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(fxpress.LoweringError, match="cumsum"):
+        run.save("/nonexistent/never.onnx")
