@@ -383,7 +383,7 @@ def _bert_inputs(batch: int = 2, seq: int = 16):
 
 # name -> (builder, inputs(batch)); small sizes: these run in unit tests on 2 CPU cores.
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple]]] = {
-    "resnet18": (lambda: resnet18(width=16, num_classes=10), lambda b: (_img(b, 3, 32, 32),)),
+    "resnet18": (lambda: resnet18(width=8, num_classes=10), lambda b: (_img(b, 3, 32, 32),)),
     "resnet50": (lambda: resnet50(width=8, num_classes=10), lambda b: (_img(b, 3, 32, 32),)),
     "mobilenet_v2": (lambda: mobilenet_v2(num_classes=10, small=True), lambda b: (_img(b, 3, 32, 32),)),
     "densenet": (lambda: densenet(), lambda b: (_img(b, 3, 16, 16),)),
