@@ -1,0 +1,70 @@
+"""torch.compile(backend="fxpress"): the entry point, options validation, observe-then-swap."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.backends.compile_hook import fxpress_backend
+from fxpress.passes.base import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class _CountCalibration(Pass):
+    """Test pass: needs calibration data and records how many batches it received."""
+
+    name: ClassVar[str] = "test_count_calibration"
+    needs_calibration: ClassVar[bool] = True
+    seen: ClassVar[list] = []
+
+    def run(self, gm, ctx):
+        batches = list(fxpress.utils.iter_batches(ctx.calibration))
+        _CountCalibration.seen.append(len(batches))
+        return PassResult(gm, False, {"batches": len(batches)})
+
+
+def _model():
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+    names = [e.name for e in entry_points(group="torch_dynamo_backends")]
+    assert "fxpress" in names
+
+
+def test_unknown_option_names_the_field():
+    with pytest.raises(fxpress.RecipeError, match="lowr_to"):
+        fxpress_backend(None, [], options={"lowr_to": "onnxruntime"})
+    with pytest.raises(fxpress.RecipeError, match="lower_to"):
+        fxpress_backend(None, [], options={"lower_to": "tensorrt"})
+
+
+def test_observes_first_calls_then_swaps_in_lowered_ort():
+    torch._dynamo.reset()
+    _CountCalibration.seen.clear()
+    model = _model()
+    compiled = torch.compile(model, backend="fxpress", options={
+        "recipe": [_CountCalibration()], "lower_to": "onnxruntime", "observe_calls": 3})
+    xs = [torch.randn(2, 8) for _ in range(5)]
+    with torch.no_grad():
+        outs = [compiled(x) for x in xs]
+    assert _CountCalibration.seen == [3]  # compressed once, with the 3 observed calls
+    for x, y in zip(xs, outs):
+        torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_calibration_compiles_on_first_call():
+    torch._dynamo.reset()
+    _CountCalibration.seen.clear()
+    model = _model()
+    calib = [(torch.randn(2, 8),) for _ in range(4)]
+    compiled = torch.compile(model, backend="fxpress", options={
+        "recipe": [_CountCalibration()], "lower_to": "eager", "calibration": calib})
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert _CountCalibration.seen == [4]
