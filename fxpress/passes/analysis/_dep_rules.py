@@ -162,16 +162,25 @@ class Builder:
 
     # -- results --------------------------------------------------------------------
     def components(self) -> np.ndarray:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
+        """Connected components of the union edges: hook roots to the smaller label, then jump."""
         n = self.next_id
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        a = np.concatenate(self.ea) if self.ea else np.zeros(0, dtype=np.int64)
-        b = np.concatenate(self.eb) if self.eb else np.zeros(0, dtype=np.int64)
-        m = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        _, labels = connected_components(m, directed=False)
-        return labels.astype(np.int64)
+        lab = np.arange(n, dtype=np.int64)
+        if not self.ea:
+            return lab
+        a, b = np.concatenate(self.ea), np.concatenate(self.eb)
+        while True:
+            la, lb = lab[a], lab[b]
+            if (la == lb).all():
+                break
+            m = np.minimum(la, lb)
+            np.minimum.at(lab, la, m)
+            np.minimum.at(lab, lb, m)
+            while True:
+                nxt = lab[lab]
+                if (nxt == lab).all():
+                    break
+                lab = nxt
+        return np.unique(lab, return_inverse=True)[1].astype(np.int64)
 
     def blocked_by_component(self, labels: np.ndarray) -> dict[int, str]:
         out: dict[int, str] = {}

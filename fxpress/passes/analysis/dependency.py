@@ -60,6 +60,11 @@ class Group:
     def size(self) -> int:
         return len(self.comps)
 
+    @property
+    def name(self) -> str:
+        """The producing layer's slice, e.g. ``layer1.0.conv1.out[0:64]``."""
+        return str(next((m for m in self.members if m.role == "out"), self.members[0]))
+
     def record(self, pruned: tuple[int, ...] = ()) -> ChannelGroup:
         note = ("+ " + ", ".join(self.notes)) if self.notes else ""
         return ChannelGroup(self.members, self.size, pruned, note)

@@ -78,7 +78,7 @@ class PruneChannels(Pass):
             for gidx, comps in plan.items():
                 pruned[comps] = True
                 g = dep.groups[gidx]
-                key = str(g).split(" => ")[0]
+                key = g.name
                 removed[key] = removed.get(key, 0) + int(len(comps) * g.width)
                 pos = {int(x): i for i, x in enumerate(g.comps)}
                 node = next(n for n in gm.graph.nodes if n.name == dep.sites[g.sites[0][0]].node)

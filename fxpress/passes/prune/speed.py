@@ -97,7 +97,7 @@ def check_speed(gm: fx.GraphModule, dep: DependencyGraph, plan: dict[int, np.nda
         before = timer(_ops(gm, names), backend)
         after = timer(_ops(trial, names), backend)
         faster = after < before
-        rows.append({"group": str(dep.groups[gidx]).split(" => ")[0], "before_ms": before * 1e3,
+        rows.append({"group": dep.groups[gidx].name, "before_ms": before * 1e3,
                      "after_ms": after * 1e3, "kept": faster})
         if faster:
             kept[gidx] = comps
