@@ -1,0 +1,167 @@
+"""Lowerability report: per backend, which quantized regions become int8 kernels, which don't.
+
+    rows = lowerability(gm, "onnxruntime")
+    print(format_lowerability(rows))
+    # module            op      kernel                  note
+    # layer1.0.conv1    conv2d  QLinearConv             relu folded into Q
+    # layer1.0.conv2    conv2d  QLinearConv             output requantized for the residual add
+    # layer1.0          add     QLinearAdd
+    # head              cumsum  PyTorch fallback        no ONNX rule
+
+Rules mirror what the backends match (ORT's QDQ selectors; Inductor's quantization.py
+patterns). They read only the Q/DQ structure, not scale values, so a graph quantized with
+placeholder qparams (before calibration) gets the same report as the calibrated one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ir.meta import lineage
+from ..recipe import check_choice
+from .onnx.qdq import CHOOSE, DQ_CHANNEL, DQ_DYN, DQ_TENSOR, Q_DYN, Q_TENSOR, QUANT_OPS
+
+aten = torch.ops.aten
+__all__ = ["LowerRow", "lowerability", "format_lowerability"]
+
+_CONV = {aten.conv2d.default, aten.conv1d.default, aten.convolution.default}
+_LINEAR = {aten.linear.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+_ADD = {aten.add.Tensor, aten.add_.Tensor}
+_POOL = {aten.max_pool2d.default, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default}
+_RELU = {aten.relu.default, aten.relu_.default}
+_DATA = {aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default,
+         aten.transpose.int, aten.dropout.default, aten.contiguous.default, aten.clone.default}
+
+
+@dataclass(frozen=True)
+class LowerRow:
+    module: str
+    op: str
+    kernel: str      # the kernel it becomes, or "fp32" / "PyTorch fallback"
+    int8: bool
+    note: str = ""
+
+
+def _is_dq(n) -> bool:
+    return isinstance(n, fx.Node) and n.target in (DQ_TENSOR, DQ_DYN)
+
+
+def _const_w(n) -> bool:
+    return isinstance(n, fx.Node) and n.target in (DQ_CHANNEL, DQ_TENSOR) and \
+        isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+
+
+def _out_quantized(n: fx.Node) -> tuple[bool, bool]:
+    """(output reaches only Q nodes, a relu sits between)."""
+    cur, relu = n, False
+    while len(cur.users) == 1 and next(iter(cur.users)).target in _RELU:
+        cur, relu = next(iter(cur.users)), True
+    return bool(cur.users) and all(u.target is Q_TENSOR for u in cur.users), relu
+
+
+def _feeds_add(n: fx.Node) -> bool:
+    cur = n
+    while len(cur.users) == 1 and next(iter(cur.users)).target in _RELU:
+        cur = next(iter(cur.users))
+    return any(u.target in _ADD for u in cur.users)
+
+
+def _name(n: fx.Node) -> str:
+    lin = lineage(n)
+    return lin.module_path if lin is not None and lin.module_path else n.name
+
+
+def _op(n: fx.Node) -> str:
+    return str(n.target).split(".")[1] if str(n.target).startswith("aten.") else str(n.target)
+
+
+def _ort_row(n: fx.Node) -> LowerRow | None:
+    from .onnx import supported
+    if n.op == "call_function" and not supported(n):
+        return LowerRow(_name(n), _op(n), "PyTorch fallback", False, "no ONNX rule")
+    a = n.args
+    if n.target in _CONV | _LINEAR:
+        if a and _is_dq(a[0]) and a[0].target is DQ_DYN and _const_w(a[1]) and n.target in _LINEAR:
+            return LowerRow(_name(n), _op(n), "DynamicQuantizeMatMul", True)
+        if not (a and _is_dq(a[0]) and _const_w(a[1])):
+            if _const_w(a[1]) if len(a) > 1 else False:
+                return LowerRow(_name(n), _op(n), "fp32", False, "int8 weight, fp32 activation: DQ stays")
+            return None
+        quant_out, relu = _out_quantized(n)
+        kern = "QLinearConv" if n.target in _CONV else "QGemm"
+        rank = n.args[0].meta.get("val").dim() if "val" in n.args[0].meta else 2
+        if n.target in _LINEAR and rank > 2:
+            return LowerRow(_name(n), _op(n), "fp32 MatMul + Add", False,
+                            "3-D static linear: bias Add sits between MatMul and Q (Q/DQ remain)")
+        if quant_out:
+            return LowerRow(_name(n), _op(n), kern, True, "relu folded into Q" if relu else "")
+        if _feeds_add(n):
+            return LowerRow(_name(n), _op(n), kern, True, "output requantized for the residual add")
+        if n.target in _LINEAR:
+            return LowerRow(_name(n), _op(n), "QGemm", True, "fp32 output")
+        return LowerRow(_name(n), _op(n), "fp32", False, "output not quantized: Conv on DQ inputs")
+    if n.target in _ADD and all(_is_dq(x) or (isinstance(x, fx.Node) and x.target in _CONV | _LINEAR)
+                                for x in a[:2]):
+        quant_out, _ = _out_quantized(n)
+        return LowerRow(_name(n), "add", "QLinearAdd" if quant_out else "fp32 Add", quant_out,
+                        "" if quant_out else "output not quantized: Q/DQ pair remains")
+    if n.target in _POOL and a and _is_dq(a[0]):
+        quant_out, _ = _out_quantized(n)
+        k = {"max_pool2d": "MaxPool (u8)", "adaptive_avg_pool2d": "QLinearGlobalAveragePool",
+             "avg_pool2d": "QLinearAveragePool"}[_op(n)]
+        return LowerRow(_name(n), _op(n), k if quant_out else "fp32", quant_out)
+    if n.target in _MATMUL and all(_is_dq(x) for x in a[:2]):
+        quant_out, _ = _out_quantized(n)
+        return LowerRow(_name(n), _op(n), "QLinearMatMul" if quant_out else "fp32 MatMul", quant_out)
+    return None
+
+
+def _inductor_row(n: fx.Node) -> LowerRow | None:
+    a = n.args
+    if n.target in _CONV | _LINEAR and len(a) > 1 and _const_w(a[1]):
+        if not _is_dq(a[0]):
+            return LowerRow(_name(n), _op(n), "fp32", False, "fp32 activation: weight-only DQ")
+        fam = "qconv" if n.target in _CONV else "qlinear"
+        quant_out, relu = _out_quantized(n)
+        if _feeds_add(n) and not quant_out:
+            return LowerRow(_name(n), _op(n), f"onednn.{fam}_pointwise.binary", True,
+                            "add (+relu) fused as post-op")
+        note = ("relu post-op, " if relu else "") + ("int8 output" if quant_out else "fp32 output")
+        return LowerRow(_name(n), _op(n), f"onednn.{fam}_pointwise", True, note)
+    if n.target in _POOL and a and _is_dq(a[0]):
+        quant_out, _ = _out_quantized(n)
+        if n.target is aten.max_pool2d.default and quant_out:
+            return LowerRow(_name(n), _op(n), "quantized.max_pool2d", True)
+        return LowerRow(_name(n), _op(n), "fp32 (Inductor kernel)", False, "Q/DQ fused into codegen")
+    if n.target in _ADD and any(_is_dq(x) for x in a[:2]) and not any(
+            isinstance(x, fx.Node) and x.target in _CONV | _LINEAR for x in a[:2]):
+        return LowerRow(_name(n), "add", "fp32 (Inductor kernel)", False, "Q/DQ pair remains")
+    if n.target in _MATMUL and any(_is_dq(x) for x in a[:2]):
+        return LowerRow(_name(n), _op(n), "fp32 (Inductor)", False, "no int8 bmm pattern")
+    return None
+
+
+def lowerability(gm: fx.GraphModule, backend: str = "onnxruntime") -> list[LowerRow]:
+    """One row per quantized (or unlowerable) region of `gm`, in the user's module names."""
+    check_choice("backend", backend, ["onnxruntime", "inductor"])
+    rule = _ort_row if backend == "onnxruntime" else _inductor_row
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in QUANT_OPS or n.target in (CHOOSE, Q_DYN):
+            continue
+        row = rule(n)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def format_lowerability(rows: list[LowerRow], backend: str = "") -> str:
+    n8 = sum(r.int8 for r in rows)
+    head = f"lowerability{' to ' + backend if backend else ''}: {n8}/{len(rows)} regions int8"
+    w = max([len(r.module) for r in rows] + [6])
+    lines = [head, f"{'module':<{w}}  {'op':<20} {'kernel':<32} note"]
+    lines += [f"{r.module:<{w}}  {r.op:<20} {r.kernel:<32} {r.note}" for r in rows]
+    return "\n".join(lines)
