@@ -51,6 +51,8 @@ def format_graph(gm: fx.GraphModule, *, show_params: bool = False) -> str:
         comment = "   # " + "  ".join(x for x in (where, extra) if x) if (where or extra) else ""
         if n.op == "placeholder":
             lines.append(f"%{n.name} = input{shape}{comment}")
+        elif n.op == "get_attr":
+            lines.append(f"%{n.name} = attr {n.target}{shape}{comment}")
         elif n.op == "output":
             lines.append(f"return {_arg(n.args[0])}")
         else:

@@ -10,7 +10,7 @@ import torch
 
 import fxpress
 from fxpress.errors import PassError, VerificationError
-from fxpress.ir import Lineage, lineage, set_record, verify
+from fxpress.ir import Lineage, lineage, set_record
 from fxpress.passes.analysis import ShapeProp, propagate_shapes
 from fxpress.passes.analysis.cost import Cost, CostAnalysis, cost_by_module, total_cost
 from fxpress.passes.base import Pass, PassContext, PassResult
