@@ -24,7 +24,7 @@ from ..recipe import check_choice
 from .onnx.qdq import CHOOSE, DQ_CHANNEL, DQ_DYN, DQ_TENSOR, Q_DYN, Q_TENSOR, QUANT_OPS
 
 aten = torch.ops.aten
-__all__ = ["LowerRow", "lowerability", "format_lowerability"]
+__all__ = ["LowerRow", "lowerability", "format_lowerability", "inspect_text"]
 
 _CONV = {aten.conv2d.default, aten.conv1d.default, aten.convolution.default}
 _LINEAR = {aten.linear.default}
@@ -165,3 +165,15 @@ def format_lowerability(rows: list[LowerRow], backend: str = "") -> str:
     lines = [head, f"{'module':<{w}}  {'op':<20} {'kernel':<32} note"]
     lines += [f"{r.module:<{w}}  {r.op:<20} {r.kernel:<32} {r.note}" for r in rows]
     return "\n".join(lines)
+
+
+def inspect_text(gm: fx.GraphModule, backend: str = "onnxruntime", *,
+                 reference: fx.GraphModule | None = None, inputs=None, lowered=None,
+                 worst: int | None = 10) -> str:
+    """What `fxpress inspect --backend B [--compare]` prints: the lowerability table, and with
+    a fp32 `reference` and `inputs`, the per-node SQNR table (worst `worst` nodes first)."""
+    text = format_lowerability(lowerability(gm, backend), backend)
+    if reference is not None and inputs is not None:
+        from .compare import compare, format_compare
+        text += "\n\n" + format_compare(compare(reference, gm, inputs, lowered=lowered), worst)
+    return text

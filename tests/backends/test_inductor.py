@@ -70,3 +70,11 @@ def test_compare_per_node_sqnr(case):
     assert ("stem", "conv2d") in by and ("fc", "linear") in by
     assert all(15 < v < 80 for v in by.values())  # int8 noise: neither exact nor broken
     assert "<output 0>" in format_compare(rows)
+
+
+def test_inspect_text_has_both_tables(case):
+    model, gm, x, _, _ = case
+    import fxpress
+    from fxpress.backends.lowerability import inspect_text
+    text = inspect_text(gm, "onnxruntime", reference=fxpress.capture(model, (x,)), inputs=(x,))
+    assert "QLinearConv" in text and "SQNR dB" in text and "conv2" in text
