@@ -1,0 +1,94 @@
+"""MetaSchedule search in a child process: `python _tune_worker.py JOB_DIR` (TVM only, no torch).
+
+Run as a script by `tune.py`, for three reasons: a MetaSchedule crash (the segfaults NOTES
+records) cannot take the user's process down; its logging and globals stay out of it; and
+for x86 llvm targets only the x86 tensor intrinsics are registered. `TuneContext()` imports
+`tvm.s_tir.tensor_intrin`, which parses every CUDA/ROCm/ARM/Hexagon intrinsic as TVMScript:
+measured here at 76 CPU-seconds (4 minutes wall on the shared 2-core box) against 5 for x86.
+
+JOB_DIR holds tasks.json (tvm.ir.save_json of the task modules) and job.json (target, task
+names, trial plan, budgets); the pruned database goes to JOB_DIR/db/, stats to stats.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import types
+from pathlib import Path
+
+
+def _register_intrinsics(target) -> None:
+    import tvm.s_tir
+    if target.kind.name == "llvm" and "x86" in str(target.attrs.get("mtriple", "x86")):
+        pkg = types.ModuleType("tvm.s_tir.tensor_intrin")  # this process only: x86 intrinsics alone
+        pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+        sys.modules.setdefault("tvm.s_tir.tensor_intrin", pkg)
+        import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+    else:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+def _best_ms(db, mod) -> str:
+    recs = db.get_top_k(db.commit_workload(mod), 1)
+    secs = [float(s) for s in recs[0].run_secs] if recs and recs[0].run_secs else []
+    return f"{1e3 * sum(secs) / len(secs):.3f} ms" if secs else "n/a"
+
+
+def main(job_dir: str) -> None:
+    import tvm
+    t0 = time.perf_counter()
+    job_dir = Path(job_dir)
+    job = json.loads((job_dir / "job.json").read_text())
+    target = tvm.target.Target(json.loads(job["target"]))
+    _register_intrinsics(target)
+    from tvm.s_tir import meta_schedule as ms
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+
+    mods = list(tvm.ir.load_json((job_dir / "tasks.json").read_text()))
+    threads = int(target.attrs.get("num-cores", 1)) if target.kind.name == "llvm" else "physical"
+    ctxs = [ms.TuneContext(mod, target=target, space_generator="post-order-apply",
+                           search_strategy=ms.search_strategy.EvolutionarySearch(
+                               population_size=job["population"],
+                               init_min_unmeasured=min(50, job["population"] // 4)),
+                           task_name=name, num_threads=threads, rand_state=i + 1)
+            for i, (mod, name) in enumerate(zip(mods, job["names"]))]
+    work = job_dir / "work"
+    work.mkdir(exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(work))
+    builder = ms.builder.LocalBuilder(timeout_sec=job["build_timeout_s"])
+    runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=ms.runner.EvaluatorConfig(
+        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
+    cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
+                                        adaptive_training=True)
+    done = [0] * len(ctxs)
+    trials, budget, total = 0, job["time_budget_s"] - job["spent_s"], job["trials"]
+    for i in job["plan"]:
+        if trials >= total or time.perf_counter() - t0 >= budget:
+            break
+        n = min(job["per_round"], total - trials)
+        ms.tune_tasks(tasks=[ctxs[i]], task_weights=[1.0], work_dir=str(work),
+                      max_trials_global=done[i] + n, num_trials_per_iter=n, builder=builder,
+                      runner=runner, database=db, cost_model=cost_model,
+                      measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                         ms.measure_callback.RemoveBuildArtifact(),
+                                         ms.measure_callback.UpdateCostModel()],
+                      task_scheduler="round-robin")
+        done[i] += n
+        trials += n
+        if job["progress"]:
+            print(f"[fxpress tvm tune] {trials}/{total} trials "
+                  f"{time.perf_counter() - t0 + job['spent_s']:5.0f}/{job['time_budget_s']:.0f}s  "
+                  f"task {i + 1}/{len(ctxs)} {job['names'][i][:36]:36s} best {_best_ms(db, ctxs[i].mod)}",
+                  file=sys.stderr, flush=True)
+    out = job_dir / "db"
+    out.mkdir(exist_ok=True)
+    db.dump_pruned(ms.database.JSONDatabase(str(out / "workload.json"), str(out / "records.json")))
+    (job_dir / "stats.json").write_text(json.dumps(
+        {"trials": trials, "tasks": len(ctxs), "tasks_tuned": sum(1 for d in done if d),
+         "records": len(db)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
