@@ -40,6 +40,12 @@ def _fxpress_runners(w, tmp):
     path = os.path.join(tmp, f"{w.name}_fxpress.onnx")
     ort_run.save(path)
     out.append((f"fxpress -> ORT ({how})", ort_run, os.path.getsize(path), ort_run.report.get("kernels")))
+    from fxpress.backends.onnx.emitter import has_vnni
+    if not has_vnni():  # default there is exact u8 x u8; s8 weights are the peers' (saturating) form
+        s8 = fxpress.lower(gm, "onnxruntime", example_inputs=w.example, calibration=w.calibration,
+                           int8_weights="s8")
+        out.append((f"fxpress -> ORT s8 weights ({how})", s8, os.path.getsize(path),
+                    s8.report.get("kernels")))
     ind = fxpress.lower(gm, "inductor", example_inputs=w.example)
     out.append((f"fxpress -> Inductor ({how})", ind, _int8_size(gm), ind.report.get("kernels")))
     return out
