@@ -40,23 +40,34 @@ class CompressedModel(torch.nn.Module):
         self.example_kwargs = example_kwargs or {}
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except RuntimeError as e:
+            if "Expected input at" not in str(e):
+                raise
+            from .errors import InputError
+            shapes = ", ".join(str(list(x.shape)) for x in self.example_inputs if isinstance(x, torch.Tensor))
+            raise InputError(f"{str(e).splitlines()[0].split('. If')[0]}: the IR was captured for inputs "
+                             f"shaped {shapes}; pass dynamic_shapes= to compress() for other sizes") from e
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
              calibration: Iterable | None = None, finetune: Callable | None = None,
              example_kwargs: dict | None = None, frontend: str = "export",
-             debug: bool = False) -> CompressedModel:
+             dynamic_shapes: Any = None, debug: bool = False) -> CompressedModel:
     """Capture `model`, run the recipe's passes, return a CompressedModel.
 
     The user's model is never modified: capture works on a deep copy in eval mode.
     `calibration` is any iterable of input tuples (or tensors); `finetune(module)` trains
     a module in place where a pass asks for it (iterative pruning, QAT, distillation).
+    The IR is specialised to the example inputs' shapes unless `dynamic_shapes` says
+    otherwise (torch.export's format, e.g. ``({0: torch.export.Dim("batch")},)``).
     """
     recipe = Recipe.coerce(recipe)
     example_inputs = as_input_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
-    gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend)
+    gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
+                 dynamic_shapes=dynamic_shapes)
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
                       original=model, debug=debug)
     gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)

@@ -93,15 +93,18 @@ class Recipe:
                 continue
             if isinstance(item, str):
                 name, opts = item, {}
-            elif isinstance(item, dict) and len(item) == 1:
-                (name, opts), = item.items()
-                opts = opts or {}
-            elif isinstance(item, dict) and "name" in item:
+            elif isinstance(item, dict) and isinstance(item.get("name"), str):  # {name: x, opt: v}
                 opts = dict(item)
                 name = opts.pop("name")
+            elif isinstance(item, dict) and len(item) == 1:  # {x: {opt: v}}
+                (name, opts), = item.items()
+                opts = opts or {}
             else:
                 raise RecipeError(f"recipe item {i} must be a name or {{name: {{options}}}}",
                                   field=f"passes[{i}]", value=item)
+            if not isinstance(opts, dict):
+                raise RecipeError(f"options of recipe item {i} ({name!r}) must be a mapping",
+                                  field=f"passes[{i}]", value=opts)
             if name not in known:
                 raise RecipeError(f"unknown recipe entry {name!r} (item {i})", field=f"passes[{i}]",
                                   value=name, accepted=sorted(known))
