@@ -1,0 +1,1 @@
+"""CLI commands: each module defines main(argv) -> int (see fxpress/cli.py)."""
