@@ -65,6 +65,12 @@ class Group:
         """The producing layer's slice, e.g. ``layer1.0.conv1.out[0:64]``."""
         return str(next((m for m in self.members if m.role == "out"), self.members[0]))
 
+    @property
+    def key(self) -> str:
+        """A name that survives pruning (no slice bounds): ``layer1.0.conv1.out@0``."""
+        m = next((m for m in self.members if m.role == "out"), self.members[0])
+        return f"{m.module or m.node}.{m.role}@{m.dim}"
+
     def record(self, pruned: tuple[int, ...] = ()) -> ChannelGroup:
         note = ("+ " + ", ".join(self.notes)) if self.notes else ""
         return ChannelGroup(self.members, self.size, pruned, note)

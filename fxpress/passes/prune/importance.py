@@ -125,8 +125,14 @@ def units_to_remove(size: int, wanted: int, width: int, round_to: int, cap: floa
 
 def choose_units(dep: DependencyGraph, scores: np.ndarray, *, ratio: float, scope: str,
                  round_to: int = 1, max_ratio: float = 0.9,
-                 caps: dict[str, float] | None = None) -> dict[int, np.ndarray]:
-    """Units to remove per group index: the lowest-scoring, `ratio` of all units (global) or of each group."""
+                 caps: dict[str, float] | None = None,
+                 base_sizes: dict[str, int] | None = None) -> dict[int, np.ndarray]:
+    """Units to remove per group index: the lowest-scoring, `ratio` of all units (global) or of each group.
+
+    With `base_sizes` (group key -> size before the first step of a schedule) `ratio` is
+    cumulative: each group ends at (1 - ratio) of its original size, without rounding drift.
+    """
+    base = {g.index: (base_sizes or {}).get(g.key, g.size) for g in dep.groups}
     norm = {}
     for g in dep.groups:
         s = scores[g.comps]
@@ -135,16 +141,19 @@ def choose_units(dep: DependencyGraph, scores: np.ndarray, *, ratio: float, scop
     wanted: dict[int, int] = {}
     if scope == "global" and dep.groups:
         allv = np.concatenate([norm[g.index] for g in dep.groups])
-        k = int(math.floor(ratio * len(allv)))
+        k = len(allv) - int(math.ceil((1 - ratio) * sum(base.values()) - 1e-9))
         thr = np.partition(allv, k - 1)[k - 1] if k > 0 else -np.inf
         for g in dep.groups:
             wanted[g.index] = int((norm[g.index] <= thr).sum()) if k > 0 else 0
     else:
         for g in dep.groups:
-            wanted[g.index] = int(math.floor(ratio * g.size + 1e-9))
+            wanted[g.index] = g.size - int(math.ceil((1 - ratio) * base[g.index] - 1e-9))
     plan = {}
     for g in dep.groups:
-        n = units_to_remove(g.size, wanted[g.index], g.width, round_to, _cap_for(g, caps, max_ratio))
+        cap = _cap_for(g, caps, max_ratio)
+        # the cap and rounding are about the original size: keep >= (1 - cap) of it
+        floor_keep = int(math.ceil((1 - cap) * base[g.index] - 1e-9))
+        n = units_to_remove(g.size, min(wanted[g.index], g.size - floor_keep), g.width, round_to, 1.0)
         if n > 0:
             plan[g.index] = g.comps[np.argsort(norm[g.index], kind="stable")[:n]]
     return plan

@@ -58,17 +58,17 @@ class PruneChannels(Pass):
         shapes0 = _out_shapes(gm)
         removed: dict[str, int] = {}
         speed_rows: list[dict] = []
-        prev, dep = 0.0, None
+        dep, base_sizes = None, None
         for step, target in enumerate(step_ratios(c.ratio, c.steps, c.curve)):
-            rel = 1 - (1 - target) / (1 - prev)  # fraction of what is left now
-            prev = target
             dep = analyze(gm, exclude=tuple(c.exclude))
+            if base_sizes is None:  # targets are cumulative, relative to the unpruned groups
+                base_sizes = {g.key: g.size for g in dep.groups}
             grads = None
             if c.importance == "taylor":
                 grads = taylor_grads(gm, ctx.calibration, ctx.example_inputs, c.taylor_batches)
             scores = unit_scores(gm, dep, c.importance, grads=grads, seed=c.seed + step)
-            plan = choose_units(dep, scores, ratio=rel, scope=c.scope, round_to=c.round_to,
-                                max_ratio=c.max_ratio, caps=c.caps)
+            plan = choose_units(dep, scores, ratio=target, scope=c.scope, round_to=c.round_to,
+                                max_ratio=c.max_ratio, caps=c.caps, base_sizes=base_sizes)
             if c.verify_speed and plan:
                 from .speed import check_speed
                 plan, rows = check_speed(gm, dep, plan, example_inputs=ctx.example_inputs,

@@ -53,7 +53,7 @@ def _ops(gm: fx.GraphModule, names: set[str]) -> list[tuple[Callable, tuple, dic
     return out
 
 
-def time_ops(ops, backend: str = "eager", repeat: int = 15) -> float:
+def time_ops(ops, backend: str = "eager", repeat: int = 10) -> float:
     """Median seconds to run `ops` (target, args, kwargs) once each, on `backend`."""
     def run():
         for f, a, k in ops:
@@ -62,7 +62,7 @@ def time_ops(ops, backend: str = "eager", repeat: int = 15) -> float:
     if backend == "inductor":
         fn = torch.compile(run, dynamic=False)
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(2):
             fn()
         ts = []
         for _ in range(repeat):
@@ -82,18 +82,23 @@ def _touched(gm: fx.GraphModule, dep: DependencyGraph, gidx: int) -> set[str]:
 def check_speed(gm: fx.GraphModule, dep: DependencyGraph, plan: dict[int, np.ndarray], *,
                 example_inputs: tuple, backend: str = "eager",
                 timer: Callable = time_ops) -> tuple[dict[int, np.ndarray], list[dict]]:
-    """Keep a group's removal only if its layers run faster pruned than whole on `backend`."""
+    """Keep a group's removal only if its layers run faster in the pruned graph than whole.
+
+    The whole plan is applied once to a copy; each group's layers are then timed in both
+    graphs, so a check costs one copy, one shape propagation and two timings per group.
+    """
+    trial = copy.deepcopy(gm)
+    pruned = np.zeros(dep.num_comps, dtype=bool)
+    for comps in plan.values():
+        pruned[comps] = True
+    remove_channels(trial, _rebind(dep, trial), pruned)
+    propagate_shapes(trial, example_inputs)
     kept, rows = {}, []
     for gidx, comps in plan.items():
         names = _touched(gm, dep, gidx)
         if not names:
             kept[gidx] = comps
             continue
-        trial = copy.deepcopy(gm)
-        pruned = np.zeros(dep.num_comps, dtype=bool)
-        pruned[comps] = True
-        remove_channels(trial, _rebind(dep, trial), pruned)
-        propagate_shapes(trial, example_inputs)
         before = timer(_ops(gm, names), backend)
         after = timer(_ops(trial, names), backend)
         faster = after < before
