@@ -28,18 +28,23 @@ __all__ = ["ExitHead", "SelfDistillResult", "distill_self", "auto_exits", "deep_
 
 
 class ExitHead(torch.nn.Module):
-    """Bottleneck 1×1 conv -> ReLU -> global average pool -> linear classifier.
+    """3×3 conv bottleneck -> ReLU -> 2×2 average pool -> linear to the deep feature's width ->
+    ReLU -> linear classifier.
 
-    The pooled bottleneck has the deep feature's width so the feature term can compare them.
+    The 2×2 pool keeps coarse layout (a global pool of shallow features is nearly
+    blind to it); the feature before the classifier has the deep feature's width so
+    the feature term can compare them.
     """
 
-    def __init__(self, in_channels: int, width: int, num_classes: int):
+    def __init__(self, in_channels: int, width: int, num_classes: int, bottleneck: int = 32):
         super().__init__()
-        self.bottleneck = torch.nn.Conv2d(in_channels, width, 1)
+        self.bottleneck = torch.nn.Conv2d(in_channels, bottleneck, 3, padding=1)
+        self.project = torch.nn.Linear(4 * bottleneck, width)
         self.fc = torch.nn.Linear(width, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bottleneck(x)).mean((2, 3))
+        x = F.adaptive_avg_pool2d(F.relu(self.bottleneck(x)), 2)
+        return F.relu(self.project(x.flatten(1)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)

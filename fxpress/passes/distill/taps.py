@@ -56,6 +56,9 @@ def resolve_tap(gm: fx.GraphModule, point: str) -> fx.Node:
     by_name = {n.name: n for n in gm.graph.nodes}
     if point in by_name and by_name[point].op not in ("output", "get_attr"):
         return by_name[point]
+    for n in gm.graph.nodes:  # symbolically traced graphs keep modules as call_module nodes
+        if n.op == "call_module" and n.target == point:
+            return n
     nodes = [n for n in _module_nodes(gm, point) if _is_float_value(n)]
     if not nodes:
         raise RecipeError(f"tap point {point!r} names no node and no module of the graph",

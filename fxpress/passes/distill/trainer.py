@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ...errors import CalibrationError
 from ...recipe import check_choice, check_range
-from ...utils import as_input_tuple
+from ...utils import as_input_tuple, split_labels
 
 __all__ = ["Schedule", "split_batch", "num_inputs", "reiterable", "trainable_parameters",
            "training_mode", "run_epochs", "cross_entropy", "first_output"]
@@ -62,13 +62,7 @@ def num_inputs(module: torch.nn.Module) -> int | None:
 
 def split_batch(batch: Any, n_inputs: int | None) -> tuple[tuple, torch.Tensor | None]:
     """(inputs, labels): the last element is labels when it is an integer tensor beyond the inputs."""
-    b = as_input_tuple(batch)
-    last = b[-1] if b else None
-    is_label = isinstance(last, torch.Tensor) and not last.is_floating_point() \
-        and not last.is_complex() and last.dtype != torch.bool
-    if len(b) >= 2 and is_label and (n_inputs is None or len(b) == n_inputs + 1):
-        return b[:-1], last
-    return b, None
+    return split_labels(batch, n_inputs)
 
 
 def reiterable(data: Any) -> Iterable:
