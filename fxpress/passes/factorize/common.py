@@ -248,25 +248,18 @@ def run_factorize(gm: fx.GraphModule, ctx: PassContext, cfg, *, method: str, tar
              and _selected(module_path(n), cfg.include, cfg.exclude)]
     extras = prepare(gm, nodes, ctx) if prepare else {}
     if cfg.budget_scope == "model" and cfg.budget is not None:
-        cfg = _model_budget(gm, nodes, cfg)
+        plans = _plan_model_budget(gm, nodes, cfg, planner, extras)
+    else:
+        plans = {n: _plan_one(gm, n, cfg, planner, extras) for n in nodes}
     layers: dict[str, dict] = {}
     skipped: list[str] = []
     done = 0
-    for node in nodes:
+    for node, plan in plans.items():  # all planned first: planners read the untouched graph
         path = module_path(node)
-        try:
-            with one_thread():
-                plan = planner(gm, node, extras.get(node.name), cfg)
-            if plan.macs_after >= plan.macs_before:
-                raise Skip(f"not cheaper: rank {plan.rank} needs {plan.macs_after:,} MACs "
-                           f">= {plan.macs_before:,} dense")
-            if cfg.verify_speed:
-                _check_speed(gm, node, plan)
-        except Skip as why:
-            skipped.append(f"{path}: {why}")
+        if isinstance(plan, Skip):
+            skipped.append(f"{path}: {plan}")
             continue
-        x, w = node.args[0], weight_arg(node)
-        _emit(gm, node, x, w, plan, method)
+        _emit(gm, node, node.args[0], weight_arg(node), plan, method)
         done += 1
         layers[path] = {"rank": plan.rank, "params": (plan.params_before, plan.params_after),
                         "macs": (plan.macs_before, plan.macs_after), "rel_error": round(plan.rel_error, 5)}
@@ -306,17 +299,46 @@ def _check_speed(gm: fx.GraphModule, node: fx.Node, plan: Plan, reps: int = 20) 
                    "(eager, one thread, best of {reps})".replace("{reps}", str(reps)))
 
 
-def _model_budget(gm: fx.GraphModule, nodes: list[fx.Node], cfg):
-    """Turn a whole-model MAC budget into the per-layer fraction that meets it."""
+def _plan_one(gm, node, cfg, planner, extras) -> Plan | Skip:
+    try:
+        with one_thread():
+            plan = planner(gm, node, extras.get(node.name), cfg)
+        if plan.macs_after >= plan.macs_before:
+            raise Skip(f"not cheaper: rank {plan.rank} needs {plan.macs_after:,} MACs "
+                       f">= {plan.macs_before:,} dense")
+        if cfg.verify_speed:
+            _check_speed(gm, node, plan)
+    except Skip as why:
+        return why
+    return plan
+
+
+def _plan_model_budget(gm, nodes, cfg, planner, extras) -> dict:
+    """A whole-graph MAC budget: solve for the per-layer fraction that meets it.
+
+    Layers that cannot shrink at that fraction keep their dense MACs, so the fraction is
+    solved again over the rest until no more layers drop out.
+    """
     from dataclasses import replace
 
     from ..analysis.cost import node_cost
     total = sum(node_cost(gm, n).macs for n in gm.graph.nodes if n.op == "call_function")
-    mine = sum(node_cost(gm, n).macs for n in nodes)
-    if not mine:
-        return replace(cfg, budget_scope="layer")
-    frac = (cfg.budget * total - (total - mine)) / mine
-    if frac <= 0:
-        raise RecipeError(f"a model budget of {cfg.budget} cannot be met: the layers this method can "
-                          f"factorize hold {mine / total:.1%} of the MACs", field="budget", value=cfg.budget)
-    return replace(cfg, budget=min(frac, 1.0), budget_scope="layer")
+    dense = {n: node_cost(gm, n).macs for n in nodes}
+    plans: dict = {}
+    active = list(nodes)
+    for _ in range(len(nodes) + 1):
+        mine = sum(dense[n] for n in active)
+        if not mine:
+            break
+        frac = (cfg.budget * total - (total - mine)) / mine
+        if frac <= 0:
+            raise RecipeError(f"a model budget of {cfg.budget} cannot be met: the layers this method "
+                              f"can factorize hold {mine / total:.1%} of the MACs", field="budget",
+                              value=cfg.budget)
+        layer_cfg = replace(cfg, budget=min(frac, 1.0), budget_scope="layer")
+        plans.update({n: _plan_one(gm, n, layer_cfg, planner, extras) for n in active})
+        dropped = [n for n in active if isinstance(plans[n], Skip)]
+        if not dropped:
+            break
+        active = [n for n in active if n not in dropped]
+    return {n: plans[n] for n in nodes}

@@ -15,11 +15,11 @@ from fxpress.passes.manager import PassManager
 aten = torch.ops.aten
 
 
-def apply(gm: fx.GraphModule, cfg, inputs: tuple, calibration=None):
+def apply(gm: fx.GraphModule, cfg, inputs: tuple, calibration=None, debug: bool = True):
     """Run `cfg`'s passes on a copy of `gm` (debug: the verifier runs after each); (gm', stats)."""
     work = copy.deepcopy(gm)
-    ctx = PassContext(example_inputs=inputs, calibration=calibration, debug=True)
-    out, report = PassManager(cfg.passes(), debug=True).run(work, ctx)
+    ctx = PassContext(example_inputs=inputs, calibration=calibration, debug=debug)
+    out, report = PassManager(cfg.passes(), debug=debug).run(work, ctx)
     return out, report.passes[-1].stats
 
 
