@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import sys
 from pathlib import Path
 
@@ -19,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fxpress  # noqa: E402
-from fxpress.distill import accuracy, offline  # noqa: E402
-from fxpress.passes.distill.online import distill_online  # noqa: E402
-from fxpress.passes.distill.self_distill import distill_self  # noqa: E402
-from fxpress.passes.distill.trainer import Schedule  # noqa: E402
-from tests.digits import digits_data, trained_digits_cnn  # noqa: E402
-from tests.models import digits_cnn  # noqa: E402
+import fxpress
+from fxpress.distill import accuracy, offline
+from fxpress.passes.distill.online import distill_online
+from fxpress.passes.distill.self_distill import distill_self
+from fxpress.passes.distill.trainer import Schedule
+from tests.digits import digits_data, trained_digits_cnn
+from tests.models import digits_cnn
 
 __all__ = ["labelled_batches", "offline_experiment", "online_experiment", "self_experiment"]
 
@@ -121,7 +120,12 @@ def online_experiment(seeds=(0, 1, 2), width: int = ONLINE["width"], n: int = ON
 
 def _train_alone(model, data, sched: Schedule) -> None:
     """The same trainer with no peer: cross-entropy only (one peer's DML loss without the KL)."""
-    from fxpress.passes.distill.trainer import cross_entropy, run_epochs, trainable_parameters, training_mode
+    from fxpress.passes.distill.trainer import (
+        cross_entropy,
+        run_epochs,
+        trainable_parameters,
+        training_mode,
+    )
     opt = sched.make_optimizer(trainable_parameters(model))
     with training_mode([model], True):
         run_epochs(lambda inputs, y: {"loss": cross_entropy(model(*inputs), y)}, [opt], data, sched,

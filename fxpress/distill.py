@@ -11,7 +11,8 @@ In a recipe, use ``fxpress.Distill(mode="offline" | "online" | "self")`` instead
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from .passes.distill.self_distill import distill_self
 from .passes.distill.taps import runner
 from .passes.distill.trainer import Schedule, first_output, num_inputs, split_batch
 
-__all__ = ["offline", "online", "self_distill", "accuracy"]
+__all__ = ["accuracy", "offline", "online", "self_distill"]
 
 
 def _schedule(epochs: int, lr: float, optimizer: str, max_steps: int | None) -> Schedule:

@@ -16,15 +16,16 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from ..errors import CalibrationError, InputError, LoweringError
 from .inspect import load_factory, parse_input_shape
 
-__all__ = ["main", "load_calibration", "build_report"]
+__all__ = ["build_report", "load_calibration", "main"]
 
 _BACKENDS = ("onnxruntime", "inductor", "tvm", "eager")
 
@@ -180,8 +181,9 @@ def build_report(args, model, cm, run, out_path: Path, batches, example_inputs, 
 
 
 def _format(report: dict[str, Any], cm) -> str:
-    lines = [f"compressed {report['model']} with {report['recipe']} -> {report['out']} "
-             f"({report['backend']})", "", str(cm.report), ""]
+    head = (f"compressed {report['model']} with {report['recipe']} -> {report['out']} "
+            f"({report['backend']})")
+    lines = [head, "", str(cm.report), ""]
     lines.append(f"weights: {_size(report['params_bytes_before'])} -> {_size(report['params_bytes_after'])}"
                  + (f"; artefact {_size(report['artefact_bytes'])}" if report["artefact_bytes"] else ""))
     a = report["agreement"]
@@ -198,6 +200,7 @@ def _format(report: dict[str, Any], cm) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import fxpress
+
     from ..recipe import Recipe
     from ..utils import atomic_write_text
 

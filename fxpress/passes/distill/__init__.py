@@ -4,8 +4,15 @@
     ft = fxpress.distill.offline(teacher, batches, epochs=3)   # a finetune= callable
 """
 from .config import Distill
-from .losses import (HintAdapter, attention_loss, attention_map, hint_loss, kd_loss, kept_channels,
-                     mutual_loss)
+from .losses import (
+                     HintAdapter,
+                     attention_loss,
+                     attention_map,
+                     hint_loss,
+                     kd_loss,
+                     kept_channels,
+                     mutual_loss,
+)
 from .offline import distill_offline
 from .online import distill_online
 from .self_distill import ExitHead, SelfDistillResult, distill_self
@@ -13,7 +20,22 @@ from .taps import resolve_tap, runner, tap, view
 from .trainer import Schedule
 
 __all__ = [
-    "Distill", "Schedule", "tap", "view", "runner", "resolve_tap", "kd_loss", "hint_loss",
-    "attention_map", "attention_loss", "mutual_loss", "HintAdapter", "kept_channels",
-    "distill_offline", "distill_online", "distill_self", "ExitHead", "SelfDistillResult",
+                     "Distill",
+                     "ExitHead",
+                     "HintAdapter",
+                     "Schedule",
+                     "SelfDistillResult",
+                     "attention_loss",
+                     "attention_map",
+                     "distill_offline",
+                     "distill_online",
+                     "distill_self",
+                     "hint_loss",
+                     "kd_loss",
+                     "kept_channels",
+                     "mutual_loss",
+                     "resolve_tap",
+                     "runner",
+                     "tap",
+                     "view",
 ]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ...errors import CalibrationError, RecipeError
 from ...recipe import check_choice, check_range, recipe_entry

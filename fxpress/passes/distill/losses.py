@@ -7,17 +7,24 @@ All losses are means over the batch, so their scale does not depend on batch siz
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 
 from ...errors import InputError
 from ...ir.meta import ChannelGroup, get_record, lineage
 
-__all__ = ["kd_loss", "hint_loss", "attention_map", "attention_loss", "mutual_loss",
-           "HintAdapter", "kept_channels"]
+__all__ = [
+    "HintAdapter",
+    "attention_loss",
+    "attention_map",
+    "hint_loss",
+    "kd_loss",
+    "kept_channels",
+    "mutual_loss",
+]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -101,7 +108,7 @@ class HintAdapter(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.clone().float())
 
     @classmethod
-    def from_selection(cls, kept: Sequence[int], teacher_channels: int) -> "HintAdapter":
+    def from_selection(cls, kept: Sequence[int], teacher_channels: int) -> HintAdapter:
         kept = list(kept)
         if len(set(kept)) != len(kept) or any(not 0 <= k < teacher_channels for k in kept):
             raise InputError(f"kept channels {kept} are not distinct indices below {teacher_channels}")

@@ -10,15 +10,25 @@ hint adapter starts as the channel-selection matrix the pruning pass recorded.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from ...errors import InputError
 from .losses import HintAdapter, attention_loss, hint_loss, kd_loss, kept_channels
 from .taps import ensure_graph, resolve_tap, runner, tap
-from .trainer import (Schedule, cross_entropy, first_output, num_inputs, reiterable, split_batch,
-                      trainable_parameters, training_mode, run_epochs)
+from .trainer import (
+    Schedule,
+    cross_entropy,
+    first_output,
+    num_inputs,
+    reiterable,
+    run_epochs,
+    split_batch,
+    trainable_parameters,
+    training_mode,
+)
 
 __all__ = ["distill_offline", "parse_pairs"]
 
@@ -45,7 +55,7 @@ def _features(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def distill_offline(student: torch.nn.Module, teacher: torch.nn.Module, data: Any, *,
-                    schedule: Schedule = Schedule(), temperature: float = 4.0, alpha: float = 0.9,
+                    schedule: Schedule | None = None, temperature: float = 4.0, alpha: float = 0.9,
                     hints: Sequence = (), hint_weight: float = 1.0,
                     attention: Sequence = (), attention_weight: float = 100.0,
                     kept: dict[str, Sequence[int]] | None = None, progress: Callable | None = None) -> dict[str, Any]:
@@ -55,6 +65,7 @@ def distill_offline(student: torch.nn.Module, teacher: torch.nn.Module, data: An
     without labels in the batches the KD term has weight 1. `kept` maps a student hint point
     to the teacher channels its channels were selected from, where no pruning record says so.
     """
+    schedule = schedule or Schedule()
     data = reiterable(data)
     n_in = num_inputs(student)
     first_inputs, _ = split_batch(next(iter(data)), n_in)

@@ -8,20 +8,29 @@ All peers are trained in place.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ...errors import CalibrationError, InputError
 from .losses import mutual_loss
 from .taps import runner
-from .trainer import (Schedule, cross_entropy, first_output, num_inputs, reiterable, run_epochs,
-                      trainable_parameters, training_mode)
+from .trainer import (
+    Schedule,
+    cross_entropy,
+    first_output,
+    num_inputs,
+    reiterable,
+    run_epochs,
+    trainable_parameters,
+    training_mode,
+)
 
 __all__ = ["distill_online"]
 
 
-def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Schedule = Schedule(),
+def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Schedule | None = None,
                    temperature: float = 1.0, mutual_weight: float = 1.0,
                    progress: Callable | None = None) -> dict[str, Any]:
     """Train every peer in place by mutual learning; returns per-epoch loss history.
@@ -34,6 +43,7 @@ def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Sch
         raise InputError(f"online distillation needs at least two peers, got {len(peers)}")
     if len({id(p) for p in peers}) != len(peers):
         raise InputError("online distillation peers must be distinct modules")
+    schedule = schedule or Schedule()
     data = reiterable(data)
     n_in = num_inputs(peers[0])
 

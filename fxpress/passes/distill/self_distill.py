@@ -11,20 +11,30 @@ Each exit i minimises (1-alpha)·CE(q_i, y) + alpha·KD(q_i, q_deep; T) + featur
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 
 from ...errors import CalibrationError, InputError
 from .losses import kd_loss
 from .taps import ensure_graph, resolve_tap, tap, tap_candidates
-from .trainer import (Schedule, cross_entropy, first_output, num_inputs, reiterable, run_epochs,
-                      split_batch, trainable_parameters, training_mode)
+from .trainer import (
+    Schedule,
+    cross_entropy,
+    first_output,
+    num_inputs,
+    reiterable,
+    run_epochs,
+    split_batch,
+    trainable_parameters,
+    training_mode,
+)
 
-__all__ = ["ExitHead", "SelfDistillResult", "distill_self", "auto_exits", "deep_feature_node"]
+__all__ = ["ExitHead", "SelfDistillResult", "auto_exits", "deep_feature_node", "distill_self"]
 
 
 class ExitHead(torch.nn.Module):
@@ -102,9 +112,10 @@ class SelfDistillResult:
 
 
 def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = (),
-                 schedule: Schedule = Schedule(), temperature: float = 3.0, alpha: float = 0.5,
+                 schedule: Schedule | None = None, temperature: float = 3.0, alpha: float = 0.5,
                  feature_weight: float = 0.03, progress: Callable | None = None) -> SelfDistillResult:
     """Train `model` in place with auxiliary exit heads taught by its own deepest layers."""
+    schedule = schedule or Schedule()
     data = reiterable(data)
     n_in = num_inputs(model)
     first_inputs, first_labels = split_batch(next(iter(data)), n_in)

@@ -13,17 +13,17 @@ tapped module trains `gm` in place; dropping the tapped module drops the taps.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch import fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ...errors import RecipeError
 from ...ir.meta import lineage
 
-__all__ = ["tap", "view", "runner", "resolve_tap", "tap_candidates", "ensure_graph"]
+__all__ = ["ensure_graph", "resolve_tap", "runner", "tap", "tap_candidates", "view"]
 
 
 def _is_float_value(node: fx.Node) -> bool:

@@ -7,19 +7,29 @@ distillation losses (the teacher, the peers or the deepest exit supply targets).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 
 from ...errors import CalibrationError
 from ...recipe import check_choice, check_range
-from ...utils import as_input_tuple, split_labels
+from ...utils import split_labels
 
-__all__ = ["Schedule", "split_batch", "num_inputs", "reiterable", "trainable_parameters",
-           "training_mode", "run_epochs", "cross_entropy", "first_output"]
+__all__ = [
+    "Schedule",
+    "cross_entropy",
+    "first_output",
+    "num_inputs",
+    "reiterable",
+    "run_epochs",
+    "split_batch",
+    "trainable_parameters",
+    "training_mode",
+]
 
 
 @dataclass(frozen=True)

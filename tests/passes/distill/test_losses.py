@@ -8,8 +8,15 @@ import torch
 
 from fxpress.errors import InputError
 from fxpress.ir.meta import ChannelGroup, ChannelRef, set_record
-from fxpress.passes.distill.losses import (HintAdapter, attention_loss, attention_map, hint_loss,
-                                           kd_loss, kept_channels, mutual_loss)
+from fxpress.passes.distill.losses import (
+    HintAdapter,
+    attention_loss,
+    attention_map,
+    hint_loss,
+    kd_loss,
+    kept_channels,
+    mutual_loss,
+)
 
 
 def test_kd_loss_known_value_and_temperature_scaling():

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import fxpress
 from fxpress.errors import CalibrationError, InputError, PassError, RecipeError
