@@ -59,8 +59,11 @@ def calibration_batches(ctx: PassContext, cfg, *, required: bool):
                                    "compress(..., calibration=batches) with an iterable of input "
                                    "batches (a DataLoader works); ~200 samples is enough")
         data = [ctx.example_inputs]
+    elif iter(data) is data:  # a one-shot iterator: keep it, later passes read the batches again
+        data = ctx.calibration = list(data)
     samples = 0
-    for i, b in enumerate(iter_batches(data)):
+    n_inputs = len(torch.utils._pytree.tree_leaves(tuple(ctx.example_inputs))) or None
+    for i, b in enumerate(iter_batches(data, n_inputs)):
         if cfg.calib_batches is not None and i >= cfg.calib_batches:
             return
         if cfg.calib_batches is None and samples >= cfg.calib_samples:

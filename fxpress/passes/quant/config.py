@@ -65,6 +65,8 @@ class Quantize(RecipeEntry):
     skip: module-path patterns (fnmatch, e.g. "classifier", "encoder.*.attention.*") left in float.
     overrides: {pattern: {"weights": spec, "activations": spec}} (a bare string sets weights).
     ops: which op kinds to quantize. quantize_outputs: also quantize conv/linear/matmul outputs.
+    smooth: SmoothQuant migration strength alpha in (0, 1) (e.g. 0.5): per-channel rescaling of
+      linear inputs into their weights, measured on the calibration batches (transformers).
     sensitivity: measure per-layer SQNR (each layer quantized alone) into cm.report.
     keep_float: keep this many of the most sensitive layers in float.
     guard_metric / guard_budget / guard_max_float: accuracy-guarded mode: keep the most sensitive
@@ -86,6 +88,7 @@ class Quantize(RecipeEntry):
     overrides: dict = field(default_factory=dict)
     ops: tuple = OP_KINDS
     quantize_outputs: bool = True
+    smooth: float | None = None
     sensitivity: bool = False
     keep_float: int = 0
     guard_metric: Callable[[Any], float] | None = None
@@ -142,6 +145,11 @@ class Quantize(RecipeEntry):
             if "activations" in spec:
                 parse_spec(spec["activations"], weight=False, observer="minmax",
                            field_name=f"overrides[{pat!r}].activations")
+        if self.smooth is not None:
+            check_range("smooth", self.smooth, 0.0, 1.0, lo_open=True, hi_open=True)
+            if self.mode == "qat":
+                raise RecipeError("SmoothQuant rescaling is a PTQ step", field="smooth",
+                                  value=self.smooth)
         check_range("keep_float", self.keep_float, 0)
         check_range("guard_budget", self.guard_budget, 0.0)
         check_range("guard_max_float", self.guard_max_float, 0)
@@ -180,11 +188,15 @@ class Quantize(RecipeEntry):
         from .insert_observers import InsertObservers
         from .qat import PrepareQAT, QATFinetune
         from .sensitivity import Sensitivity
+        from .smooth import SmoothQuant
         if self.mode == "qat":
             # BN stays: PrepareQAT turns conv+BN into a module that trains BN (folded at convert)
             return [AnnotateQuant(self), PrepareQAT(self), InsertObservers(self), Calibrate(self),
                     QATFinetune()]
-        passes: list[Pass] = [FoldBatchNorm(), AnnotateQuant(self), InsertObservers(self)]
+        passes: list[Pass] = [FoldBatchNorm()]
+        if self.smooth is not None:
+            passes.append(SmoothQuant(self))
+        passes += [AnnotateQuant(self), InsertObservers(self)]
         if self.mode == "static":
             passes.append(Calibrate(self))
             if self.sensitivity or self.keep_float or self.guard_metric is not None:

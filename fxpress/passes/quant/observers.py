@@ -88,6 +88,7 @@ class Observer(torch.nn.Module):
         return x
 
     def reset(self) -> None:
+        self._cached = None
         self.min_val = torch.tensor(float("inf"))
         self.max_val = torch.tensor(float("-inf"))
         self.num_batches = 0
@@ -106,6 +107,7 @@ class Observer(torch.nn.Module):
                                    f"the float model; a quantization range cannot hold {bad}")
         self._update(x)
         self.num_batches += 1
+        self._cached = None
 
     def _update(self, x: torch.Tensor) -> None:
         self.min_val = torch.minimum(self.min_val, x.min())
@@ -124,8 +126,11 @@ class Observer(torch.nn.Module):
         return self.min_val, self.max_val
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.range()
-        return qparams_from_range(lo, hi, self.spec)
+        # range searches (MSE, KL) are costly and qparams are asked for several times
+        if getattr(self, "_cached", None) is None:
+            lo, hi = self.range()
+            self._cached = qparams_from_range(lo, hi, self.spec)
+        return self._cached
 
     def stats(self) -> ObserverStats:
         scale, zp = self.qparams()
@@ -243,13 +248,15 @@ class MSEObserver(HistogramObserver):
     def range(self):
         self._check_seen()
         lo0, hi0 = float(self.min_val), float(self.max_val)
+        amax = max(abs(lo0), abs(hi0))
         best, best_err = (lo0, hi0), self._error(lo0, hi0)
-        # shrink both ends together by the same factor: 100 candidates from 1% to 100% of the span
+        # clip magnitudes at 1%..99% of the largest one (the smaller side clips only past it)
         for k in range(1, 100):
-            f = k / 100.0
-            err = self._error(lo0 * f, hi0 * f)
+            c = amax * k / 100.0
+            lo, hi = max(lo0, -c), min(hi0, c)
+            err = self._error(lo, hi)
             if err < best_err:
-                best, best_err = (lo0 * f, hi0 * f), err
+                best, best_err = (lo, hi), err
         return torch.tensor(best[0]), torch.tensor(best[1])
 
 

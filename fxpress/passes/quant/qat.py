@@ -50,7 +50,8 @@ class _FakeQuantMixin:
     def forward(self, x):
         if _fake(x):
             return x
-        if self.observing or (self.training and self.steps < self.freeze_after):
+        # weights (latest=True) always track the current value; activations while training
+        if self.latest or self.observing or (self.training and self.steps < self.freeze_after):
             if self.latest:
                 self.reset()  # weights: the range of the current weight, not of its history
             self.observe(x)
@@ -121,7 +122,7 @@ class LearnableFakeQuantize(Observer):
     def forward(self, x):
         if _fake(x):
             return x
-        if self.observing:
+        if self.observing or self.num_batches == 0:  # LSQ: initialise from the first tensor seen
             self.observe(x)
         self._check_seen()
         qmin, qmax = self.spec.quant_min, self.spec.quant_max
@@ -254,7 +255,8 @@ class PrepareQAT(Pass):
             aspec = ann.input_spec(conv.all_input_nodes.index(x)) if ann else None
             if wspec is None:
                 wspec = cfg.specs_for("")[0] or QuantSpec("int8", "per_channel", True, 0, True)
-            defaults = [1, 0, 1, 1]
+            d = _CONVS[conv.target]
+            defaults = [[1] * d, [0] * d, [1] * d, 1]  # aten.convNd's own defaults
             conv_args = list(conv.args[3:7]) + defaults[len(conv.args[3:7]):]
             fq = make_fake_quant(wspec, w_n.name, weight=True, cfg=cfg)
             mod = QATConvBn(_CONVS[conv.target], w, b, gamma, beta, mean, var, bn.args[7],
