@@ -84,10 +84,11 @@ def main(job_dir: str) -> None:
                   file=sys.stderr, flush=True)
     out = job_dir / "db"
     out.mkdir(exist_ok=True)
-    db.dump_pruned(ms.database.JSONDatabase(str(out / "workload.json"), str(out / "records.json")))
+    pruned = ms.database.JSONDatabase(str(out / "workload.json"), str(out / "records.json"))
+    db.dump_pruned(pruned)  # keeps the best *successful* record per workload
     (job_dir / "stats.json").write_text(json.dumps(
         {"trials": trials, "tasks": len(ctxs), "tasks_tuned": sum(1 for d in done if d),
-         "records": len(db)}))
+         "measured": len(db), "records": len(pruned)}))
 
 
 if __name__ == "__main__":
