@@ -44,26 +44,32 @@ def tucker2(w: torch.Tensor, r_out: int, r_in: int, sweeps: int = 10):
     return core, u_out, u_in
 
 
+def _consistent(r_out: int, r_in: int, k: int) -> tuple[int, int]:
+    """Tucker-2 ranks a kernel of k spatial taps can have: each <= the other times k."""
+    return min(r_out, r_in * k), min(r_in, r_out * k)
+
+
 def _ranks(cfg, w: torch.Tensor, cost) -> tuple[int, int]:
-    o, i = w.shape[:2]
+    o, i, kh, kw = w.shape
+    k = kh * kw
     w0 = w.double().reshape(o, -1)
     w1 = w.double().transpose(0, 1).reshape(i, -1)
     if cfg.rank is not None:
         r_out, r_in = (cfg.rank, cfg.rank) if isinstance(cfg.rank, int) else cfg.rank
-        if r_out > min(o, w0.shape[1]) or r_in > min(i, w1.shape[1]):
+        if r_out > min(o, w0.shape[1]) or r_in > min(i, w1.shape[1]) or (r_out, r_in) != _consistent(r_out, r_in, k):
             raise Skip(f"rank ({r_out}, {r_in}) is larger than the weight allows "
-                       f"(<= ({min(o, w0.shape[1])}, {min(i, w1.shape[1])}))")
+                       f"(<= ({min(o, w0.shape[1])}, {min(i, w1.shape[1])}), each <= the other x {k})")
         return r_out, r_in
     if cfg.energy is not None:
-        return (energy_rank(torch.linalg.svdvals(w0), cfg.energy),
-                energy_rank(torch.linalg.svdvals(w1), cfg.energy))
+        return _consistent(energy_rank(torch.linalg.svdvals(w0), cfg.energy),
+                           energy_rank(torch.linalg.svdvals(w1), cfg.energy), k)
     if cfg.vbmf:
-        return vbmf_rank(w0), vbmf_rank(w1)
+        return _consistent(vbmf_rank(w0), vbmf_rank(w1), k)
     # budget: ranks in proportion to the channel counts, the largest that fit
     cap_o, cap_i = min(o, w0.shape[1]), min(i, w1.shape[1])
 
     def at(a):
-        return max(1, min(cap_o, round(a * o))), max(1, min(cap_i, round(a * i)))
+        return _consistent(max(1, min(cap_o, round(a * o))), max(1, min(cap_i, round(a * i))), k)
     a = budget_scale(lambda a: cost(*at(a)), cfg.budget, cost(None, None))
     r_out, r_in = at(a)
     if cost(r_out, r_in) > cfg.budget * cost(None, None):
