@@ -18,17 +18,16 @@ the same mechanism. A unit that reaches an op without a rule is blocked and name
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
-import torch
 import torch.fx as fx
 
-from ...ir.meta import ChannelGroup, ChannelRef, module_path
+from ...ir.meta import ChannelGroup, ChannelRef
 from ..base import Pass, PassContext, PassResult
-from ._dep_rules import RULES, Builder, Multi, shape
+from ._dep_builder import Builder
+from ._dep_rules import RULES
 
 __all__ = ["analyze", "DependencyGraph", "Group", "Site", "DependencyAnalysis"]
 

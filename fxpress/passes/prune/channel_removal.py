@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...ir.meta import get_record, set_record, lineage
 from ..analysis.dependency import DependencyGraph
 
 __all__ = ["remove_channels", "set_tensor"]

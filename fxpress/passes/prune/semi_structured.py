@@ -21,7 +21,6 @@ import torch.fx as fx
 
 from ...ir.meta import SparsityMask, get_record, lineage, module_path, set_record
 from ..base import Pass, PassContext, PassResult
-from .channel_removal import set_tensor
 
 __all__ = ["LowerSparse", "csr_linear", "csr_crossover", "time_fn", "to_semi_structured"]
 
@@ -71,7 +70,6 @@ def csr_crossover(out_f: int, in_f: int, rows: int, densities=_DENSITIES) -> flo
 def to_semi_structured(gm: fx.GraphModule, target: str) -> None:
     """Replace a 2:4-masked weight by its semi-structured sparse form (CUDA, fp16/bf16)."""
     from torch.sparse import to_sparse_semi_structured
-    obj = gm
     owner, _, attr = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
     w = getattr(mod, attr)
