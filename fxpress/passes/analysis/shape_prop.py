@@ -40,8 +40,21 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence | None = None)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     with mode:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        _NamingProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
     return gm
+
+
+class _NamingProp(FakeTensorProp):
+    """FakeTensorProp whose errors name the node and user module that failed."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except Exception as e:
+            from ...ir.meta import module_path
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise RuntimeError(f"at node {n.name!r} ({module_path(n)}, {n.target}): "
+                               f"{type(e).__name__}: {first}") from e
 
 
 @dataclass(frozen=True)
