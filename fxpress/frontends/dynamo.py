@@ -85,7 +85,7 @@ def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.G
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     user_inputs, user_examples = [], []
-    for i, (n, x) in enumerate(zip(placeholders, inputs)):
+    for i, (n, x) in enumerate(zip(placeholders, inputs, strict=True)):
         path = _attr_path(n) if isinstance(x, torch.Tensor) and not fake else None
         if path is not None:  # a lifted parameter/buffer: an attribute again, under its user name
             _set_path(root, path, x)

@@ -10,7 +10,7 @@ one per kind, and travel with the node through ``node_copy``/``deepcopy``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 import torch

@@ -53,7 +53,7 @@ def test_fuzzed_graphs_capture_run_and_fold(net):
 def test_random_net_is_deterministic_and_covers_every_block_kind():
     a, b = fuzz.random_net(11), fuzz.random_net(11)
     assert a.spec == b.spec and repr(a) == repr(b)
-    for (k1, v1), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
     assert torch.equal(a.inputs[0], b.inputs[0])
     assert not a.model.training
