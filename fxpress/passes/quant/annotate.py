@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ...ir.meta import QuantAnnotation, QuantSpec, lineage, module_path, set_record
+from ...ir.meta import QuantAnnotation, QuantSpec, module_path, set_record
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["AnnotateQuant", "OP_TABLE", "FUSED_UNARY", "chain_end"]

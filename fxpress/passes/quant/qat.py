@@ -145,10 +145,10 @@ class LearnableFakeQuantize(Observer):
 
 
 def make_fake_quant(spec: QuantSpec, node: str, *, weight: bool, cfg) -> Observer:
+    """The fake-quant module for one annotated tensor (per-channel weights track the latest value)."""
     if cfg.observer == "lsq":
-        ch = 1
-        return LearnableFakeQuantize(spec, node, ch) if spec.qscheme != "per_channel" \
-            else _lsq_per_channel(spec, node)
+        return _LazyLSQ(spec, node, 1) if spec.qscheme == "per_channel" \
+            else LearnableFakeQuantize(spec, node, 1)
     if spec.qscheme == "per_channel":
         return FakeQuantizePerChannel(spec, node)
     if weight:
@@ -167,10 +167,6 @@ class _LazyLSQ(LearnableFakeQuantize):
             self.scale = torch.nn.Parameter(torch.ones(c))
             self.zero_point = torch.zeros(c, dtype=torch.int64)
         super().observe(x)
-
-
-def _lsq_per_channel(spec, node):
-    return _LazyLSQ(spec, node, 1)
 
 
 class QATConvBn(torch.nn.Module):

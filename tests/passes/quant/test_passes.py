@@ -1,5 +1,4 @@
 """Config validation, bad calibration, folding rules, sharing, skip/overrides, sensitivity, fuzz."""
-import operator
 from collections import Counter
 
 import pytest
@@ -9,7 +8,6 @@ from hypothesis import given, settings
 
 import fxpress
 from fxpress.errors import CalibrationError, InputError, PassError, RecipeError
-from fxpress.ir.meta import QuantSpec, get_record
 from fxpress.passes.base import PassContext
 from fxpress.passes.quant import FoldQDQ, sqnr_db
 from tests import fuzz
