@@ -30,7 +30,8 @@ def _check_patterns(name: str, value) -> tuple[str, ...]:
 class ChannelPruning(RecipeEntry):
     """Remove `ratio` of the channels of every prunable group (scope local) or overall (global).
 
-    `round_to` keeps channel counts multiples of 8/16 so kernels stay aligned; no group
+    `round_to` keeps channel counts multiples of 8/16 so kernels stay aligned (kept counts
+    rounded `round_mode`="down" as Torch-Pruning does, or "nearest"/"up"); no group
     loses more than `max_ratio` (or its entry in `caps`, a {module glob: ratio} map) and
     none is pruned to zero. `exclude` lists modules (globs) kept whole; the model's
     outputs (the classifier's logits) are always kept. `verify_speed` times each pruned
@@ -42,6 +43,7 @@ class ChannelPruning(RecipeEntry):
     importance: str = "l2"
     scope: str = "global"
     round_to: int = 8
+    round_mode: str = "down"
     max_ratio: float = 0.9
     caps: dict | None = None
     exclude: tuple[str, ...] = ()
@@ -60,6 +62,7 @@ class ChannelPruning(RecipeEntry):
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool):
             raise RecipeError("must be an integer", field="round_to", value=self.round_to)
         check_range("round_to", self.round_to, 1, 256)
+        check_choice("round_mode", self.round_mode, ("down", "nearest", "up"))
         check_range("max_ratio", self.max_ratio, 0, 1, lo_open=True, hi_open=True)
         if self.caps is not None:
             if not isinstance(self.caps, dict):

@@ -113,20 +113,29 @@ def _cap_for(g: Group, caps: dict[str, float] | None, max_ratio: float) -> float
     return cap
 
 
-def units_to_remove(size: int, wanted: int, width: int, round_to: int, cap: float) -> int:
-    """How many of `size` units to remove: at most `cap` of them, keeping a multiple of round_to channels."""
-    n = min(wanted, int(math.floor(cap * size + 1e-9)))
+def units_to_remove(size: int, wanted: int, width: int, round_to: int, min_keep: int = 1,
+                    mode: str = "down") -> int:
+    """How many of `size` units to remove so the kept channels are a multiple of `round_to`.
+
+    mode "down" rounds the kept count down to the multiple (as Torch-Pruning does), "up"
+    rounds it up, "nearest" to the closer one; never below `min_keep` (the ratio cap) and
+    never to zero.
+    """
     step = round_to // math.gcd(round_to, width) if round_to > 1 else 1
-    keep = size - n
-    keep = min(size, int(math.ceil(keep / step)) * step)
-    keep = max(keep, min(step, size), 1)
-    return max(0, size - keep)
+    keep = size - max(0, min(wanted, size))
+    rnd = {"down": math.floor, "up": math.ceil, "nearest": lambda v: math.floor(v + 0.5)}[mode]
+    keep = rnd(keep / step) * step
+    if keep < min_keep:
+        keep = math.ceil(min_keep / step) * step
+    keep = min(size, max(keep, step, 1))
+    return size - keep
 
 
 def choose_units(dep: DependencyGraph, scores: np.ndarray, *, ratio: float, scope: str,
                  round_to: int = 1, max_ratio: float = 0.9,
                  caps: dict[str, float] | None = None,
-                 base_sizes: dict[str, int] | None = None) -> dict[int, np.ndarray]:
+                 base_sizes: dict[str, int] | None = None,
+                 round_mode: str = "down") -> dict[int, np.ndarray]:
     """Units to remove per group index: the lowest-scoring, `ratio` of all units (global) or of each group.
 
     With `base_sizes` (group key -> size before the first step of a schedule) `ratio` is
@@ -153,7 +162,7 @@ def choose_units(dep: DependencyGraph, scores: np.ndarray, *, ratio: float, scop
         cap = _cap_for(g, caps, max_ratio)
         # the cap and rounding are about the original size: keep >= (1 - cap) of it
         floor_keep = int(math.ceil((1 - cap) * base[g.index] - 1e-9))
-        n = units_to_remove(g.size, min(wanted[g.index], g.size - floor_keep), g.width, round_to, 1.0)
+        n = units_to_remove(g.size, wanted[g.index], g.width, round_to, max(floor_keep, 1), round_mode)
         if n > 0:
             plan[g.index] = g.comps[np.argsort(norm[g.index], kind="stable")[:n]]
     return plan

@@ -68,7 +68,8 @@ class PruneChannels(Pass):
                 grads = taylor_grads(gm, ctx.calibration, ctx.example_inputs, c.taylor_batches)
             scores = unit_scores(gm, dep, c.importance, grads=grads, seed=c.seed + step)
             plan = choose_units(dep, scores, ratio=target, scope=c.scope, round_to=c.round_to,
-                                max_ratio=c.max_ratio, caps=c.caps, base_sizes=base_sizes)
+                                max_ratio=c.max_ratio, caps=c.caps, base_sizes=base_sizes,
+                                round_mode=c.round_mode)
             if c.verify_speed and plan:
                 from .speed import check_speed
                 plan, rows = check_speed(gm, dep, plan, example_inputs=ctx.example_inputs,
