@@ -79,7 +79,7 @@ def trained_digits_cnn() -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- offline: prune 50% + int8
-OFFLINE = dict(n=256, epochs=8, lr=3e-3)
+OFFLINE = {"n": 256, "epochs": 8, "lr": 3e-3}
 
 
 def offline_experiment(seeds=(0, 1, 2), n: int = OFFLINE["n"], epochs: int = OFFLINE["epochs"],
@@ -104,7 +104,7 @@ def offline_experiment(seeds=(0, 1, 2), n: int = OFFLINE["n"], epochs: int = OFF
 
 
 # ---------------------------------------------------------------- online: mutual learning
-ONLINE = dict(width=8, n=100, epochs=50, lr=3e-3, temperature=1.0, mutual_weight=1.0)
+ONLINE = {"width": 8, "n": 100, "epochs": 50, "lr": 3e-3, "temperature": 1.0, "mutual_weight": 1.0}
 
 
 def online_experiment(seeds=(0, 1, 2), width: int = ONLINE["width"], n: int = ONLINE["n"],
@@ -150,7 +150,7 @@ def _train_alone(model, data, sched: Schedule) -> None:
 
 
 # ---------------------------------------------------------------- self: shallow exit
-SELF = dict(n=200, epochs=20, lr=3e-3, exit="bn1")
+SELF = {"n": 200, "epochs": 20, "lr": 3e-3, "exit": "bn1"}
 
 
 def self_experiment(seeds=(0, 1, 2), n: int = SELF["n"], epochs: int = SELF["epochs"],

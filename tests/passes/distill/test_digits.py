@@ -26,7 +26,7 @@ def test_offline_kd_recovers_pruned_int8_digits_cnn_where_plain_finetune_does_no
     teacher = r["teacher"]
     kd_int8 = [q for _, q in r["kd"]]
     plain_int8 = [q for _, q in r["plain"]]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     assert teacher > 98.5
     assert r["pruned_int8"] < teacher - 0.5  # pruning + int8 alone loses accuracy
     assert all(k >= p for k, p in zip(kd_int8, plain_int8)), r
