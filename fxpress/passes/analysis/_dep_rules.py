@@ -460,6 +460,29 @@ def _matmul(b: Builder, n: fx.Node):
     return out
 
 
+def _addmm(b: Builder, n: fx.Node):
+    """bias + A @ B (HF GPT-2's Conv1D: weight stored (in, out))."""
+    bias, A, B = n.args[:3]
+    ia, ib = b.get(A), b.get(B)
+    where = _where(n)
+    if len(ia) != 2 or len(ib) != 2:
+        b.block_info(ia, where), b.block_info(ib, where)
+        return _fill(n)
+    b.union(*_pair(ia[-1], ib[0], b.shape(A)[-1]), where)
+    if isinstance(B, fx.Node) and B.op == "get_attr":
+        b.roles[(B.target, 1)] = "out"
+        b.roles[(B.target, 0)] = "in"
+    if isinstance(bias, fx.Node):
+        bi, bs = b.get(bias), b.shape(bias)
+        if bias.op == "get_attr":
+            b.roles[(bias.target, len(bs) - 1)] = "out"
+        if bs and bs[-1] > 1:
+            b.union(*_pair(bi[-1], ib[1], bs[-1]), where)
+        if len(bs) == 2 and bs[0] > 1:
+            b.block(bi[0], where)
+    return [ia[0], ib[1]]
+
+
 def _pair(a, c, size):
     a = a if a is not None else np.full(size, -1, np.int64)
     c = c if c is not None else np.full(size, -1, np.int64)
@@ -571,6 +594,7 @@ RULES.update(_all_overloads(["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool
                              "_adaptive_avg_pool2d", "reflection_pad2d", "replication_pad2d"], _spatial))
 RULES.update(_all_overloads(["constant_pad_nd", "pad"], _pad))
 RULES.update(_all_overloads(["matmul", "bmm", "mm"], _matmul))
+RULES.update(_all_overloads(["addmm"], _addmm))
 RULES.update(_all_overloads(["scaled_dot_product_attention"], _sdpa))
 RULES.update(_all_overloads(["conv1d", "conv2d", "conv3d"], _conv_nd))
 RULES.update(_all_overloads(["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], _conv_transpose))

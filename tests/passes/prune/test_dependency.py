@@ -129,3 +129,17 @@ def test_resnet50_analysis_under_two_seconds():
     # 16 bottlenecks x 2 inner groups + stem + 4 residual stages
     assert len(dep.groups) == 37
     assert sum(1 for g in dep.groups if "add@" in str(g)) == 4
+
+
+@pytest.mark.slow
+def test_fused_qkv_split_into_heads_gpt2():
+    model, inputs = models.build("gpt2")
+    gm = fxpress.capture(model, inputs)
+    y0 = gm(*inputs)
+    dep = analyze(gm)
+    qkv = [g for g in dep.groups if "c_attn.out" in g.name]
+    assert len(qkv) == 2 and all(g.size == 4 and g.width == 24 for g in qkv)  # 4 heads x (q, k, v) x 8
+    assert all("split@" in str(g) and "heads@" in str(g) for g in qkv)
+    plan_and_prune(gm, inputs, 0.5, scope="local")
+    assert gm.get_submodule("gpt2.transformer.h.0.attn.c_attn").weight.shape[1] == 48
+    assert gm(*inputs).shape == y0.shape
