@@ -105,35 +105,42 @@ def test_other_bad_options_name_the_field():
 
 @pytest.fixture(scope="module")
 def r18():
-    return models.build("resnet18")
+    model, inputs = models.build("resnet18")
+    return model, inputs, fxpress.capture(model, inputs)
+
+
+def _prune(r18, config, **ctx):
+    """Run the ChannelPruning passes on a copy of the captured IR (one capture per module)."""
+    from fxpress.passes.base import PassContext
+    from fxpress.passes.manager import PassManager
+    model, inputs, gm = r18
+    pc = PassContext(example_inputs=inputs, **ctx)
+    gm, report = PassManager(config.passes()).run(copy.deepcopy(gm), pc)
+    return gm, report
 
 
 @pytest.mark.parametrize("importance", ["l1", "bn_scale", "taylor", "random"])
 def test_importances_local_scope(r18, importance):
-    model, inputs = r18
-    cm = fxpress.compress(model, inputs, fxpress.ChannelPruning(ratio=0.5, importance=importance,
-                                                                scope="local", round_to=1),
-                          calibration=[inputs, inputs])
-    gm = cm.graph_module
+    model, inputs, _ = r18
+    gm, _ = _prune(r18, fxpress.ChannelPruning(ratio=0.5, importance=importance, scope="local",
+                                               round_to=1), calibration=[inputs, inputs])
     assert gm.get_submodule("layer1.0.conv1").weight.shape[0] == 4   # local: half of 8 in each group
     assert gm.get_submodule("layer4.1.conv1").weight.shape[0] == 32
-    assert cm(*inputs).shape == (2, 10)
+    assert gm(*inputs).shape == (2, 10)
 
 
 def test_exclude_caps_and_never_zero(r18):
-    model, inputs = r18
-    cm = fxpress.compress(model, inputs, fxpress.ChannelPruning(
+    model, inputs, _ = r18
+    gm, report = _prune(r18, fxpress.ChannelPruning(
         ratio=0.95, scope="local", round_to=8, max_ratio=0.99, exclude=("layer2.0.conv1",),
         caps={"layer3.*": 0.25}))
-    gm = cm.graph_module
     assert gm.get_submodule("layer2.0.conv1").weight.shape == model.layer2[0].conv1.weight.shape  # whole
     assert gm.get_submodule("layer3.0.conv1").weight.shape[0] == 24   # cap 25% of 32 -> 24 kept
     assert gm.get_submodule("layer4.0.conv1").weight.shape[0] == 8    # 95% of 64 -> rounded up to 8
-    assert "excluded" in cm.report.sections["channel_pruning"]
+    assert "excluded" in report.sections["channel_pruning"]
 
 
 def test_iterative_schedule_calls_finetune_each_step(r18):
-    model, inputs = r18
     assert step_ratios(0.5, 4, "linear") == [0.125, 0.25, 0.375, 0.5]
     cubic = step_ratios(0.5, 3, "cubic")
     assert cubic[-1] == pytest.approx(0.5) and cubic[0] > 0.5 / 3
@@ -141,19 +148,18 @@ def test_iterative_schedule_calls_finetune_each_step(r18):
 
     def finetune(gm):
         seen.append(gm.get_submodule("layer4.0.conv1").weight.shape[0])
-    cm = fxpress.compress(model, inputs, fxpress.ChannelPruning(
+    _, report = _prune(r18, fxpress.ChannelPruning(
         ratio=0.5, scope="local", round_to=1, schedule="iterative", steps=3, curve="cubic"),
         finetune=finetune)
     assert len(seen) == 3 and seen[0] > seen[1] > seen[2] == 32
-    assert cm.report["prune_channels"]["steps"] == 3
+    assert report["prune_channels"]["steps"] == 3
 
 
 def test_verify_speed_rolls_back_groups_that_got_slower(r18):
-    model, inputs = r18
+    model, inputs, gm = r18
     from fxpress.passes.analysis.dependency import analyze
     from fxpress.passes.prune.importance import choose_units, unit_scores
     from fxpress.passes.prune.speed import check_speed
-    gm = fxpress.capture(model, inputs)
     dep = analyze(gm)
     plan = choose_units(dep, unit_scores(gm, dep, "l2"), ratio=0.5, scope="local")
     calls = []
@@ -169,6 +175,6 @@ def test_verify_speed_rolls_back_groups_that_got_slower(r18):
     assert rolled and all(dep.groups[g].name not in rolled for g in kept)
     assert any("layer1" in r for r in rolled)
     # and with real eager timings end to end
-    cm = fxpress.compress(model, inputs, fxpress.ChannelPruning(ratio=0.5, verify_speed=True))
-    assert "speed " in cm.report.sections["channel_pruning"]
-    assert "speed_rollbacks" in cm.report["prune_channels"]
+    _, report = _prune(r18, fxpress.ChannelPruning(ratio=0.5, verify_speed=True))
+    assert "speed " in report.sections["channel_pruning"]
+    assert "speed_rollbacks" in report["prune_channels"]
