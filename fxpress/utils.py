@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_write", "as_input_tuple", "iter_batches"]
+__all__ = ["atomic_write_text", "atomic_write", "as_input_tuple", "iter_batches", "split_labels"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -44,9 +44,22 @@ def as_input_tuple(inputs: Any) -> tuple:
     return (inputs,)
 
 
-def iter_batches(batches: Iterable | None) -> Iterable[tuple]:
-    """Iterate any iterable of batches as input tuples (DataLoader (x, y) pairs included)."""
+def split_labels(batch: Any, n_inputs: int | None) -> tuple[tuple, Any]:
+    """(inputs, labels): a batch of ``n_inputs + 1`` items whose last is an integer tensor carries
+    labels (a DataLoader's (x, y) pairs); anything else is all inputs."""
+    b = as_input_tuple(batch)
+    last = b[-1] if b else None
+    is_label = isinstance(last, torch.Tensor) and not last.is_floating_point() \
+        and not last.is_complex() and last.dtype != torch.bool
+    if len(b) >= 2 and is_label and (n_inputs is None or len(b) == n_inputs + 1):
+        return b[:-1], last
+    return b, None
+
+
+def iter_batches(batches: Iterable | None, n_inputs: int | None = None) -> Iterable[tuple]:
+    """Iterate any iterable of batches as input tuples. With `n_inputs`, a trailing integer
+    label tensor (DataLoader (x, y) pairs) is dropped."""
     if batches is None:
         return
     for b in batches:
-        yield as_input_tuple(b)
+        yield split_labels(b, n_inputs)[0] if n_inputs is not None else as_input_tuple(b)

@@ -57,48 +57,53 @@ def _needs_calibration(recipe: Recipe) -> bool:
 
 
 class _Hooked:
-    """What torch.compile calls in place of the graph: observes, then runs the lowered artefact."""
+    """What torch.compile calls in place of the graph: observes, then runs the lowered artefact.
 
-    def __init__(self, gm: fx.GraphModule, opts: HookOptions, n_inputs: int):
-        self.gm, self.opts, self.n_inputs = gm, opts, n_inputs
+    The IR is built when Dynamo hands us the graph (that is when lifted parameters can still be
+    told from user inputs and named); calls then pass only the user inputs the IR takes.
+    """
+
+    def __init__(self, gm: fx.GraphModule, ir: fx.GraphModule, opts: HookOptions):
+        self.gm, self.ir, self.opts = gm, ir, opts
+        self.keep = ir.meta.get("dynamo_user_inputs")
         self.recipe = Recipe.coerce(opts.recipe) if opts.recipe is not None else Recipe([])
         self.observed: list[tuple] = []
         self.lowered = None
+        self.lowered_ir: fx.GraphModule | None = None  # the IR after the recipe, once built
         self.report: dict[str, Any] = {}
 
-    def _calibration(self, args: Sequence) -> list[tuple] | None:
+    def _user(self, args: Sequence) -> tuple:
+        return tuple(args) if self.keep is None else tuple(args[i] for i in self.keep)
+
+    def _calibration(self) -> list[tuple] | None:
         if self.opts.calibration is None:
             return None
-        # user batches cover the graph's leading user inputs; lifted parameters follow unchanged
-        out = []
-        for b in self.opts.calibration:
-            b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
-            out.append(b + tuple(args[len(b):]))
-        return out
+        # user batches are the model's inputs, exactly the IR's inputs
+        return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in self.opts.calibration]
 
     @torch._dynamo.disable  # the lowering runs its own compile; keep Dynamo out of it
     def __call__(self, *args):
+        user = self._user(args)
         if self.lowered is not None:
-            return tuple(self.lowered.run_flat(list(args)))
-        calibration = self._calibration(args)
+            return tuple(self.lowered.run_flat(list(user)))
+        calibration = self._calibration()
         if calibration is None and _needs_calibration(self.recipe):
             self.observed.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
-                                       for a in args))
+                                       for a in user))
             if len(self.observed) < self.opts.observe_calls:
                 with torch.no_grad():
                     return self.gm(*args)
             calibration = self.observed
-        self.lowered = self._build(tuple(args), calibration)
+        self.lowered = self._build(user, calibration)
         self.observed = []
-        return tuple(self.lowered.run_flat(list(args)))
+        return tuple(self.lowered.run_flat(list(user)))
 
     def _build(self, args: tuple, calibration):
-        from ..frontends import from_dynamo_graph
         from ..passes.base import PassContext
         from ..passes.manager import PassManager
         from .base import get_backend
 
-        ir = from_dynamo_graph(self.gm, args)
+        ir = self.ir
         if self.recipe.entries:
             ctx = PassContext(example_inputs=args, calibration=calibration, original=self.gm)
             ir, report = PassManager(self.recipe.passes()).run(ir, ctx)
@@ -108,6 +113,7 @@ class _Hooked:
             options.setdefault("calibration", calibration)
         lowered = get_backend(self.opts.lower_to)(ir, args, device="cpu", **options)
         self.report["lowered"] = lowered.report
+        self.lowered_ir = ir
         return lowered
 
 
@@ -117,5 +123,7 @@ def fxpress_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], 
     if mode not in (None, "default"):
         raise RecipeError("backend 'fxpress' takes no mode; use options={'lower_to': ...}",
                           field="mode", value=mode)
+    from ..frontends import from_dynamo_graph
+
     opts = HookOptions.from_dict(options)
-    return _Hooked(gm, opts, len(example_inputs))
+    return _Hooked(gm, from_dynamo_graph(gm, example_inputs), opts)
