@@ -1,8 +1,10 @@
 """Dependency analysis: groups through residuals, concat/split offsets, depthwise, heads, flatten."""
 from __future__ import annotations
 
+import copy
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +12,9 @@ import torch.nn as nn
 import fxpress
 from fxpress.passes.analysis.dependency import analyze
 from tests import models
-from tests.passes.prune._util import plan_and_prune
+from fxpress.passes.analysis.shape_prop import propagate_shapes
+from fxpress.passes.prune.channel_removal import remove_channels
+from tests.passes.prune._util import plan_and_prune, zeroed_copy
 
 
 class _Mixed(nn.Module):
@@ -65,7 +69,6 @@ def test_groups_print_in_module_names(mixed):
 
 def test_split_sizes_and_depthwise_groups_rewritten(mixed):
     m, inputs, gm0 = mixed
-    import copy
     gm = copy.deepcopy(gm0)
     plan_and_prune(gm, inputs, 0.5, scope="local")
     split = next(n for n in gm.graph.nodes if "split" in str(n.target))
@@ -87,11 +90,19 @@ def test_attention_heads_are_units():
     text = str(g)
     for part in ("q_proj.out[0:32]", "k_proj.out[0:32]", "v_proj.out[0:32]", "o_proj.in[0:32]", "heads@"):
         assert part in text, text
-    plan_and_prune(gm, inputs, 0.5, scope="local")
+    # remove heads 0 and 2 of every layer: the pruned graph computes exactly what the
+    # original does with those heads' q/k/v rows and out-projection columns zeroed
+    base = copy.deepcopy(gm)
+    pruned = np.zeros(dep.num_comps, dtype=bool)
+    for h in heads:
+        pruned[h.comps[[0, 2]]] = True
+    remove_channels(gm, dep, pruned)
+    propagate_shapes(gm, inputs)
     views = [n for n in gm.graph.nodes if n.target is torch.ops.aten.view.default]
-    assert all(-1 in n.args[1] or 2 in n.args[1] for n in views)
+    assert all(-1 in n.args[1] or 2 in n.args[1] for n in views)  # head count inferred or rewritten
     q = gm.get_submodule("vit.vit.layers.0.attention.q_proj")
     assert q.weight.shape[0] == 16 and gm(*inputs).shape == (2, 10)
+    torch.testing.assert_close(gm(*inputs), zeroed_copy(base, dep, pruned)(*inputs), atol=1e-5, rtol=1e-5)
 
 
 class _Rolled(nn.Module):
