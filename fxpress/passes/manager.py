@@ -72,6 +72,27 @@ def _provider(prop: str) -> Pass:
     return getattr(importlib.import_module(mod), cls)()
 
 
+_COMBINED: dict[type, type] = {}
+
+
+def _pass_error(name: str, done: list[str], cause: BaseException) -> PassError:
+    """A PassError naming the pass; when the cause is one of our typed user errors (InputError,
+    CalibrationError, RecipeError, ...) the error is an instance of that type too, so
+    ``except fxpress.InputError`` works whichever pass raised it."""
+    if not isinstance(cause, FxpressError) or isinstance(cause, PassError):
+        return PassError(name, done, cause)
+    cls = _COMBINED.get(type(cause))
+    if cls is None:
+        cls = type(type(cause).__name__, (PassError, type(cause)),
+                   {"__module__": type(cause).__module__, "__doc__": type(cause).__doc__})
+        _COMBINED[type(cause)] = cls
+    err = cls.__new__(cls)
+    PassError.__init__(err, name, done, cause)  # (its super() also runs the cause type's __init__)
+    err.__dict__.update({k: v for k, v in cause.__dict__.items() if k not in err.__dict__ or
+                         err.__dict__[k] is None})  # field / input_name / op ... stay readable
+    return err
+
+
 class PassManager:
     """Run `passes` in order; with `fixed_point=True` repeat until none modifies (max_iter).
 
@@ -127,7 +148,7 @@ class PassManager:
         except PassError:
             raise
         except Exception as e:  # name the pass; keep the cause chained for the traceback
-            raise PassError(p.name, done, e) from e
+            raise _pass_error(p.name, done, e) from e
         if res is None or not isinstance(res.graph_module, fx.GraphModule):
             raise PassError(p.name, done, TypeError("run() must return PassResult(graph_module, ...)"))
         report.passes.append(PassRecord(p.name, bool(res.modified), time.perf_counter() - t0,

@@ -254,3 +254,26 @@ def test_shape_propagation_fills_new_nodes():
     assert tuple(neg.meta["val"].shape) == (2, 16, 8, 8)
     res = ShapeProp().run(gm, PassContext(example_inputs=inputs))
     assert not res.modified and res.stats["nodes"] == len(gm.graph.nodes)
+
+
+def test_typed_user_error_inside_a_pass_keeps_its_type_and_names_the_pass():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import fxpress
+    from fxpress.errors import InputError
+    from fxpress.passes.base import Pass, PassContext
+    from fxpress.passes.manager import PassManager
+
+    @dataclass(frozen=True)
+    class Picky(Pass):
+        name: ClassVar[str] = "picky"
+
+        def run(self, gm, ctx):
+            raise InputError("calibration batch 3: input 'x' has shape (2, 5)", input_name="x")
+
+    gm = fxpress.capture(torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),))
+    with pytest.raises(InputError) as ei:
+        PassManager([Picky()]).run(gm, PassContext())
+    assert isinstance(ei.value, PassError) and ei.value.pass_name == "picky"
+    assert ei.value.input_name == "x" and "picky" in str(ei.value) and "'x'" in str(ei.value)
