@@ -36,18 +36,6 @@ def macs(module: torch.nn.Module, x: torch.Tensor) -> int:
     return total_cost(gm).macs
 
 
-def median_ms(fn, x, runs: int, warmup: int = 3) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(x)
-        ts = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 def ort_callable(module: torch.nn.Module, x: torch.Tensor):
     import onnxruntime as ort
     path = os.path.join(tempfile.mkdtemp(), "m.onnx")
@@ -100,30 +88,41 @@ def main(argv=None) -> None:
     model = resnet18().eval()
     x = torch.randn(1, 3, args.size, args.size)
     y_ref = model(x)
-    rows = []
-
-    def measure(label: str, ratio: float, module, prune_s: float):
-        row = {"method": label, "ratio": ratio, "macs": macs(module, x), "prune_s": prune_s}
-        for b in args.backends:
-            fn = inductor_callable(module, x) if b == "inductor" else ort_callable(module, x)
-            row[b] = median_ms(fn, x, args.runs)
-        rows.append(row)
-        print(row, flush=True)
-
-    measure("unpruned", 0.0, model, 0.0)
+    entries = [("unpruned", 0.0, model, 0.0)]
     for r in args.ratios:
         t0 = time.perf_counter()
         tp_model = torch_pruning(model, x, r)
-        measure("torch-pruning", r, tp_model, time.perf_counter() - t0)
+        entries.append(("torch-pruning", r, tp_model, time.perf_counter() - t0))
         t0 = time.perf_counter()
         cm = fxpress_prune(model, x, r)
-        measure("fxpress", r, cm, time.perf_counter() - t0)
+        entries.append(("fxpress", r, cm, time.perf_counter() - t0))
         assert cm(x).shape == y_ref.shape
+    rows = [{"method": m, "ratio": r, "macs": macs(mod, x), "prune_s": s} for m, r, mod, s in entries]
+    # build every runner first, then time them interleaved (round-robin), so that load
+    # changes on a shared machine hit all of them alike
+    runners = {b: [inductor_callable(mod, x) if b == "inductor" else ort_callable(mod, x)
+                   for _, _, mod, _ in entries] for b in args.backends}
+    samples = {b: [[] for _ in entries] for b in args.backends}
+    with torch.no_grad():
+        for b in args.backends:
+            for fn in runners[b]:
+                for _ in range(3):
+                    fn(x)
+        for k in range(args.runs):
+            for b in args.backends:
+                order = list(enumerate(runners[b]))
+                for i, fn in (order if k % 2 == 0 else order[::-1]):  # no fixed position in a round
+                    t0 = time.perf_counter()
+                    fn(x)
+                    samples[b][i].append((time.perf_counter() - t0) * 1e3)
+    for b in args.backends:
+        for i, row in enumerate(rows):
+            row[b] = statistics.median(samples[b][i])
 
     base = rows[0]
     head = "| method | ratio | GMACs | MACs vs unpruned |"
     head += "".join(f" {b} ms | {b} speed-up |" for b in args.backends) + " prune s |"
-    print("\nResNet-18, batch 1, %dx%d, %d threads, median of %d runs" %
+    print("\nResNet-18, batch 1, %dx%d, %d threads, median of %d interleaved runs" %
           (args.size, args.size, torch.get_num_threads(), args.runs))
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
