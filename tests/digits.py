@@ -15,28 +15,20 @@ import functools
 import torch
 import torch.nn.functional as F
 
+import fxpress.examples as _examples
+
 from .models import digits_cnn, seeded
 
 __all__ = ["digits_data", "trained_digits_cnn", "accuracy", "batches", "train_epochs"]
 
 
-@functools.lru_cache(maxsize=1)
 def _data():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
-    n_train = 1400
-    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    return _examples._data()
 
 
 def digits_data():
     """((x_train, y_train), (x_test, y_test)): 1,400 / 397 images, (N, 1, 8, 8) in [0, 1]."""
-    (a, b), (c, d) = _data()
-    return (a.clone(), b.clone()), (c.clone(), d.clone())
+    return _examples.digits_data()
 
 
 def batches(x: torch.Tensor, size: int = 50, limit: int | None = None):
@@ -45,19 +37,7 @@ def batches(x: torch.Tensor, size: int = 50, limit: int | None = None):
     return out[:limit] if limit else out
 
 
-@torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int | None = 50) -> float:
-    """Top-1 accuracy; in fixed-size chunks (last one padded) since captured IRs have a static batch."""
-    if batch is None:
-        return float((model(x).argmax(-1) == y).float().mean())
-    preds = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        n = len(xb)
-        if n < batch:
-            xb = torch.cat([xb, xb[-1:].expand(batch - n, *xb.shape[1:])])
-        preds.append(model(xb)[:n].argmax(-1))
-    return float((torch.cat(preds) == y).float().mean())
+accuracy = _examples.accuracy  # top-1 in fixed-size chunks (captured IRs have a static batch)
 
 
 def train_epochs(model, x, y, *, epochs: int, lr: float = 1e-2, batch: int = 64, seed: int = 0,

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+import fxpress.examples as _examples
+
 __all__ = [
     "seeded", "randomize_bn",
     "BasicBlock", "Bottleneck", "ResNet", "resnet", "resnet18", "resnet50",
@@ -270,23 +272,7 @@ def densenet(growth: int = 8, blocks: Sequence[int] = (2, 2), num_classes: int =
 
 
 # ---------------------------------------------------------------- digits (1x8x8, sklearn)
-class DigitsCNN(nn.Module):
-    """A small CNN for sklearn's 8x8 digits: (N, 1, 8, 8) -> 10 logits."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(2 * width * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+DigitsCNN = _examples.DigitsCNN  # the demo's model; one definition for tests and demo
 
 
 def digits_cnn(width: int = 16, seed: int = 0) -> DigitsCNN:

@@ -12,6 +12,7 @@ min/mean cosine), a Pareto plot (PNG) and the tables as markdown/JSON under --ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["main", "Row"]
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
@@ -96,13 +99,11 @@ def digits_demo(out_dir: Path, *, rounds: int, tvm: bool, tvm_trials: int,
     batch = 50
     example = (xte[:batch],)
     labelled = [(xtr[i:i + batch], ytr[i:i + batch]) for i in range(0, len(xtr) - batch + 1, batch)]
-    steps: list[tuple[str, list]] = [
-        ("fp32", []),
-        ("prune 50% channels", [fxpress.ChannelPruning(ratio=0.5, round_to=4)]),
-        ("+ low-rank fc1 (SVD)", [fxpress.LowRank(method="svd", energy=0.9, include=("fc1",))]),
-        ("+ distill from fp32", [fxpress.Distill(mode="offline", epochs=6, lr=2e-3)]),
-        ("+ int8 static", [fxpress.Quantize(mode="static")]),
-    ]
+    entries = fxpress.Recipe.load(RECIPES / "digits.yaml").entries
+    labels = {"channel_pruning": "prune {ratio:.0%} channels", "lowrank": "+ low-rank ({method})",
+              "distill": "+ distill ({mode})", "quantize": "+ int8 {mode}"}
+    steps: list[tuple[str, list]] = [("fp32", [])] + [
+        (labels[e.name].format(**e.to_dict()), [e]) for e in entries]
     rows: list[Row] = []
     recipe: list = []
     cm = None
@@ -154,13 +155,14 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int, backends: list[
         cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
         return {"min cos": float(cos.min()), "mean cos": float(cos.mean())}
 
+    int8 = fxpress.Recipe.load(RECIPES / "minilm_int8.yaml").entries[0]
     steps = [
         ("fp32", [], backends[:1]),
         ("low-rank FFN (SVD, energy .95)",
          [fxpress.LowRank(method="svd", energy=0.95, include=("*intermediate.dense", "*output.dense"))],
          backends[:1]),
-        ("int8 dynamic", [fxpress.Quantize(mode="dynamic")], backends[:1]),
-        ("int8 static", [fxpress.Quantize(mode="static")], backends),
+        ("int8 dynamic", [dataclasses.replace(int8, mode="dynamic")], backends[:1]),
+        ("int8 static", [int8], backends),
     ]
     rows = []
     for i, (step, recipe, bks) in enumerate(steps):
