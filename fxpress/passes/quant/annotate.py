@@ -4,10 +4,19 @@ Policy (what the int8 kernels of Inductor / ORT / TVM consume):
 - conv / linear: activation input, weight (per-channel along the output channels), output
   (after a fused relu/hardtanh when one follows; after the BN during QAT);
 - matmul / bmm: both inputs (a constant operand is a weight, channels along its last dim);
-- add of two tensors: inputs share one range (an int8 add needs equal scales), then output;
-- cat: inputs and output share one range; max-pool: input and output share one range;
-  avg-pool: input and output;
-- embedding: weight only (per row); its output stays float.
+- add of two tensors: each input its own range (ORT's QLinearAdd, oneDNN's sum post-op and
+  TVM's qnn add all take one scale per input), then the output after a following relu;
+- conv2d + add [+ relu] (a residual): the conv's output stays float and only the add's other
+  input is quantized, as torchao's X86InductorQuantizer does: Inductor fuses the add (and relu)
+  into the int8 conv (``qconv2d_pointwise.binary``); the ORT backend requantizes the conv output
+  for QLinearConv -> QLinearAdd (backends/onnx/requant.py). Each add takes the first such conv
+  in graph order whose only user it is;
+- cat: inputs and output share one range; max-pool, avg-pool: input and output share one
+  range (int8 in, int8 out with the same qparams, so the pool needs no requantization);
+- embedding: weight only (per row); its output stays float;
+- flatten / view / reshape between a quantized output and a quantized input: input and output
+  share the producer's range, so the backends drop the DQ -> Reshape -> Q pair (ORT) or keep the
+  tensor int8 across it (Inductor's qreshape) instead of requantizing to a second scale.
 Dynamic mode annotates only linear/matmul inputs (and embedding weights).
 
 Edges are numbered as in ``node.all_input_nodes``. ``QuantSpec.shared_with`` names the node
@@ -22,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ...ir.meta import QuantAnnotation, QuantSpec, module_path, set_record
+from ...ir.meta import QuantAnnotation, QuantSpec, get_record, module_path, set_record
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["AnnotateQuant", "OP_TABLE", "FUSED_UNARY", "chain_end"]
@@ -43,6 +52,7 @@ OP_TABLE: dict[Any, str] = {
 # elementwise ops an int8 kernel applies before requantizing its output (post-op fusion)
 FUSED_UNARY = {aten.relu.default, aten.relu_.default, aten.hardtanh.default,
                aten.hardtanh_.default, aten.clamp.default, aten.relu6.default}
+_RESHAPE = {aten.flatten.using_ints, aten.view.default, aten.reshape.default}
 _BN = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 _KIND = {"conv": "conv", "linear": "linear", "matmul": "matmul", "add": "add", "cat": "cat",
          "max_pool": "pool", "avg_pool": "pool", "embedding": "embedding"}
@@ -82,6 +92,8 @@ class AnnotateQuant(Pass):
         dynamic, qat = cfg.mode == "dynamic", cfg.mode == "qat"
         counts: dict[str, int] = {}
         skipped: list[str] = []
+        residual = {} if dynamic else _residual_convs(gm, cfg, qat)
+        fused_convs = {_conv_of(v) for v in residual.values()}
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in OP_TABLE:
                 continue
@@ -96,6 +108,7 @@ class AnnotateQuant(Pass):
                 continue
             wspec, aspec = cfg.specs_for(path)
             inputs = node.all_input_nodes
+            fused = residual.get(node)          # the conv output an add takes in float
             ann_in: list[tuple[int, QuantSpec]] = []
             out_spec: QuantSpec | None = None
             out_node = node
@@ -105,7 +118,7 @@ class AnnotateQuant(Pass):
                     ann_in.append((inputs.index(x), aspec))
                 if wspec is not None and isinstance(w, fx.Node):
                     ann_in.append((inputs.index(w), _weight_spec(wspec, w, axis=0)))
-                out_spec = aspec if cfg.quantize_outputs else None
+                out_spec = aspec if cfg.quantize_outputs and node not in fused_convs else None
                 out_node = chain_end(node, through_bn=qat)
             elif op == "matmul":
                 for a in node.args[:2]:
@@ -125,9 +138,10 @@ class AnnotateQuant(Pass):
                 tensors = [a for a in inputs if _is_float(a) and a.op != "get_attr"]
                 if op in ("add", "cat") and len(tensors) < 2:
                     continue  # add of a constant or a scalar: nothing for an int8 kernel to share
-                share = node.name if op in ("add", "cat", "max_pool") else None
-                ann_in = [(inputs.index(a), replace(aspec, shared_with=share)) for a in tensors]
-                out_spec = replace(aspec, shared_with=node.name if op in ("cat", "max_pool") else None)
+                share = node.name if op in ("cat", "max_pool", "avg_pool") else None
+                ann_in = [(inputs.index(a), replace(aspec, shared_with=share)) for a in tensors
+                          if a is not fused]
+                out_spec = replace(aspec, shared_with=share)
                 if op == "add":
                     out_node = chain_end(node)
             if dynamic:
@@ -139,7 +153,68 @@ class AnnotateQuant(Pass):
             if out_node is not node and out_spec is not None:
                 set_record(out_node, QuantAnnotation(output=out_spec))
             counts[op] = counts.get(op, 0) + 1
+        if residual:
+            counts["conv_add"] = len(residual)
+        if not dynamic:
+            n_shape = _share_through_reshapes(gm)
+            if n_shape:
+                counts["reshape"] = n_shape
         return PassResult(gm, False, {"annotated": dict(counts), "skipped": skipped})
+
+
+def _share_through_reshapes(gm: fx.GraphModule) -> int:
+    """Annotate shape-only ops that sit between a quantized output and a quantized input."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _RESHAPE:
+            continue
+        prod = node.args[0]
+        ann = get_record(prod, QuantAnnotation) if isinstance(prod, fx.Node) else None
+        if ann is None or ann.output is None or get_record(node, QuantAnnotation) is not None:
+            continue
+        if not any((a := get_record(u, QuantAnnotation)) is not None and any(
+                u.all_input_nodes[i] is node for i, _ in a.inputs) for u in node.users):
+            continue
+        spec = replace(ann.output, shared_with=node.name)
+        set_record(node, QuantAnnotation(inputs=((0, spec),), output=spec))
+        n += 1
+    return n
+
+
+def _quantized_here(node: fx.Node, cfg, kind: str) -> bool:
+    """Would the main loop quantize `node` (an op of `kind`) with a float activation spec?"""
+    path = module_path(node)
+    if kind not in cfg.ops or cfg.skipped(path):
+        return False
+    wspec, aspec = cfg.specs_for(path)
+    return aspec is not None and (kind != "conv" or wspec is not None)
+
+
+def _conv_of(operand: fx.Node) -> fx.Node:
+    return operand.args[0] if operand.target in _BN else operand
+
+
+def _residual_convs(gm: fx.GraphModule, cfg, qat: bool) -> dict[fx.Node, fx.Node]:
+    """{add: the conv2d output (the BN after it during QAT) it fuses}, torchao's pairing."""
+    pairs: dict[fx.Node, fx.Node] = {}
+    for conv in gm.graph.nodes:
+        if conv.op != "call_function" or conv.target is not aten.conv2d.default:
+            continue
+        operand = conv
+        if qat and len(conv.users) == 1 and next(iter(conv.users)).target in _BN:
+            operand = next(iter(conv.users))
+        if len(operand.users) != 1:
+            continue
+        (add,) = operand.users
+        if add.op != "call_function" or OP_TABLE.get(add.target) != "add" or add in pairs:
+            continue
+        a, b = add.args[:2]
+        other = b if a is operand else a
+        if other is operand or not (_is_float(other) and other.op != "get_attr"):
+            continue  # x + x, or an add of a constant: no binary int8 kernel
+        if _quantized_here(conv, cfg, "conv") and _quantized_here(add, cfg, "add"):
+            pairs[add] = operand
+    return pairs
 
 
 def _weight_spec(spec: QuantSpec, w: fx.Node, axis: int) -> QuantSpec:
