@@ -39,6 +39,20 @@ class CompressedModel(torch.nn.Module):
         self.example_inputs = example_inputs
         self.example_kwargs = example_kwargs or {}
 
+    def train(self, mode: bool = True) -> "CompressedModel":
+        """Set the training flag on this module and every IR submodule, as nn.Module.train does.
+
+        torch.export's modules refuse ``train()``; their ops keep the eval form of batch norm
+        and dropout they were captured with, so a user's ordinary ``model.train()`` loop
+        fine-tunes the weights with BN statistics frozen. QAT's prepared IR holds real BN and
+        dropout modules, which follow the flag.
+        """
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        for m in self.modules():
+            m.training = mode
+        return self
+
     def forward(self, *args, **kwargs):
         try:
             return self.graph_module(*args, **kwargs)

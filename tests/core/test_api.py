@@ -49,6 +49,8 @@ def test_compressed_model_is_finetunable_with_a_plain_optimizer():
     assert params
     opt = torch.optim.SGD(params, lr=0.1)
     losses = []
+    cm.train()  # a user's ordinary loop calls train(); export's modules alone would refuse it
+    assert cm.training and all(m.training for m in cm.modules())
     for _ in range(5):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(cm(x), y)
@@ -56,6 +58,7 @@ def test_compressed_model_is_finetunable_with_a_plain_optimizer():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    assert not cm.eval().training
     assert all(torch.equal(before_user[k], v) for k, v in model.state_dict().items())
     # the report: per-pass stats, indexable by pass name
     assert cm.report["fold_bn"]["folded"] == 2 and cm.report.passes[0].name == "fold_bn"
