@@ -54,8 +54,8 @@ class Distill(Pass):
     optimizer: str = "adam"
     lr_decay: str = "cosine"
     max_steps: int | None = None
-    temperature: float = 4.0
-    alpha: float = 0.9              # offline/self: weight of the soft term vs hard-label CE
+    temperature: float | None = None  # None: 4 offline, 1 online (DML), 3 self (BYOT)
+    alpha: float | None = None      # offline/self: weight of the soft term vs CE; None: 0.9 / 0.3
     hints: tuple[str, ...] = ()     # offline: FitNets hint points ("student=teacher" to differ)
     hint_weight: float = 1.0
     attention: tuple[str, ...] = ()  # offline: attention-transfer points
@@ -70,8 +70,10 @@ class Distill(Pass):
         check_choice("mode", self.mode, ["offline", "online", "self"])
         # the schedule validates epochs / lr / optimizer / lr_decay / max_steps
         self.schedule()
-        check_range("temperature", self.temperature, 0.0, 100.0, lo_open=True)
-        check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.temperature is not None:
+            check_range("temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        if self.alpha is not None:
+            check_range("alpha", self.alpha, 0.0, 1.0)
         check_range("hint_weight", self.hint_weight, 0.0)
         check_range("attention_weight", self.attention_weight, 0.0)
         check_range("peers", self.peers, 2, 16)
@@ -84,6 +86,18 @@ class Distill(Pass):
         if self.data != "calibration" and ":" not in self.data:
             raise RecipeError("data is 'calibration' or 'package.module:function'", field="data",
                               value=self.data)
+
+    # per-mode defaults: Hinton KD's T=4 / alpha=0.9 for a frozen teacher; DML's T=1; BYOT's
+    # T=3 with alpha=0.3 (on digits, alpha=0.9 drops the shallow exit ~4 pt below plain deep
+    # supervision, see bench/distill.py)
+    _DEFAULTS: ClassVar[dict[str, tuple[float, float]]] = {
+        "offline": (4.0, 0.9), "online": (1.0, 0.0), "self": (3.0, 0.3)}
+
+    def resolved(self) -> tuple[float, float]:
+        """(temperature, alpha) with the mode's defaults filled in."""
+        t, a = self._DEFAULTS[self.mode]
+        return (t if self.temperature is None else self.temperature,
+                a if self.alpha is None else self.alpha)
 
     def schedule(self) -> Schedule:
         return Schedule(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
@@ -115,13 +129,14 @@ class Distill(Pass):
 
     def _train(self, gm: fx.GraphModule, ctx: PassContext, data: Any) -> dict[str, Any]:
         sched = self.schedule()
+        temperature, alpha = self.resolved()
         if self.mode == "offline":
             if ctx.original is None:
                 raise RecipeError("mode='offline' needs a teacher: the pass context has no original "
                                   "model (use compress(), or fxpress.distill.offline(teacher, ...))",
                                   field="mode", value=self.mode)
             return distill_offline(gm, ctx.original, data, schedule=sched,
-                                   temperature=self.temperature, alpha=self.alpha, hints=self.hints,
+                                   temperature=temperature, alpha=alpha, hints=self.hints,
                                    hint_weight=self.hint_weight, attention=self.attention,
                                    attention_weight=self.attention_weight)
         if self.mode == "online":
@@ -129,9 +144,9 @@ class Distill(Pass):
                 raise RecipeError("mode='online' trains the graph with copies of the original model; "
                                   "the pass context has none", field="mode", value=self.mode)
             peers = [_peer(ctx.original, i) for i in range(self.peers - 1)]
-            return distill_online([gm, *peers], data, schedule=sched, temperature=self.temperature)
-        res = distill_self(gm, data, exits=self.exits, schedule=sched, temperature=self.temperature,
-                           alpha=self.alpha, feature_weight=self.feature_weight)
+            return distill_online([gm, *peers], data, schedule=sched, temperature=temperature)
+        res = distill_self(gm, data, exits=self.exits, schedule=sched, temperature=temperature,
+                           alpha=alpha, feature_weight=self.feature_weight)
         return res.stats()
 
 

@@ -8,6 +8,10 @@ The shallow feature maps reach the heads through taps (extra graph outputs), so 
 trained network itself never holds a head: dropping `result` removes them.
 Each exit i minimises (1-alpha)·CE(q_i, y) + alpha·KD(q_i, q_deep; T) + feature_weight·
 ‖f_i - f_deep‖²; the deep classifier minimises CE(q_deep, y).
+
+BYOT trains the whole network with its exits from scratch: pass the eager model in train
+mode (it is exported as it is, batch-norm on batch statistics). A graph module (a
+compressed model) is fine-tuned with its batch-norm frozen, as every distillation mode does.
 """
 from __future__ import annotations
 
@@ -97,11 +101,30 @@ class SelfDistillResult:
     heads: torch.nn.ModuleDict
     exits: list[str]
     history: list[dict[str, float]] = field(default_factory=list)
+    example_inputs: tuple = ()
+    _eval_tapped: fx.GraphModule | None = field(default=None, repr=False)
+
+    def _inference_graph(self) -> fx.GraphModule:
+        """The tapped graph to evaluate with.
+
+        An eager model trained from scratch is exported in train mode (batch-norm on batch
+        statistics, updating its running stats); evaluating that graph would normalise by
+        the evaluation batch and move the running stats. So an eager model is re-exported
+        once in eval mode (sharing its parameters and buffers) and tapped at the same exits.
+        """
+        if isinstance(self.model, fx.GraphModule) or \
+                isinstance(getattr(self.model, "graph_module", None), fx.GraphModule):
+            return self.tapped
+        if self._eval_tapped is None:
+            with training_mode([self.model], False):
+                gm = ensure_graph(self.model, self.example_inputs)
+            self._eval_tapped = tap(gm, self.exits)
+        return self._eval_tapped
 
     @torch.no_grad()
     def exit_logits(self, *inputs) -> dict[str, torch.Tensor]:
-        """{exit: logits, ..., "final": logits} for a batch."""
-        out, feats = self.tapped(*inputs)
+        """{exit: logits, ..., "final": logits} for a batch, with the model in inference mode."""
+        out, feats = self._inference_graph()(*inputs)
         res = {e: self.heads[str(i)](feats[e])[0] for i, e in enumerate(self.exits)}
         res["final"] = first_output(out)
         return res
@@ -112,7 +135,7 @@ class SelfDistillResult:
 
 
 def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = (),
-                 schedule: Schedule | None = None, temperature: float = 3.0, alpha: float = 0.5,
+                 schedule: Schedule | None = None, temperature: float = 3.0, alpha: float = 0.3,
                  feature_weight: float = 0.03, progress: Callable | None = None) -> SelfDistillResult:
     """Train `model` in place with auxiliary exit heads taught by its own deepest layers."""
     schedule = schedule or Schedule()
@@ -156,4 +179,4 @@ def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = ()
     with training_mode([model, heads], True):
         history = run_epochs(step, [opt], data, schedule, n_in, progress=progress,
                              desc="distill[self]")
-    return SelfDistillResult(model, tapped, heads, exits, history)
+    return SelfDistillResult(model, tapped, heads, exits, history, tuple(first_inputs))
