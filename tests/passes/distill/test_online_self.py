@@ -49,3 +49,34 @@ def test_self_distillation_raises_shallow_exit_over_deep_supervision():
     assert _mean(byot_exit) > _mean(ds_exit) + 0.5, r  # measured +0.96 pt
     assert sum(b > d for b, d in zip(byot_exit, ds_exit)) >= 3, r  # measured 3 / 4 seeds
     assert _mean(byot_final) > _mean(ds_final) - 0.5, r  # the deep classifier: measured -0.15
+
+
+def test_exit_logits_of_eager_model_use_running_statistics():
+    """An eager model trained from scratch is exported in train mode; its exits are evaluated in
+    eval mode: batch-independent logits, running statistics left alone."""
+    import torch
+
+    from fxpress.examples import DigitsCNN
+    from fxpress.passes.distill import Schedule, distill_self
+    torch.manual_seed(0)
+    model = DigitsCNN(4).train()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    res = distill_self(model, [(x[:32], y[:32]), (x[32:], y[32:])], exits=["bn1"],
+                       schedule=Schedule(epochs=2, lr=1e-2))
+    assert model.training  # mode restored
+    stats = model.bn1.running_mean.clone()
+    full = res.exit_logits(x)
+    assert torch.equal(model.bn1.running_mean, stats)
+    part = res.exit_logits(x[:5])
+    for k in ("bn1", "final"):
+        torch.testing.assert_close(part[k], full[k][:5], rtol=1e-5, atol=1e-5)
+    model.eval()
+    torch.testing.assert_close(full["final"], model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_distill_entry_per_mode_defaults():
+    from fxpress.passes.distill import Distill
+    assert Distill(mode="offline").resolved() == (4.0, 0.9)
+    assert Distill(mode="online").resolved() == (1.0, 0.0)  # DML: T=1
+    assert Distill(mode="self").resolved() == (3.0, 0.3)
+    assert Distill(mode="self", temperature=2.0, alpha=0.5).resolved() == (2.0, 0.5)
