@@ -224,7 +224,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # tiny nets: a second thread only adds hand-off cost
     seeds = tuple(args.seeds)
-    rows = ["| experiment | arm | test accuracy % (per seed) | mean |", "| --- | --- | --- | --- |"]
+    rows = ["| experiment | arm | accuracy % per seed (offline: test split; online, self: held-out) | mean |", "| --- | --- | --- | --- |"]
     off = offline_experiment(seeds)
     rows.append(f"| offline (DigitsCNN, 50% channels pruned, int8) | fp32 teacher | {off['teacher']:.2f} | {off['teacher']:.2f} |")
     rows.append(f"| | pruned, no fine-tune: fp32 / int8 | {off['pruned']:.2f} / {off['pruned_int8']:.2f} | |")
