@@ -165,8 +165,9 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
 
     `calibration`: batches used to give int8 conv/linear outputs that feed fp32 ops their own
     Q/DQ (see onnx/requant.py); the example inputs are used when none are given.
-    `int8_weights`: "auto" | "s8" | "u8" (see onnx.emitter.emit_onnx: u8 is exact on CPUs
-    without VNNI). ``run.graph_module`` is the IR that was emitted (after requantization).
+    `int8_weights`: "auto" | "s8" | "u8" (see onnx.emitter.emit_onnx: without VNNI, "auto"
+    keeps a weight s8 only where that is exact, |q| <= 64, e.g. ``Quantize(reduce_range=True)``;
+    ``report["int8_weights"]`` counts the tensors of each form). ``run.graph_module`` is the IR that was emitted (after requantization).
     """
     if options:
         name = next(iter(options))
@@ -177,10 +178,10 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
     check_choice("optimization", optimization, _LEVELS)
     check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
     from .onnx.emitter import has_vnni
-    u8 = int8_weights == "u8" or (int8_weights == "auto" and not has_vnni())
+    mode = "s8" if int8_weights == "auto" and has_vnni() else int8_weights
     report: dict[str, Any] = {"threads": threads or physical_cores(), "optimization": optimization,
-                              "int8_weights": "u8" if u8 else "s8"}
-    emit = {"int8_weights": "u8" if u8 else "s8"}
+                              "int8_weights": _weight_forms(gm, mode)}
+    emit = {"int8_weights": mode}
     if requantize and any(n.target in QUANT_OPS for n in gm.graph.nodes):
         batches = list(iter_batches(calibration)) or [tuple(example_inputs)]
         gm, done = requantize_outputs(gm, batches)
@@ -204,6 +205,22 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
             node = next(n for n in gm.graph.nodes if n.name == e.node_name)
             bad[e.node_name] = f"{_node_label(node)}: {e}"
     raise LoweringError("too many unsupported ops for the ONNX emitter")
+
+
+def _weight_forms(gm: fx.GraphModule, mode: str) -> dict[str, int]:
+    """{"s8": n, "u8": m}: how many int8 weight tensors the emitter keeps signed / shifts."""
+    from .onnx.emitter import _fetch_attr
+    from .onnx.qdq import DQ_CHANNEL, DQ_TENSOR, s8_exact
+    forms: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.target in (DQ_CHANNEL, DQ_TENSOR) and isinstance(n.args[0], fx.Node) \
+                and n.args[0].op == "get_attr":
+            q = _fetch_attr(gm, n.args[0].target)
+            if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+                continue
+            u8 = mode == "u8" or (mode == "auto" and not s8_exact(q))
+            forms["u8" if u8 else "s8"] = forms.get("u8" if u8 else "s8", 0) + 1
+    return forms
 
 
 def _partitioned(gm: fx.GraphModule, example_inputs, bad: dict[str, str], threads,

@@ -67,14 +67,21 @@ class QuantSpec(Record):
     dynamic: bool = False            # qparams computed at run time
     observer: str = "minmax"
     shared_with: str | None = None   # name of the node whose qparams this one reuses
+    # int8 weights in [-64, 64]: u8 x s8 pair sums (x86 vpmaddubsw without VNNI) stay within
+    # int16 (2 * 255 * 64 = 32640), so such kernels are exact at full speed
+    reduce_range: bool = False
 
     @property
     def quant_min(self) -> int:
+        if self.reduce_range and self.dtype == "int8":
+            return -64
         lo = _QDTYPES[self.dtype][0]
         return lo + 1 if (self.narrow_range and self.dtype == "int8") else lo
 
     @property
     def quant_max(self) -> int:
+        if self.reduce_range and self.dtype == "int8":
+            return 64
         return _QDTYPES[self.dtype][1]
 
     @property
@@ -89,6 +96,8 @@ class QuantSpec(Record):
             p.append(f"QuantSpec.qscheme {self.qscheme!r} not per_tensor/per_channel")
         if self.qscheme == "per_channel" and self.axis is None:
             p.append("QuantSpec per_channel needs an axis")
+        if self.reduce_range and self.dtype != "int8":
+            p.append(f"QuantSpec.reduce_range is for int8 weights, not {self.dtype}")
         return p
 
 

@@ -31,7 +31,7 @@ DQ_DYN = qd.dequantize_per_tensor.tensor
 CHOOSE = qd.choose_qparams.tensor
 QUANT_OPS = {Q_TENSOR, DQ_TENSOR, DQ_CHANNEL, Q_CHANNEL, Q_DYN, DQ_DYN, CHOOSE,
              qd.quantize_per_tensor.tensor2, qd.dequantize_per_tensor.tensor2}
-__all__ = ["weight", "bias_operand", "dynamic_source", "QUANT_OPS", "DQ_TENSOR", "DQ_CHANNEL",
+__all__ = ["weight", "bias_operand", "s8_exact", "S8_EXACT_MAX", "dynamic_source", "QUANT_OPS", "DQ_TENSOR", "DQ_CHANNEL",
            "Q_TENSOR", "Q_DYN", "DQ_DYN", "CHOOSE", "dynamic_matmul"]
 
 
@@ -71,9 +71,20 @@ def as_u8(q: torch.Tensor, zp) -> tuple[torch.Tensor, torch.Tensor]:
     return (q.to(torch.int16) + 128).to(torch.uint8), (torch.as_tensor(zp).to(torch.int16) + 128).to(torch.uint8)
 
 
+# |w| <= 64 keeps every u8 x s8 pair sum of vpmaddubsw (x86 without VNNI) within int16:
+# 2 * 255 * 64 = 32640 <= 32767. Quantize(reduce_range=True) produces such weights.
+S8_EXACT_MAX = 64
+
+
+def s8_exact(q: torch.Tensor) -> bool:
+    """Whether u8 x s8 kernels without VNNI compute with int8 weights `q` exactly (no saturation)."""
+    return q.dtype != torch.int8 or q.numel() == 0 or int(q.abs().max()) <= S8_EXACT_MAX
+
+
 def _weight_ints(em: Emitter, q: torch.Tensor, zp):
     """int8 weights as the emitter emits them (uint8-shifted where the CPU needs it)."""
-    if em.u8_weights and q.dtype == torch.int8:
+    if q.dtype == torch.int8 and (em.int8_weights == "u8" or
+                                  (em.int8_weights == "auto" and not s8_exact(q))):
         return as_u8(q, zp)
     return q, torch.as_tensor(zp).to(q.dtype)
 

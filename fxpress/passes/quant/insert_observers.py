@@ -33,12 +33,13 @@ def observer_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.nn.Module]]:
 
 
 def _compatible(a: QuantSpec, b: QuantSpec) -> bool:
-    return (a.dtype, a.qscheme, a.symmetric, a.dynamic, a.narrow_range) == \
-           (b.dtype, b.qscheme, b.symmetric, b.dynamic, b.narrow_range)
+    return (a.dtype, a.qscheme, a.symmetric, a.dynamic, a.narrow_range, a.reduce_range) == \
+           (b.dtype, b.qscheme, b.symmetric, b.dynamic, b.narrow_range, b.reduce_range)
 
 
 def _key(s: QuantSpec):
-    return (s.dtype, s.qscheme, s.symmetric, s.axis, s.dynamic, s.narrow_range, s.observer)
+    return (s.dtype, s.qscheme, s.symmetric, s.axis, s.dynamic, s.narrow_range, s.reduce_range,
+            s.observer)
 
 
 def _producer_op(end: fx.Node) -> fx.Node:
