@@ -65,7 +65,7 @@ def online(peers: Sequence[torch.nn.Module], data: Any, *, epochs: int = 3, lr: 
 
 def self_distill(data: Any, *, exits: Sequence[str] = (), epochs: int = 3, lr: float = 1e-3,
                  optimizer: str = "adam", max_steps: int | None = None, temperature: float = 3.0,
-                 alpha: float = 0.5, feature_weight: float = 0.03) -> Callable[[torch.nn.Module], dict]:
+                 alpha: float = 0.3, feature_weight: float = 0.03) -> Callable[[torch.nn.Module], dict]:
     """finetune(model): Be-Your-Own-Teacher training with auxiliary exits at `exits` (dropped after)."""
     sched = _schedule(epochs, lr, optimizer, max_steps)
 
