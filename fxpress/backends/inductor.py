@@ -30,6 +30,10 @@ __all__ = ["compile_inductor", "InductorLowered", "inductor_kernel_counts"]
 _KERNEL_COUNTERS = {
     "qconv": ("qconv_unary_lower_count", "qconv2d_binary_lower_count"),
     "qlinear": ("qlinear_unary_lower_count", "qlinear_binary_lower_count"),
+    # of those, the ones with a fused add (+relu) post-op (residual conv+add: one kernel, no
+    # fp32 round trip of the sum)
+    "qconv_binary": ("qconv2d_binary_lower_count",),
+    "qlinear_binary": ("qlinear_binary_lower_count",),
     "qconv_prepack": ("qconv_weight_prepack_matcher_count",),
     "qlinear_prepack": ("qlinear_weight_prepack_matcher_count",),
     "qmaxpool2d": ("qmaxpool2d_matcher_count",),
