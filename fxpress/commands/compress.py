@@ -12,7 +12,6 @@ or a ``.pt`` file holding such a list. Progress goes to stderr; the report to st
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError, InputError, LoweringError
-from .inspect import load_factory, parse_input_shape
+from .inspect import load_factory, model_and_inputs
 
 __all__ = ["build_report", "load_calibration", "main"]
 
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with prog.stage("load"):
             recipe = Recipe.load(args.recipe)
-            model, example_inputs = _model_and_inputs(args.model, args.input_shape)
+            model, example_inputs = model_and_inputs(args.model, args.input_shape)
             batches = load_calibration(args.calib, args.calib_batches)
         with prog.stage("compress"):
             cm = fxpress.compress(model, example_inputs, recipe,
@@ -232,23 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_json:
         atomic_write_text(args.report_json, json.dumps(report, indent=2, default=str))
     return 0
-
-
-def _model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tuple]:
-    made = load_factory(spec)()
-    inputs: Any = None
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
-        made, inputs = made
-    if not isinstance(made, torch.nn.Module):
-        raise InputError(f"model {spec!r}: the factory returned a {type(made).__name__}, "
-                         "not an nn.Module or (nn.Module, example_inputs)")
-    if shapes:
-        inputs = tuple(parse_input_shape(s) for s in shapes)
-    if inputs is None:
-        raise InputError(f"model {spec!r}: the factory returns no example inputs; pass "
-                         "--input-shape (e.g. --input-shape 1,3,224,224), once per input")
-    # the user's model stays as built; compress() works on its own copy
-    return copy.deepcopy(made).eval(), inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 if __name__ == "__main__":

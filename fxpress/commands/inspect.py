@@ -83,7 +83,7 @@ def load_factory(spec: str):
     return fn
 
 
-def _model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tuple]:
+def model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tuple]:
     made = load_factory(spec)()
     inputs: Any = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..ir.printer import format_graph
     from ..passes.analysis.shape_prop import propagate_shapes
 
-    model, inputs = _model_and_inputs(a.model, a.input_shape)
+    model, inputs = model_and_inputs(a.model, a.input_shape)
     ref = fxpress.capture(model, inputs, frontend=a.frontend)
     gm, report = ref, None
     if a.recipe:

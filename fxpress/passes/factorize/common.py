@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ...errors import RecipeError
 from ...ir.meta import QuantAnnotation, QuantSpec, get_record, lineage, set_record
 from ..base import Pass, PassContext, PassResult
+from ..cleanup.bn_fold import _attr
 from .insert_observers import OBSERVER_PREFIX, _fresh, observer_nodes
 from .observers import (MinMaxObserver, MovingAverageMinMaxObserver, Observer,
                         PerChannelMinMaxObserver, _fake, fake_quantize, qparams_from_range)
@@ -208,17 +209,6 @@ class QATConvBn(torch.nn.Module):
         w = self.weight.detach() * sf.reshape((-1,) + (1,) * (self.weight.dim() - 1))
         b0 = self.bias.detach() if self.bias is not None else torch.zeros_like(self.running_mean)
         return w, (b0 - self.running_mean) * sf + self.bn_bias.detach()
-
-
-def _attr(gm, n):
-    if n is None:
-        return None
-    if not isinstance(n, fx.Node) or n.op != "get_attr":
-        raise LookupError
-    obj = gm
-    for p in str(n.target).split("."):
-        obj = getattr(obj, p)
-    return obj
 
 
 @dataclass(frozen=True)
