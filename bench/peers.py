@@ -51,13 +51,17 @@ def _split_shared_relus(gm: torch.fx.GraphModule) -> None:
             n.meta["source_fn_stack"] = [(n.name, torch.nn.ReLU)]
 
 
-def fxpress_quantize(model, example, calibration, *, dynamic: bool = False):
-    """(IR, how) — fxpress.Quantize when it exists, else the torchao PT2E IR (same form)."""
+def fxpress_quantize(model, example, calibration, *, dynamic: bool = False,
+                     reduce_range: bool = False):
+    """(IR, how) — fxpress.Quantize when it exists, else the torchao PT2E IR (same form).
+
+    `reduce_range`: int8 weights in [-64, 64], which ORT runs as exact s8 kernels on x86
+    without VNNI (see fxpress.Quantize)."""
     import fxpress
     if hasattr(fxpress, "Quantize"):
         try:
-            cm = fxpress.compress(model, example, [fxpress.Quantize(mode="dynamic" if dynamic else "static")],
-                                  calibration=calibration)
+            q = fxpress.Quantize(mode="dynamic" if dynamic else "static", reduce_range=reduce_range)
+            cm = fxpress.compress(model, example, [q], calibration=calibration)
             return cm.graph_module, "fxpress.Quantize"
         except Exception as e:  # keep the bench running; say which quantizer was used
             print(f"  fxpress.Quantize failed ({type(e).__name__}: {str(e)[:120]}); using torchao PT2E IR")
@@ -71,10 +75,15 @@ def export_onnx(model: torch.nn.Module, example: tuple, path: str, names: Sequen
     return path
 
 
+# intra-op threads of every ORT session the bench opens (peers and fxpress); None: one per
+# physical core. bench/run.py sets it from --threads so all runners run alike.
+THREADS: int | None = None
+
+
 def ort_session(path_or_bytes, threads: int | None = None):
     import onnxruntime as ort
     from fxpress.backends.onnxruntime import session_options
-    return ort.InferenceSession(path_or_bytes, session_options(threads),
+    return ort.InferenceSession(path_or_bytes, session_options(threads or THREADS),
                                 providers=["CPUExecutionProvider"])
 
 

@@ -80,8 +80,7 @@ def test_ort_graph_has_no_fp32_islands(net, ort_run):
                                           for n in consumers)  # ... the one DQ makes its output
 
 
-def test_ort_within_one_output_step_of_ir(net, ort_run):
-    _, data, _ = net
+def test_ort_within_one_output_step_of_ir(ort_run):
     ir = ort_run.graph_module          # the IR ORT runs (residual conv outputs requantized)
     out_q = next(n for n in ir.graph.nodes if n.op == "output").args[0]
     out_q = out_q[0] if isinstance(out_q, (tuple, list)) else out_q
