@@ -19,13 +19,27 @@ import types
 from pathlib import Path
 
 
-def _register_intrinsics(target) -> None:
+def _is_x86(target) -> bool:
+    return target.kind.name == "llvm" and "x86" in str(target.attrs.get("mtriple", "x86"))
+
+
+def _x86_intrinsics_only() -> None:
+    """Stand in an x86-only `tvm.s_tir.tensor_intrin` package in this process.
+
+    Also the LocalBuilder's initializer: each build round spawns fresh popen workers whose
+    `default_build` imports `tvm.s_tir.tensor_intrin`; with every intrinsic that is over a
+    minute per worker on 2 cores, so every candidate hit the build timeout (0 records).
+    """
     import tvm.s_tir
-    if target.kind.name == "llvm" and "x86" in str(target.attrs.get("mtriple", "x86")):
-        pkg = types.ModuleType("tvm.s_tir.tensor_intrin")  # this process only: x86 intrinsics alone
-        pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
-        sys.modules.setdefault("tvm.s_tir.tensor_intrin", pkg)
-        import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+    pkg = types.ModuleType("tvm.s_tir.tensor_intrin")
+    pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+    sys.modules.setdefault("tvm.s_tir.tensor_intrin", pkg)
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+
+
+def _register_intrinsics(target) -> None:
+    if _is_x86(target):
+        _x86_intrinsics_only()
     else:
         import tvm.s_tir.tensor_intrin  # noqa: F401
 
@@ -57,7 +71,8 @@ def main(job_dir: str) -> None:
     work = job_dir / "work"
     work.mkdir(exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(work))
-    builder = ms.builder.LocalBuilder(timeout_sec=job["build_timeout_s"])
+    builder = ms.builder.LocalBuilder(timeout_sec=job["build_timeout_s"],
+                                      initializer=_x86_intrinsics_only if _is_x86(target) else None)
     runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=ms.runner.EvaluatorConfig(
         number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
