@@ -44,6 +44,30 @@ def _register_intrinsics(target) -> None:
         import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
+def _failure_recorder():
+    """A measure callback counting failed candidates and keeping the first error message.
+
+    Without it a run whose every candidate fails (build timeout, runner crash) ends with
+    0 records and no hint why; the message goes to stats.json and into tune()'s warning.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class FailureRecorder(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.failed, self.first = 0, None
+
+        def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            for b, r in zip(builder_results, runner_results):
+                err = b.error_msg or r.error_msg
+                if err:
+                    self.failed += 1
+                    self.first = self.first or str(err)[-1500:]  # the traceback's tail names the cause
+
+    return FailureRecorder()
+
+
 def _best_ms(db, mod) -> str:
     recs = db.get_top_k(db.commit_workload(mod), 1)
     secs = [float(s) for s in recs[0].run_secs] if recs and recs[0].run_secs else []
@@ -77,6 +101,7 @@ def main(job_dir: str) -> None:
         number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True)
+    failures = _failure_recorder()
     done = [0] * len(ctxs)
     trials, budget, total = 0, job["time_budget_s"] - job["spent_s"], job["trials"]
     for i in job["plan"]:
@@ -88,7 +113,7 @@ def main(job_dir: str) -> None:
                       runner=runner, database=db, cost_model=cost_model,
                       measure_callbacks=[ms.measure_callback.AddToDatabase(),
                                          ms.measure_callback.RemoveBuildArtifact(),
-                                         ms.measure_callback.UpdateCostModel()],
+                                         ms.measure_callback.UpdateCostModel(), failures],
                       task_scheduler="round-robin")
         done[i] += n
         trials += n
@@ -103,7 +128,8 @@ def main(job_dir: str) -> None:
     db.dump_pruned(pruned)  # keeps the best *successful* record per workload
     (job_dir / "stats.json").write_text(json.dumps(
         {"trials": trials, "tasks": len(ctxs), "tasks_tuned": sum(1 for d in done if d),
-         "measured": len(db), "records": len(pruned)}))
+         "measured": len(db), "failed": failures.failed, "records": len(pruned),
+         "first_error": failures.first}))
 
 
 if __name__ == "__main__":

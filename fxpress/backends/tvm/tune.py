@@ -181,6 +181,10 @@ def tune(mod, target, key: str, opts: TuneOptions) -> tuple[Any, dict]:
         if stats["records"]:
             _install(job_dir / "db", db_path, key, target)
             db = load_database(db_path, key, target)
+        else:
+            warnings.warn(f"tvm tuning measured no valid candidate ({stats['failed']} of "
+                          f"{stats['measured']} failed); building untuned. First error: "
+                          f"{stats['first_error']}")
         return db, {"cached": False, "database": str(db_path),
                     "seconds": round(time.perf_counter() - t0, 1), **stats}
     finally:
