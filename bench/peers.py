@@ -7,17 +7,15 @@ Peers (each returns a callable taking the workload's inputs):
   ort_dynamic       ORT quantize_dynamic (int8 weights, per-channel)
   torchao_inductor  torchao PT2E X86InductorQuantizer -> Inductor (freezing)
 
-`pt2e_quantize` produces the contract's quantized IR form through torchao. fxpress uses it
-until its own `fxpress.Quantize` lands (then `fxpress_quantize` switches automatically).
+`pt2e_quantize` produces the contract's quantized IR form through torchao (the peer);
+`fxpress_quantize` produces ours with fxpress.Quantize.
 """
 from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 __all__ = ["pt2e_quantize", "fxpress_quantize", "ort_session", "ort_callable", "export_onnx",
@@ -52,20 +50,27 @@ def _split_shared_relus(gm: torch.fx.GraphModule) -> None:
 
 
 def fxpress_quantize(model, example, calibration, *, dynamic: bool = False,
-                     reduce_range: bool = False):
-    """(IR, how) — fxpress.Quantize when it exists, else the torchao PT2E IR (same form).
+                     reduce_range: bool = False, text: bool = False):
+    """(IR, how): our own fxpress.Quantize IR (a failure is the bench's failure, never a fallback).
 
+    Text workloads use the shipped MiniLM recipe (fxpress/recipes/minilm_int8.yaml: linears,
+    SmoothQuant 0.5, the 4 most sensitive FFN down-projections in float).
     `reduce_range`: int8 weights in [-64, 64], which ORT runs as exact s8 kernels on x86
     without VNNI (see fxpress.Quantize)."""
+    import dataclasses
+
     import fxpress
-    if hasattr(fxpress, "Quantize"):
-        try:
-            q = fxpress.Quantize(mode="dynamic" if dynamic else "static", reduce_range=reduce_range)
-            cm = fxpress.compress(model, example, [q], calibration=calibration)
-            return cm.graph_module, "fxpress.Quantize"
-        except Exception as e:  # keep the bench running; say which quantizer was used
-            print(f"  fxpress.Quantize failed ({type(e).__name__}: {str(e)[:120]}); using torchao PT2E IR")
-    return pt2e_quantize(model, example, calibration, dynamic=dynamic), "torchao-pt2e IR"
+    from fxpress.commands.demo import RECIPES
+    mode = "dynamic" if dynamic else "static"
+    if text:
+        base = fxpress.Recipe.load(RECIPES / "minilm_int8.yaml").entries[0]
+        q = dataclasses.replace(base, mode=mode, reduce_range=reduce_range)
+        how = f"fxpress.Quantize {mode}, minilm_int8.yaml"
+    else:
+        q = fxpress.Quantize(mode=mode, reduce_range=reduce_range)
+        how = f"fxpress.Quantize {mode}"
+    cm = fxpress.compress(model, example, [q], calibration=calibration)
+    return cm.graph_module, how + (", reduce_range" if reduce_range else "")
 
 
 def export_onnx(model: torch.nn.Module, example: tuple, path: str, names: Sequence[str]) -> str:

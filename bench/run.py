@@ -34,7 +34,7 @@ def _fxpress_runners(w, tmp):
     """fxpress int8: quantized IR lowered to ORT and to Inductor."""
     import fxpress
     dynamic = w.kind == "text"
-    gm, how = fxpress_quantize(w.model, w.example, w.calibration, dynamic=dynamic)
+    gm, how = fxpress_quantize(w.model, w.example, w.calibration, dynamic=dynamic, text=dynamic)
     out = []
     from bench.peers import THREADS
     ort_run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example, calibration=w.calibration,
@@ -48,7 +48,7 @@ def _fxpress_runners(w, tmp):
         # peers' s8 weights saturate int16 pair sums there. reduce_range weights ([-64, 64])
         # run as s8 at full speed and stay exact.
         gm7, how7 = fxpress_quantize(w.model, w.example, w.calibration, dynamic=dynamic,
-                                     reduce_range=True)
+                                     reduce_range=True, text=dynamic)
         s8 = fxpress.lower(gm7, "onnxruntime", example_inputs=w.example, calibration=w.calibration,
                            threads=THREADS)
         out.append((f"fxpress -> ORT reduce_range s8 ({how7})", s8, os.path.getsize(path),

