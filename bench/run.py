@@ -46,8 +46,10 @@ def _fxpress_runners(w, tmp):
         size = os.path.getsize(path)
     except LoweringError:  # runs as ORT partitions + PyTorch fallback nodes: no single .onnx
         size = _int8_size(gm)
-        how += ", ORT partitions + torch fallback"
-    out.append((f"fxpress -> ORT ({how})", ort_run, size, ort_run.report.get("kernels")))
+        ort_how = how + ", ORT partitions + torch fallback"
+    else:
+        ort_how = how
+    out.append((f"fxpress -> ORT ({ort_how})", ort_run, size, ort_run.report.get("kernels")))
     from fxpress.backends.onnx.emitter import has_vnni
     if not has_vnni():
         # without VNNI, full-range int8 weights run as exact (slower) u8 x u8 kernels; the
