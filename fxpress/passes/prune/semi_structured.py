@@ -11,12 +11,12 @@ says so, with the density below which CSR would win.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from ...timing import median_ms
 import torch.fx as fx
 
 from ...ir.meta import SparsityMask, get_record, lineage, module_path, set_record
@@ -38,15 +38,8 @@ def csr_linear(x: torch.Tensor, w_csr: torch.Tensor, bias: torch.Tensor | None =
 
 
 def time_fn(fn, repeat: int = 10) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of fn() after 3 warm-up calls."""
+    return median_ms(fn, (), runs=repeat, warmup=3) / 1e3
 
 
 def _dense_vs_csr(w: torch.Tensor, rows: int) -> tuple[float, float]:

@@ -9,13 +9,13 @@ few milliseconds in eager mode (one small compile per group with Inductor).
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.fx as fx
+
+from ...timing import median_ms
 
 from ..analysis.dependency import DependencyGraph
 from ..analysis.shape_prop import propagate_shapes
@@ -61,15 +61,7 @@ def time_ops(ops, backend: str = "eager", repeat: int = 10) -> float:
     fn = run
     if backend == "inductor":
         fn = torch.compile(run, dynamic=False)
-    with torch.no_grad():
-        for _ in range(2):
-            fn()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_ms(fn, (), runs=repeat, warmup=2) / 1e3
 
 
 def _touched(gm: fx.GraphModule, dep: DependencyGraph, gidx: int) -> set[str]:
