@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-from ...timing import median_ms
 import torch.fx as fx
 
 from ...ir.meta import SparsityMask, get_record, lineage, module_path, set_record
+from ...timing import median_ms
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["LowerSparse", "csr_linear", "csr_crossover", "time_fn", "to_semi_structured"]
