@@ -64,9 +64,11 @@ def digits_data():
 
 
 def train_epochs(model: nn.Module, x, y, *, epochs: int, lr: float = 3e-3, batch: int = 64,
-                 seed: int = 0, progress: bool = False) -> nn.Module:
-    """Plain minibatch Adam training in place; returns the model in eval mode."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+                 seed: int = 0, progress: bool = False, optimizer: str = "adam") -> nn.Module:
+    """Plain minibatch training (Adam, or SGD with momentum 0.9) in place; returns the model in
+    eval mode."""
+    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     g = torch.Generator().manual_seed(seed)
     model.train()
     it = range(epochs)

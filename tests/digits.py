@@ -13,7 +13,6 @@ import copy
 import functools
 
 import torch
-import torch.nn.functional as F
 
 import fxpress.examples as _examples
 
@@ -43,19 +42,8 @@ accuracy = _examples.accuracy  # top-1 in fixed-size chunks (captured IRs have a
 def train_epochs(model, x, y, *, epochs: int, lr: float = 1e-2, batch: int = 64, seed: int = 0,
                  optimizer: str = "adam") -> None:
     """Plain minibatch training in place (the user's own loop, as QAT tests use it)."""
-    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y) - batch + 1, batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    _examples.train_epochs(model, x, y, epochs=epochs, lr=lr, batch=batch, seed=seed,
+                           optimizer=optimizer)
 
 
 @functools.lru_cache(maxsize=1)
