@@ -109,16 +109,20 @@ def test_int8_relax_has_integer_conv():
 
 
 def test_pruned_and_factorized_graphs_lower():
-    # Stand-ins until the pruning/factorization passes land: a channel-shrunk CNN and a
-    # linear layer replaced by its rank-4 factors (two linears), captured with fxpress.capture.
-    pruned = SmallCNN(width=5).eval()
-    x = torch.randn(1, 3, 8, 8)
-    fact = nn.Sequential(nn.Linear(32, 4, bias=False), nn.Linear(4, 16)).eval()
-    for model, inputs in [(pruned, (x,)), (fact, (torch.randn(3, 32),))]:
-        gm = fxpress.capture(model, inputs)
-        run = compile_tvm(gm, inputs)
+    """The real passes' output: half the CNN's channels removed; Tucker-2 convs and SVD linear."""
+    model, inputs = _cnn()
+    pruned = fxpress.compress(model, inputs, fxpress.ChannelPruning(ratio=0.5, round_to=1))
+    tucker = fxpress.compress(model, inputs, fxpress.LowRank(method="tucker", rank=(2, 2)))
+    fact = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    svd = fxpress.compress(fact, (torch.randn(3, 32),), fxpress.LowRank(method="svd", rank=4))
+    def size(m):
+        return sum(t.numel() for t in m.state_dict().values())
+
+    for cm, ins, orig in [(pruned, inputs, model), (tucker, inputs, model), (svd, (torch.randn(3, 32),), fact)]:
+        assert size(cm.graph_module) < size(orig)  # the pass really changed the graph
+        run = fxpress.lower(cm, backend="tvm", example_inputs=ins)
         with torch.no_grad():
-            torch.testing.assert_close(run(*inputs), gm(*inputs), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(run(*ins), cm.graph_module(*ins), atol=1e-4, rtol=1e-4)
 
 
 torch.library.define("fxpress_test::mystery", "(Tensor x) -> Tensor")

@@ -11,6 +11,7 @@ the next compile of the same graph for the same target re-uses them and tunes no
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,13 @@ from ...errors import RecipeError
 from .build import TVMLowered, TVMModule, build, host_target, load, lower_relax, make_target
 from .convert import to_relax
 from .tune import TuneOptions, tune
+
+# TVM's runtime sizes its thread pool once, from TVM_NUM_THREADS, else half the logical CPUs
+# on x86 (it assumes hyper-threading): on this 2-core VM that is one thread, half the machine
+# ORT and Inductor use. Default it to the cores this process may run on, before any TVM
+# kernel runs (compiling folds weight repacks with TVM kernels and would size the pool).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                            else os.cpu_count() or 1))
 
 __all__ = ["compile_tvm", "TVMLowered", "TVMModule", "TuneOptions", "load", "host_target"]
 
@@ -43,9 +51,11 @@ def compile_tvm(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu
     report: dict[str, Any] = {"target": str(tgt), "graph_key": imp.key, "lowering": dict(imp.stats)}
     database = None
     if tune is not None:
-        lowered = lower_relax(imp.mod, tgt)
+        lowered = lower_relax(imp.mod, tgt, schedule=False)  # tasks are the unscheduled kernels
         database, report["tuning"] = _tune(lowered, tgt, imp.key, tune)
-    mod = lower_relax(imp.mod, tgt, database)
+    kinds: dict[str, int] = {}
+    mod = lower_relax(imp.mod, tgt, database, counts=kinds)
+    report["schedules"] = kinds
     report["compile_s"] = round(time.perf_counter() - t0, 2)
     return TVMLowered(gm, build(mod, tgt), tgt, report)
 

@@ -1,5 +1,12 @@
 """MetaSchedule search in a child process: `python _tune_worker.py JOB_DIR` (TVM only, no torch).
 
+Two phases share one MetaSchedule database, builder and runner. First every task's template
+candidates (`schedules.candidates`: the conv register tiles; the generic schedule for other
+kernels) are built and measured, largest task first: a few dozen measurements that put
+every kernel near its best. The rest of the budget goes to MetaSchedule's evolutionary
+search on the kernels no template covers. The pruned database keeps the fastest measured
+record per kernel, whichever phase found it.
+
 Run as a script by `tune.py`, for three reasons: a MetaSchedule crash (the segfaults NOTES
 records) cannot take the user's process down; its logging and globals stay out of it; and
 for x86 llvm targets only the x86 tensor intrinsics are registered. `TuneContext()` imports
@@ -68,6 +75,59 @@ def _failure_recorder():
     return FailureRecorder()
 
 
+def _load_schedules():
+    """`schedules.py` loaded by path: importing the fxpress package would import torch."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fxpress_tvm_schedules",
+                                                  Path(__file__).with_name("schedules.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _measure_templates(mods, order, target, db, builder, runner, trials_left, deadline):
+    """Build and measure every template candidate of each task; commit the successful ones.
+
+    Returns (trials measured, {task index: number of candidates}, failures, first error).
+    """
+    import shutil
+    from tvm.s_tir import meta_schedule as ms
+    S = _load_schedules()
+    lanes = S._lanes(target)
+    trials, done, failed, first = 0, {}, 0, None
+    for i in order:
+        if trials >= trials_left or time.perf_counter() >= deadline:
+            break
+        func = mods[i]["main"]
+        schs = [sch for sch in (S.schedule(func, c, lanes) for c in (S.candidates(func, lanes) or [None]))
+                if sch is not None][: trials_left - trials]
+        if not schs:
+            continue
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schs])
+        ok = [(sch, b) for sch, b in zip(schs, built) if b.error_msg is None]
+        for b in built:
+            if b.error_msg is not None:
+                failed += 1
+                first = first or str(b.error_msg)[-1500:]
+        futures = runner.run([ms.runner.RunnerInput(
+            b.artifact_path, "cuda" if target.kind.name == "cuda" else "cpu",
+            ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)) for sch, b in ok])
+        workload = db.commit_workload(mods[i])
+        for (sch, b), fut in zip(ok, futures):
+            r = fut.result()
+            shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+            if r.error_msg is not None:
+                failed += 1
+                first = first or str(r.error_msg)[-1500:]
+                continue
+            db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, workload, r.run_secs, target, ms.arg_info.ArgInfo.from_prim_func(func)))
+        trials += len(schs)
+        done[i] = len(schs)
+    return trials, done, failed, first
+
+
 def _best_ms(db, mod) -> str:
     recs = db.get_top_k(db.commit_workload(mod), 1)
     secs = [float(s) for s in recs[0].run_secs] if recs and recs[0].run_secs else []
@@ -98,15 +158,25 @@ def main(job_dir: str) -> None:
     builder = ms.builder.LocalBuilder(timeout_sec=job["build_timeout_s"],
                                       initializer=_x86_intrinsics_only if _is_x86(target) else None)
     runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
+        number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False))
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True)
     failures = _failure_recorder()
-    done = [0] * len(ctxs)
-    trials, budget, total = 0, job["time_budget_s"] - job["spent_s"], job["trials"]
+    budget, total = job["time_budget_s"] - job["spent_s"], job["trials"]
+    order = list(dict.fromkeys(job["plan"]))  # each task once, largest first
+    trials, templated, tmpl_failed, tmpl_first = _measure_templates(
+        mods, order, target, db, builder, runner, total, t0 + budget)
+    done = [templated.get(i, 0) for i in range(len(ctxs))]
+    if job["progress"]:
+        print(f"[fxpress tvm tune] templates: {trials} candidates over {len(templated)} kernels in "
+              f"{time.perf_counter() - t0 + job['spent_s']:.0f} s", file=sys.stderr, flush=True)
+    S = _load_schedules()
+    searched = {i for i in range(len(ctxs)) if not S.candidates(mods[i]["main"])}
     for i in job["plan"]:
         if trials >= total or time.perf_counter() - t0 >= budget:
             break
+        if i not in searched:  # conv kernels: the template's measured tiles are kept
+            continue
         n = min(job["per_round"], total - trials)
         ms.tune_tasks(tasks=[ctxs[i]], task_weights=[1.0], work_dir=str(work),
                       max_trials_global=done[i] + n, num_trials_per_iter=n, builder=builder,
@@ -128,8 +198,8 @@ def main(job_dir: str) -> None:
     db.dump_pruned(pruned)  # keeps the best *successful* record per workload
     (job_dir / "stats.json").write_text(json.dumps(
         {"trials": trials, "tasks": len(ctxs), "tasks_tuned": sum(1 for d in done if d),
-         "measured": len(db), "failed": failures.failed, "records": len(pruned),
-         "first_error": failures.first}))
+         "templated": len(templated), "measured": len(db), "failed": tmpl_failed + failures.failed,
+         "records": len(pruned), "first_error": tmpl_first or failures.first}))
 
 
 if __name__ == "__main__":

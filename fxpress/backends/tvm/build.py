@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,25 +72,72 @@ def make_target(device: str, target: Any = None):
                       accepted=["cpu", "cuda"])
 
 
-def lower_relax(mod, target, database=None):
-    """Legalize + fuse (the 'zero' pipeline); apply tuned schedules from `database` if given."""
+def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict | None = None):
+    """Legalize + fuse (the 'zero' pipeline); apply tuned schedules from `database` if given.
+
+    On CPU, convolutions are first converted to NHWC/HWIO (what the conv template in
+    `schedules.py` is written for); every kernel without a tuning record then gets its
+    template (`schedule=False` leaves them as legalized, which is what tuning extracts as
+    tasks), and the weight repacks the templates ask for are split out and folded into the
+    constants. `counts`, if given, receives how many kernels each kind of schedule got.
+    """
     import tvm
     from tvm import relax
 
+    cpu = target.kind.name == "llvm"
     with target:
         mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = relax.transform.CanonicalizeBindings()(mod)
+        if cpu and _has_conv2d(mod):
+            mod = _nhwc(mod)
         if database is not None:
             with database:
                 mod = relax.get_pipeline("zero")(mod)
         else:
             mod = relax.get_pipeline("zero")(mod)
+        if cpu and schedule:
+            from .schedules import apply_default_schedules
+            mod, kinds = apply_default_schedules(mod, target)
+            if counts is not None:
+                counts.update(kinds)
+        if cpu:
+            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            mod = relax.transform.FoldConstant()(mod)
+            mod = relax.transform.DeadCodeElimination()(mod)  # the folded repack kernels
         if target.kind.name == "cuda":
             # GPU kernels need thread bindings; dlight gives every untuned kernel a default.
             from tvm.s_tir import dlight as dl
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     return mod
+
+
+def _has_conv2d(mod) -> bool:
+    from tvm import relax
+    found = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func.body, lambda e: found.append(1) if isinstance(e, relax.Call)
+                and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
+    return bool(found)
+
+
+def _nhwc(mod):
+    """Convolutions to NHWC activations / HWIO weights (transposes fold into the constants).
+
+    TVM's ConvertLayout can fail on graphs it does not fully model (it has raised
+    std::bad_alloc on a transformer layer here); then the convs stay NCHW and get the
+    generic schedule instead of the conv template, with a warning.
+    """
+    from tvm import relax
+    try:
+        out = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+        return relax.transform.FoldConstant()(out)
+    except Exception as e:  # noqa: BLE001 - TVM raises InternalError and others
+        warnings.warn(f"tvm backend: ConvertLayout to NHWC failed ({type(e).__name__}: {e}); "
+                      f"convolutions keep NCHW and the generic CPU schedule")
+        return mod
 
 
 def build(mod, target):

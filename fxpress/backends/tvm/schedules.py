@@ -1,0 +1,261 @@
+"""CPU schedule templates for the fused Relax kernels, and the candidates tuning measures.
+
+Untuned TVM runs each fused kernel as written by legalization: one thread, scalar loops
+(ResNet-18: 2.2 s against ORT's 24 ms here). MetaSchedule's generic search space needs
+thousands of trials to find what is known about direct convolution on a SIMD CPU, so the
+kernels that hold the time get a template instead:
+
+* ``conv2d_nhwc`` (ConvertLayout gives NHWC activations and HWIO weights): output tiled as
+  ``wb`` pixels x ``fb`` channels held in vector registers, reduction over (ry, rx, rc)
+  inside the tile, output channel blocks outermost and parallel with the rows; the weight is
+  re-laid out to ``[F/fb, KH, KW, C, fb]`` in a `layout_rewrite_preproc` block, which
+  `SplitLayoutRewritePreproc` + `FoldConstant` turn into a compile-time repack of the
+  constant (so a weight tile is one contiguous stream); the elementwise epilogue (BN affine,
+  bias, residual add, ReLU, requantization) is inlined and computed on the register tile.
+* everything else: parallel outer spatial loops, innermost spatial loop vectorized (moved
+  inside the reduction loops for pooling, means and small matmuls).
+
+`candidates(func)` lists the (wb, fb) choices tuning measures; `schedule(func)` without a
+choice uses the register-budget heuristic (about 8 accumulators). Float and integer kernels
+share the templates (the integer conv accumulates int32 in the same tile).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ConvChoice", "candidates", "schedule", "apply_default_schedules", "SCHEDULED_ATTR"]
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+_MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on AVX2)
+
+
+@dataclass(frozen=True)
+class ConvChoice:
+    wb: int          # output pixels per register tile (along W)
+    fb: int          # output channels per register tile (a multiple of the vector width)
+
+    def as_dict(self) -> dict:
+        return {"wb": self.wb, "fb": self.fb}
+
+
+def _ext(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _divisors(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+def _blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _name(sch, block) -> str:
+    return str(sch.get(block).name_hint)
+
+
+def _conv_block(sch):
+    """The single NHWC conv2d block with HWIO weights (iters SSSSRRR), or None."""
+    convs = [b for b in _blocks(sch) if _name(sch, b).startswith("conv2d_nhwc")]
+    if len(convs) != 1:
+        return None
+    conv = convs[0]
+    blk = sch.get(conv)
+    kinds = "".join("S" if iv.iter_type == 0 else "R" if iv.iter_type == 2 else "?" for iv in blk.iter_vars)
+    if kinds != "SSSSRRR" or len(sch.get_loops(conv)) != 7 or len(blk.reads) != 2:
+        return None
+    w_region = blk.reads[1].region
+    names = [str(r.min) for r in w_region]
+    iv = [str(v.var) for v in blk.iter_vars]
+    if names != [iv[4], iv[5], iv[6], iv[3]]:  # weight[ry, rx, rc, ff]: HWIO
+        return None
+    return conv
+
+
+def _conv_dims(func) -> tuple[int, int] | None:
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    conv = _conv_block(sch)
+    if conv is None:
+        return None
+    _, _, w, f, *_ = sch.get_loops(conv)
+    return _ext(sch, w), _ext(sch, f)
+
+
+def _lanes(target=None) -> int:
+    """fp32/int32 lanes of the widest vector unit LLVM will use for `target` (8 on AVX2)."""
+    try:
+        from tvm.target import codegen
+        feats = codegen.llvm_get_cpu_features(target) if target is not None else {}
+        return 16 if "avx512f" in {str(k) for k in feats} else 8
+    except Exception:
+        return 8
+
+
+def candidates(func, lanes: int = 8) -> list[ConvChoice]:
+    """The register tiles worth measuring for a conv kernel (empty for other kernels)."""
+    dims = _conv_dims(func)
+    if dims is None:
+        return []
+    W, F = dims
+    out = []
+    for fb in (lanes, 2 * lanes, 4 * lanes):
+        if F % fb:
+            continue
+        for wb in _divisors(W, 14):
+            acc = wb * fb // lanes
+            if lanes // 2 <= acc <= _MAX_ACC or (acc < lanes // 2 and wb == W):
+                out.append(ConvChoice(wb, fb))
+    return out
+
+
+def default_choice(func, lanes: int = 8) -> ConvChoice | None:
+    """About 8 accumulators, preferring 2-vector channel tiles (what tuning picks most often here)."""
+    cands = candidates(func, lanes)
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (abs(c.wb * c.fb // lanes - 8), abs(c.fb - 2 * lanes), -c.wb))
+
+
+def _schedule_conv(sch, conv, choice: ConvChoice, lanes: int) -> None:
+    blocks = _blocks(sch)
+    ci = [_name(sch, b) for b in blocks].index(_name(sch, conv))
+    # Producers (padding, input quantization): inline what is elementwise into the pad; the
+    # pad itself stays a parallel stage (inlined it would put a bounds test in the tile loop).
+    for b in blocks[:ci]:
+        if not _name(sch, b).startswith("pad"):
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - a non-inlinable producer stays a root stage
+                pass
+    after = blocks[ci + 1:]
+    for b in after[:-1]:
+        sch.compute_inline(b)
+    if after:
+        last = after[-1]
+        sch.set_scope(conv, 0, "local")
+    else:
+        last = sch.cache_write(conv, 0, "local")
+    n, h, w, f, ry, rx, rc = sch.get_loops(conv)
+    fb, wb = choice.fb, choice.wb
+    wcache = sch.cache_read(conv, 1, "global")
+    sch.transform_layout(conv, ("read", 1), lambda a, b, c, d: (d // fb, a, b, c, d % fb))
+    sch.annotate(wcache, "meta_schedule.layout_rewrite_preproc", True)
+    fo, fi = sch.split(f, [None, fb])
+    wo, wi = sch.split(w, [None, wb])
+    sch.reorder(n, fo, h, wo, ry, rx, rc, wi, fi)
+    sch.reverse_compute_at(last, wo)
+    sch.parallel(sch.fuse(n, fo, h))
+    sch.unroll(wi)
+    sch.vectorize(fi)
+    init = sch.decompose_reduction(conv, ry)
+    # Init, update and epilogue all index the tile with constants (pixel loops unrolled,
+    # channel loops vectorized), so LLVM keeps the accumulators in registers: one loop over
+    # a pixel left rolled would make the tile a stack array that every FMA loads and stores.
+    depth = 3  # the fused (n, fo, h) loop, wo, then the tile's own loops
+    for blk in (init, last):
+        *pixels, chans = sch.get_loops(blk)[depth - 1:]
+        for lp in pixels:
+            sch.unroll(lp)
+        sch.vectorize(chans)
+    for b in _blocks(sch):
+        if _name(sch, b).startswith("pad"):
+            _parallel_vectorize(sch, b, lanes)
+
+
+def _iter_kinds(sch, block) -> list[str] | None:
+    blk = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(blk.iter_vars):
+        return None
+    kinds = []
+    for iv in blk.iter_vars:
+        if iv.iter_type == 0:
+            kinds.append("S")
+        elif iv.iter_type == 2:
+            kinds.append("R")
+        else:
+            return None
+    return kinds
+
+
+def _parallel_vectorize(sch, block, lanes: int) -> None:
+    """Outer spatial loops fused and parallel; innermost spatial loop vectorized."""
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    if kinds is None or not loops:
+        return
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce_ = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    if not spatial:
+        return
+    inner = spatial[-1]
+    vec = None
+    ext = _ext(sch, inner)
+    if ext % lanes == 0 and ext >= lanes:
+        vec_len = lanes * max(1, min(4, ext // lanes) if ext % (lanes * 4) == 0 else 1)
+        outer_in, vec = sch.split(inner, [None, vec_len])
+        spatial = spatial[:-1] + [outer_in]
+    order = spatial + reduce_ + ([vec] if vec is not None else [])
+    if len(order) > 1:
+        sch.reorder(*order)
+    if vec is not None:
+        sch.vectorize(vec)
+    # parallel and vectorized loops are checked against the block with its init still in it
+    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    if vec is not None and reduce_:
+        init = sch.decompose_reduction(block, reduce_[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _schedule_generic(sch, lanes: int) -> None:
+    blocks = _blocks(sch)
+    for b in blocks[:-1]:
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - reductions and multi-consumer blocks stay
+            pass
+    for b in _blocks(sch):
+        _parallel_vectorize(sch, b, lanes)
+
+
+def schedule(func, choice: ConvChoice | None = None, lanes: int = 8):
+    """A traced `s_tir.Schedule` for `func` (conv template or the generic one), or None."""
+    return _schedule_kind(func, choice, lanes)[0]
+
+
+def _schedule_kind(func, choice, lanes):
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    try:
+        conv = _conv_block(sch)
+        if conv is not None:
+            _schedule_conv(sch, conv, choice or default_choice(func, lanes), lanes)
+            return sch, "conv_template"
+        _schedule_generic(sch, lanes)
+        return sch, "generic"
+    except Exception:  # noqa: BLE001 - a kernel no template fits is left as legalized
+        return None, "unscheduled"
+
+
+def apply_default_schedules(mod, target):
+    """Schedule every PrimFunc without a tuning record with its template.
+
+    Returns (module, counts): kernels per kind, "tuned" (a database record applied),
+    "conv_template", "generic", "unscheduled" (left as legalized: scalar, one thread).
+    """
+    import tvm
+    lanes = _lanes(target)
+    counts = {"tuned": 0, "conv_template": 0, "generic": 0, "unscheduled": 0}
+    out = mod
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False):
+            counts["tuned"] += 1
+            continue
+        sch, kind = _schedule_kind(func, None, lanes)
+        counts[kind] += 1
+        if sch is not None:
+            out[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    return out, counts
