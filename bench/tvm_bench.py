@@ -4,7 +4,8 @@
 
 Tuning records go to --cache (default: a fresh temporary directory, so the first compile
 really tunes); the script then compiles the fp32 graph again to show the cached database
-is re-used (zero tuning seconds). Prints one markdown table of median latencies.
+is re-used (zero tuning seconds). All runners are kept and timed together at the end in
+interleaved rounds; prints one markdown table (median, p10-p90, ratio to ORT fp32).
 """
 from __future__ import annotations
 
@@ -32,16 +33,31 @@ from fxpress.backends.tvm import TuneOptions, compile_tvm  # noqa: E402
 from tests.models import resnet18  # noqa: E402
 
 
-def median_ms(fn, x, warmup: int = 3, runs: int = 20, max_s: float = 30.0) -> float:
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    t_end = time.perf_counter() + max_s
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def interleaved_ms(runners: list, x, rounds: int, per_round: int = 5, max_s: float = 240.0):
+    """Median and p10/p90 ms per runner, measured in interleaved rounds (each runner
+    `per_round` calls per round, after a warm-up), so slow drifts of the shared host hit
+    every runner alike instead of whichever ran last."""
+    times: list[list[float]] = [[] for _ in runners]
+    with torch.no_grad():
+        for fn in runners:
+            for _ in range(3):
+                fn(x)
+        t_end = time.perf_counter() + max_s
+        for r in range(rounds):
+            if r >= 3 and time.perf_counter() > t_end:
+                break
+            for i, fn in enumerate(runners):
+                fn(x)  # re-warm after the other runners used the caches and cores
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+
+    def pct(v, q):
+        v = sorted(v)
+        return v[min(len(v) - 1, int(q * len(v)))]
+
+    return [(statistics.median(v), pct(v, 0.1), pct(v, 0.9)) for v in times]
 
 
 def ort_fp32(model, x, threads: int):
@@ -55,16 +71,13 @@ def ort_fp32(model, x, threads: int):
     return lambda t: sess.run(None, {name: t.numpy()})[0]
 
 
-def quantize_pt2e(gm, x):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    q = xiq.X86InductorQuantizer()
-    q.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(gm, q)
+def quantize_fxpress(model, x):
+    """Our own static int8 (fxpress.Quantize, per-channel weights, 8 calibration batches)."""
+    from bench.peers import fxpress_quantize
     g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        prepared(torch.randn(x.shape, generator=g))
-    return convert_pt2e(prepared)
+    calib = [(torch.randn(x.shape, generator=g),) for _ in range(8)]
+    gm, how = fxpress_quantize(model, (x,), calib)
+    return gm, how
 
 
 def main() -> None:
@@ -75,6 +88,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-untuned", action="store_true")
+    ap.add_argument("--rounds", type=int, default=12)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or tempfile.mkdtemp(prefix="fxpress-tvm-bench-")
@@ -87,11 +101,10 @@ def main() -> None:
 
     def row(name, fn, extra=""):
         with torch.no_grad():
-            out = fn(x)
-            out = torch.as_tensor(out)
+            out = torch.as_tensor(fn(x))
             err = (out - ref).abs().max().item()
-            rows.append((name, median_ms(fn, x), err, extra))
-        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+        rows.append((name, fn, err, extra))
+        print(f"  {name}: max err {err:.1e}; {extra}", file=sys.stderr, flush=True)
 
     row("ORT fp32", ort_fp32(model, x, args.threads))
     row("eager fp32", lambda t: gm(t))
@@ -109,7 +122,7 @@ def main() -> None:
     row("TVM fp32 tuned (2nd compile, cached db)", again,
         f"cached={t['cached']}, tuning {t['seconds']} s, compile {time.perf_counter() - t0:.1f} s")
     if args.int8_tune_seconds > 0:
-        qgm = quantize_pt2e(gm, x)
+        qgm, how = quantize_fxpress(model, x)
         with torch.no_grad():
             qref = qgm(x)
         opts8 = TuneOptions(trials=args.trials, time_budget_s=args.int8_tune_seconds, cache_dir=cache)
@@ -118,11 +131,15 @@ def main() -> None:
         low = run8.report["lowering"]
         with torch.no_grad():
             qerr = (run8(x) - qref).abs().max().item()
-        row("TVM int8 tuned (PT2E graph)", run8, f"tuned {t['seconds']} s, {t['trials']} trials; "
+        row(f"TVM int8 tuned ({how})", run8, f"tuned {t['seconds']} s, {t['trials']} trials; "
             f"{low}; max|TVM-IR| {qerr:.2e}")
-    print("\n| runner | median ms | max abs err vs IR fp32 | notes |\n| --- | --- | --- | --- |")
-    for name, ms, err, extra in rows:
-        print(f"| {name} | {ms:.1f} | {err:.1e} | {extra} |")
+    stats = interleaved_ms([fn for _, fn, _, _ in rows], x, args.rounds)
+    base = stats[0][0]
+    print(f"\nResNet-18, batch 1, 224x224, {args.threads} threads; {args.rounds} interleaved rounds x 5 calls")
+    print("\n| runner | median ms | p10-p90 ms | latency / ORT fp32 | max abs err vs IR fp32 | notes |\n"
+          "| --- | ---: | ---: | ---: | --- | --- |")
+    for (name, _, err, extra), (med, p10, p90) in zip(rows, stats):
+        print(f"| {name} | {med:.1f} | {p10:.1f}-{p90:.1f} | {med / base:.2f} | {err:.1e} | {extra} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """TVM backend: the IR (float or int8 Q/DQ form) lowered to Relax, optionally MetaSchedule-tuned.
 
-    run = fxpress.lower(cm, backend="tvm", example_inputs=(x,))                 # untuned
+    run = fxpress.lower(cm, backend="tvm", example_inputs=(x,))                 # templates
     run = fxpress.lower(cm, backend="tvm", example_inputs=(x,),
                         tune=TuneOptions(trials=2000, time_budget_s=600))       # tuned, cached
     run.save("model.so"); y = fxpress.backends.tvm.load("model.so")(x)
+
+On CPU every kernel gets a schedule without tuning (`schedules.py`: NHWC conv register
+tiles over prepacked weights, parallel + vectorized loops elsewhere); tuning measures the
+templates' candidate tiles first, then spends what is left of the budget on MetaSchedule's
+search for the kernels no template covers. `run.report["schedules"]` counts which kernels
+got what. ResNet-18 here: 2.2 s as legalized, 33 ms with the templates (ORT fp32: 25 ms).
 
 Tuning records are kept per (graph hash, target) under the user cache directory
 (``$FXPRESS_TVM_CACHE``, else ``$XDG_CACHE_HOME/fxpress/tvm``, else ``~/.cache/fxpress/tvm``);

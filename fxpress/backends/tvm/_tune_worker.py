@@ -157,8 +157,11 @@ def main(job_dir: str) -> None:
     db = ms.database.JSONDatabase(work_dir=str(work))
     builder = ms.builder.LocalBuilder(timeout_sec=job["build_timeout_s"],
                                       initializer=_x86_intrinsics_only if _is_x86(target) else None)
+    # Caches flushed before every run: inside the model a kernel's weights come cold from
+    # memory, and measured hot (the same call repeated) the tiles with the least weight
+    # reuse win -- a tuned ResNet-18 measured 44 ms against 36 ms for the untuned templates.
     runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False))
+        number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True))
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True)
     failures = _failure_recorder()
@@ -172,12 +175,14 @@ def main(job_dir: str) -> None:
               f"{time.perf_counter() - t0 + job['spent_s']:.0f} s", file=sys.stderr, flush=True)
     S = _load_schedules()
     searched = {i for i in range(len(ctxs)) if not S.candidates(mods[i]["main"])}
+    round_s = 0.0  # the longest search round so far: a round that cannot end in time is not started
     for i in job["plan"]:
-        if trials >= total or time.perf_counter() - t0 >= budget:
+        if trials >= total or time.perf_counter() - t0 + round_s >= budget:
             break
         if i not in searched:  # conv kernels: the template's measured tiles are kept
             continue
         n = min(job["per_round"], total - trials)
+        r0 = time.perf_counter()
         ms.tune_tasks(tasks=[ctxs[i]], task_weights=[1.0], work_dir=str(work),
                       max_trials_global=done[i] + n, num_trials_per_iter=n, builder=builder,
                       runner=runner, database=db, cost_model=cost_model,
@@ -187,6 +192,7 @@ def main(job_dir: str) -> None:
                       task_scheduler="round-robin")
         done[i] += n
         trials += n
+        round_s = max(round_s, time.perf_counter() - r0)
         if job["progress"]:
             print(f"[fxpress tvm tune] {trials}/{total} trials "
                   f"{time.perf_counter() - t0 + job['spent_s']:5.0f}/{job['time_budget_s']:.0f}s  "

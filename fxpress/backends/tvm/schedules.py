@@ -193,7 +193,7 @@ def _parallel_vectorize(sch, block, lanes: int) -> None:
     vec = None
     ext = _ext(sch, inner)
     if ext % lanes == 0 and ext >= lanes:
-        vec_len = lanes * max(1, min(4, ext // lanes) if ext % (lanes * 4) == 0 else 1)
+        vec_len = 4 * lanes if ext % (4 * lanes) == 0 else lanes
         outer_in, vec = sch.split(inner, [None, vec_len])
         spatial = spatial[:-1] + [outer_in]
     order = spatial + reduce_ + ([vec] if vec is not None else [])
