@@ -129,3 +129,20 @@ def test_int8_convs_take_the_template():
     with torch.no_grad():
         want, got = qgm(*inputs), run(*inputs)
     assert (got - want).abs().max().item() <= _max_act_scale(qgm)
+
+
+def test_odd_channel_counts_get_a_partial_vector_tile():
+    """Pruning with round_to=1 leaves channel counts like 5 or 12: still the conv template."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 12, 3, padding=1)).eval()
+    inputs = (torch.randn(1, 3, 10, 10),)
+    funcs = _kernels(model, inputs)
+    for name, func in funcs.items():
+        if "conv2d" in name:
+            choice = S.default_choice(func, lanes=8)
+            assert choice is not None and choice.fb in (5, 12), (name, choice)
+    gm = fxpress.capture(model, inputs)
+    run = compile_tvm(gm, inputs)
+    assert run.report["schedules"]["conv_template"] == 2 and run.report["schedules"]["unscheduled"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(run(*inputs), gm(*inputs), atol=1e-4, rtol=1e-4)

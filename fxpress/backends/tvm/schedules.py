@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ConvChoice", "candidates", "schedule", "apply_default_schedules", "SCHEDULED_ATTR"]
+__all__ = ["ConvChoice", "candidates", "default_choice", "schedule", "apply_default_schedules",
+           "SCHEDULED_ATTR"]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 _MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on AVX2)
@@ -33,9 +34,6 @@ _MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on 
 class ConvChoice:
     wb: int          # output pixels per register tile (along W)
     fb: int          # output channels per register tile (a multiple of the vector width)
-
-    def as_dict(self) -> dict:
-        return {"wb": self.wb, "fb": self.fb}
 
 
 def _ext(sch, loop) -> int:
@@ -99,13 +97,17 @@ def candidates(func, lanes: int = 8) -> list[ConvChoice]:
         return []
     W, F = dims
     out = []
-    for fb in (lanes, 2 * lanes, 4 * lanes):
-        if F % fb:
-            continue
+    fbs = [fb for fb in (lanes, 2 * lanes, 4 * lanes) if F % fb == 0]
+    if not fbs:  # e.g. channels pruned to an odd count: one partial-vector channel tile
+        fbs = [max(_divisors(F, 2 * lanes))]
+    for fb in fbs:
+        vecs = -(-fb // lanes)
         for wb in _divisors(W, 14):
-            acc = wb * fb // lanes
+            acc = wb * vecs
             if lanes // 2 <= acc <= _MAX_ACC or (acc < lanes // 2 and wb == W):
                 out.append(ConvChoice(wb, fb))
+        if not out:
+            out.append(ConvChoice(max(_divisors(W, _MAX_ACC // vecs)), fb))
     return out
 
 
@@ -114,7 +116,7 @@ def default_choice(func, lanes: int = 8) -> ConvChoice | None:
     cands = candidates(func, lanes)
     if not cands:
         return None
-    return min(cands, key=lambda c: (abs(c.wb * c.fb // lanes - 8), abs(c.fb - 2 * lanes), -c.wb))
+    return min(cands, key=lambda c: (abs(c.wb * -(-c.fb // lanes) - 8), abs(c.fb - 2 * lanes), -c.wb))
 
 
 def _schedule_conv(sch, conv, choice: ConvChoice, lanes: int) -> None:
