@@ -16,10 +16,10 @@ import torch.nn as nn
 import fxpress
 
 tvm = pytest.importorskip("tvm")
-from fxpress.backends.tvm import compile_tvm, host_target  # noqa: E402
-from fxpress.backends.tvm import schedules as S  # noqa: E402
-from fxpress.backends.tvm.build import lower_relax  # noqa: E402
-from fxpress.backends.tvm.convert import to_relax  # noqa: E402
+from fxpress.backends.tvm import compile_tvm, host_target
+from fxpress.backends.tvm import schedules as S
+from fxpress.backends.tvm.build import lower_relax
+from fxpress.backends.tvm.convert import to_relax
 
 
 class Block(nn.Module):
@@ -54,7 +54,7 @@ def _kernels(model, inputs):
 def test_conv_candidates_fit_the_vector_registers():
     conv = nn.Conv2d(64, 64, 3, padding=1).eval()
     funcs = _kernels(conv, (torch.randn(1, 64, 56, 56),))
-    (name, func), = [(n, f) for n, f in funcs.items() if "conv2d" in n]
+    (func,) = [f for n, f in funcs.items() if "conv2d" in n]
     cands = S.candidates(func, lanes=8)
     assert S.ConvChoice(4, 16) in cands and len(cands) >= 6, cands
     for c in cands:

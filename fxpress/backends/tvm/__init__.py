@@ -24,7 +24,8 @@ from typing import Any
 import torch.fx as fx
 
 from ...errors import RecipeError
-from .build import TVMLowered, TVMModule, build, host_target, load, lower_relax, make_target
+from .build import (TVMLowered, TVMModule, build, host_target, load, lower_relax,
+                    make_target, usable_cores)
 from .convert import to_relax
 from .tune import TuneOptions, tune
 
@@ -32,8 +33,7 @@ from .tune import TuneOptions, tune
 # on x86 (it assumes hyper-threading): on this 2-core VM that is one thread, half the machine
 # ORT and Inductor use. Default it to the cores this process may run on, before any TVM
 # kernel runs (compiling folds weight repacks with TVM kernels and would size the pool).
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                            else os.cpu_count() or 1))
+os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
 
 __all__ = ["compile_tvm", "TVMLowered", "TVMModule", "TuneOptions", "load", "host_target"]
 

@@ -86,21 +86,21 @@ def _load_schedules():
     return mod
 
 
-def _measure_templates(mods, order, target, db, builder, runner, trials_left, deadline):
+def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trials_left, deadline):
     """Build and measure every template candidate of each task; commit the successful ones.
 
+    `tiles[i]` are task i's conv tiles (empty: the generic schedule is its one candidate).
     Returns (trials measured, {task index: number of candidates}, failures, first error).
     """
     import shutil
     from tvm.s_tir import meta_schedule as ms
-    S = _load_schedules()
-    lanes = S._lanes(target)
+    lanes = S.vector_lanes(target)
     trials, done, failed, first = 0, {}, 0, None
     for i in order:
         if trials >= trials_left or time.perf_counter() >= deadline:
             break
         func = mods[i]["main"]
-        schs = [sch for sch in (S.schedule(func, c, lanes) for c in (S.candidates(func, lanes) or [None]))
+        schs = [sch for sch in (S.schedule(func, c, lanes) for c in (tiles[i] or [None]))
                 if sch is not None][: trials_left - trials]
         if not schs:
             continue
@@ -167,14 +167,15 @@ def main(job_dir: str) -> None:
     failures = _failure_recorder()
     budget, total = job["time_budget_s"] - job["spent_s"], job["trials"]
     order = list(dict.fromkeys(job["plan"]))  # each task once, largest first
+    S = _load_schedules()
+    tiles = [S.candidates(m["main"], S.vector_lanes(target)) for m in mods]
     trials, templated, tmpl_failed, tmpl_first = _measure_templates(
-        mods, order, target, db, builder, runner, total, t0 + budget)
+        S, mods, tiles, order, target, db, builder, runner, total, t0 + budget)
     done = [templated.get(i, 0) for i in range(len(ctxs))]
     if job["progress"]:
         print(f"[fxpress tvm tune] templates: {trials} candidates over {len(templated)} kernels in "
               f"{time.perf_counter() - t0 + job['spent_s']:.0f} s", file=sys.stderr, flush=True)
-    S = _load_schedules()
-    searched = {i for i in range(len(ctxs)) if not S.candidates(mods[i]["main"])}
+    searched = {i for i in range(len(ctxs)) if not tiles[i]}
     round_s = 0.0  # the longest search round so far: a round that cannot end in time is not started
     for i in job["plan"]:
         if trials >= total or time.perf_counter() - t0 + round_s >= budget:

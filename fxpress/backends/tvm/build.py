@@ -19,11 +19,11 @@ from ...errors import LoweringError, RecipeError
 from ...utils import atomic_write, atomic_write_text
 from ..base import Lowered, flatten_inputs, unflatten_outputs
 
-__all__ = ["host_target", "cuda_target", "make_target", "lower_relax", "build", "TVMLowered",
+__all__ = ["usable_cores", "host_target", "cuda_target", "make_target", "lower_relax", "build", "TVMLowered",
            "TVMModule", "load"]
 
 
-def _num_cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -36,7 +36,7 @@ def host_target(num_cores: int | None = None):
     from tvm.target import codegen
 
     triple = codegen.llvm_get_system_triple()
-    cfg: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or _num_cores()}
+    cfg: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or usable_cores()}
     mcpu = codegen.llvm_get_system_cpu()
     if mcpu and mcpu != "generic" and codegen.llvm_is_valid_cpu(mcpu, triple):
         cfg["mcpu"] = mcpu
@@ -114,13 +114,11 @@ def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict 
 
 def _has_conv2d(mod) -> bool:
     from tvm import relax
-    found = []
+    calls = []
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(
-                func.body, lambda e: found.append(1) if isinstance(e, relax.Call)
-                and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
-    return bool(found)
+            relax.analysis.post_order_visit(func.body, lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    return any(getattr(c.op, "name", "") == "relax.nn.conv2d" for c in calls)
 
 
 def _nhwc(mod):

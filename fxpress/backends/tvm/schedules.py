@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["ConvChoice", "candidates", "default_choice", "schedule", "apply_default_schedules",
-           "SCHEDULED_ATTR"]
+           "vector_lanes", "SCHEDULED_ATTR"]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 _MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on AVX2)
@@ -59,28 +59,22 @@ def _conv_block(sch):
         return None
     conv = convs[0]
     blk = sch.get(conv)
-    kinds = "".join("S" if iv.iter_type == 0 else "R" if iv.iter_type == 2 else "?" for iv in blk.iter_vars)
-    if kinds != "SSSSRRR" or len(sch.get_loops(conv)) != 7 or len(blk.reads) != 2:
+    if "".join(_iter_kinds(sch, conv) or []) != "SSSSRRR" or len(blk.reads) != 2:
         return None
-    w_region = blk.reads[1].region
-    names = [str(r.min) for r in w_region]
+    weight_index = [str(r.min) for r in blk.reads[1].region]
     iv = [str(v.var) for v in blk.iter_vars]
-    if names != [iv[4], iv[5], iv[6], iv[3]]:  # weight[ry, rx, rc, ff]: HWIO
+    if weight_index != [iv[4], iv[5], iv[6], iv[3]]:  # weight[ry, rx, rc, ff]: HWIO
         return None
     return conv
 
 
-def _conv_dims(func) -> tuple[int, int] | None:
-    from tvm import s_tir
-    sch = s_tir.Schedule(func)
-    conv = _conv_block(sch)
-    if conv is None:
-        return None
+def _conv_dims(sch, conv) -> tuple[int, int]:
+    """(output width W, output channels F) of the conv block."""
     _, _, w, f, *_ = sch.get_loops(conv)
     return _ext(sch, w), _ext(sch, f)
 
 
-def _lanes(target=None) -> int:
+def vector_lanes(target=None) -> int:
     """fp32/int32 lanes of the widest vector unit LLVM will use for `target` (8 on AVX2)."""
     try:
         from tvm.target import codegen
@@ -90,16 +84,11 @@ def _lanes(target=None) -> int:
         return 8
 
 
-def candidates(func, lanes: int = 8) -> list[ConvChoice]:
-    """The register tiles worth measuring for a conv kernel (empty for other kernels)."""
-    dims = _conv_dims(func)
-    if dims is None:
-        return []
-    W, F = dims
-    out = []
+def _tiles(W: int, F: int, lanes: int) -> list[ConvChoice]:
     fbs = [fb for fb in (lanes, 2 * lanes, 4 * lanes) if F % fb == 0]
     if not fbs:  # e.g. channels pruned to an odd count: one partial-vector channel tile
         fbs = [max(_divisors(F, 2 * lanes))]
+    out = []
     for fb in fbs:
         vecs = -(-fb // lanes)
         for wb in _divisors(W, 14):
@@ -111,15 +100,33 @@ def candidates(func, lanes: int = 8) -> list[ConvChoice]:
     return out
 
 
-def default_choice(func, lanes: int = 8) -> ConvChoice | None:
+def _default_tile(W: int, F: int, lanes: int) -> ConvChoice:
     """About 8 accumulators, preferring 2-vector channel tiles (what tuning picks most often here)."""
-    cands = candidates(func, lanes)
-    if not cands:
-        return None
-    return min(cands, key=lambda c: (abs(c.wb * -(-c.fb // lanes) - 8), abs(c.fb - 2 * lanes), -c.wb))
+    return min(_tiles(W, F, lanes),
+               key=lambda c: (abs(c.wb * -(-c.fb // lanes) - 8), abs(c.fb - 2 * lanes), -c.wb))
 
 
-def _schedule_conv(sch, conv, choice: ConvChoice, lanes: int) -> None:
+def _func_dims(func) -> tuple[int, int] | None:
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    conv = _conv_block(sch)
+    return None if conv is None else _conv_dims(sch, conv)
+
+
+def candidates(func, lanes: int = 8) -> list[ConvChoice]:
+    """The register tiles worth measuring for a conv kernel (empty for other kernels)."""
+    dims = _func_dims(func)
+    return [] if dims is None else _tiles(*dims, lanes)
+
+
+def default_choice(func, lanes: int = 8) -> ConvChoice | None:
+    """The tile `schedule(func)` uses without a choice (None for other kernels)."""
+    dims = _func_dims(func)
+    return None if dims is None else _default_tile(*dims, lanes)
+
+
+def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int) -> None:
+    choice = choice or _default_tile(*_conv_dims(sch, conv), lanes)
     blocks = _blocks(sch)
     ci = [_name(sch, b) for b in blocks].index(_name(sch, conv))
     # Producers (padding, input quantization): inline what is elementwise into the pad; the
@@ -232,7 +239,7 @@ def _schedule_kind(func, choice, lanes):
     try:
         conv = _conv_block(sch)
         if conv is not None:
-            _schedule_conv(sch, conv, choice or default_choice(func, lanes), lanes)
+            _schedule_conv(sch, conv, choice, lanes)
             return sch, "conv_template"
         _schedule_generic(sch, lanes)
         return sch, "generic"
@@ -247,7 +254,7 @@ def apply_default_schedules(mod, target):
     "conv_template", "generic", "unscheduled" (left as legalized: scalar, one thread).
     """
     import tvm
-    lanes = _lanes(target)
+    lanes = vector_lanes(target)
     counts = {"tuned": 0, "conv_template": 0, "generic": 0, "unscheduled": 0}
     out = mod
     for gv, func in mod.functions.items():
