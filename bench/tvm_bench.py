@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore")
 
 import fxpress  # noqa: E402
 from fxpress.backends.tvm import TuneOptions, compile_tvm  # noqa: E402
+from fxpress.backends.tvm.build import _VMRunner  # noqa: E402
 from tests.models import resnet18  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-untuned", action="store_true")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or tempfile.mkdtemp(prefix="fxpress-tvm-bench-")
@@ -110,7 +111,11 @@ def main() -> None:
     row("eager fp32", lambda t: gm(t))
     if not args.skip_untuned:
         run = compile_tvm(gm, (x,))
-        row("TVM fp32 untuned", run, f"compile {run.report['compile_s']} s")
+        row("TVM fp32 untuned", run, f"compile {run.report['compile_s']} s; parallel loops {run.report['parallel']}")
+        import tvm
+        static = _VMRunner(run.executable, tvm.cpu(0), "cpu")  # same kernels, TVM's own launcher
+        row("TVM fp32 untuned, TVM's static split", lambda t: static.run_flat([t])[0],
+            "same executable, in-memory, TVMBackendParallelLaunch")
     opts = TuneOptions(trials=args.trials, time_budget_s=args.tune_seconds, cache_dir=cache)
     run = compile_tvm(gm, (x,), tune=opts)
     t = run.report["tuning"]

@@ -9,7 +9,10 @@ On CPU every kernel gets a schedule without tuning (`schedules.py`: NHWC conv re
 tiles over prepacked weights, parallel + vectorized loops elsewhere); tuning measures the
 templates' candidate tiles first, then spends what is left of the budget on MetaSchedule's
 search for the kernels no template covers. `run.report["schedules"]` counts which kernels
-got what. ResNet-18 here: 2.2 s as legalized, 33 ms with the templates (ORT fp32: 25 ms).
+got what. Parallel loops take their work in chunks from an atomic counter instead of TVM's
+one-share-per-thread split (`parallel.py`; `run.report["parallel"]`). ResNet-18 here:
+2.2 s as legalized, 23-32 ms with the templates depending on how busy the host is
+(ORT fp32: 21-25 ms; docs/results/tvm_cpu.md).
 
 Tuning records are kept per (graph hash, target) under the user cache directory
 (``$FXPRESS_TVM_CACHE``, else ``$XDG_CACHE_HOME/fxpress/tvm``, else ``~/.cache/fxpress/tvm``);

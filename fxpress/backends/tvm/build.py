@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,8 +183,14 @@ class TVMLowered(Lowered):
     def __init__(self, gm, executable, target, report: dict | None = None):
         super().__init__(gm)
         self.executable, self.target = executable, target
-        self._runner = _VMRunner(executable, _device(target), "cuda" if target.kind.name == "cuda" else "cpu")
         self.report.update(report or {})
+        module = executable
+        if target.kind.name == "llvm":  # parallel loops take work in chunks (parallel.py)
+            from .parallel import load_module
+            t0 = time.perf_counter()
+            module, self.report["parallel"] = load_module(executable)
+            self.report["parallel_setup_s"] = round(time.perf_counter() - t0, 2)  # export + dlopen
+        self._runner = _VMRunner(module, _device(target), "cuda" if target.kind.name == "cuda" else "cpu")
 
     def run_flat(self, flat_inputs):
         with torch.no_grad():
@@ -216,12 +223,19 @@ class TVMModule:
         self._out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
         cuda = meta.get("kind") == "cuda"
         dev = tvm.cuda(0) if cuda else tvm.cpu(0)
-        self._runner = _VMRunner(tvm.runtime.load_module(str(path)), dev, "cuda" if cuda else "cpu")
+        module = tvm.runtime.load_module(str(path))
+        self.parallel = "static (cuda)" if cuda else _install_launcher(path)
+        self._runner = _VMRunner(module, dev, "cuda" if cuda else "cpu")
 
     def __call__(self, *args, **kwargs):
         flat = flatten_inputs(self._in_spec, args, kwargs)
         with torch.no_grad():
             return unflatten_outputs(self._out_spec, self._runner.run_flat(flat))
+
+
+def _install_launcher(path: Path) -> str:
+    from .parallel import install
+    return install(path.resolve())
 
 
 def load(path) -> TVMModule:
