@@ -170,6 +170,10 @@ def install(path) -> str:
         ptr = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
     except ValueError:
         return "static (no parallel loops)"
+    if hasattr(lib, "__TVMBackendParallelBarrier"):
+        # a kernel that synchronizes its tasks inside a parallel loop needs every task id
+        # running at once, which chunks taken one after another do not give it
+        return "static (a kernel synchronizes inside a parallel loop)"
     ptr.value = addr
     return how
 
