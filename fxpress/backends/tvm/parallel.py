@@ -15,8 +15,9 @@ into ``chunks`` pieces (generated code computes its range from ``penv->num_task`
 lets the pool threads take pieces from an atomic counter until none are left. The kernels
 themselves are unchanged; results are bit-identical.
 
-Measured on the 2-vCPU VM of docs/results/tvm_cpu.md (ResNet-18, paired rounds against
-the static split while the host was busy): 5 % lower median latency with 16 chunks.
+Measured on the 2-vCPU VM of docs/results/tvm_cpu.md (ResNet-18, the same executable on
+both launchers in one run): 30.4 -> 27.1 ms and 33.6 -> 31.8 ms median in two benches; 16
+chunks beat 6 and 48 in paired rounds.
 
 Without a C compiler, or with ``FXPRESS_TVM_PARALLEL=static``, kernels keep TVM's static
 split and `report["parallel"]` says why.
