@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import fxpress  # noqa: E402
+import tvm  # noqa: E402
 from fxpress.backends.tvm import TuneOptions, compile_tvm  # noqa: E402
 from fxpress.backends.tvm.build import _VMRunner  # noqa: E402
 from tests.models import resnet18  # noqa: E402
@@ -112,7 +113,6 @@ def main() -> None:
     if not args.skip_untuned:
         run = compile_tvm(gm, (x,))
         row("TVM fp32 untuned", run, f"compile {run.report['compile_s']} s; parallel loops {run.report['parallel']}")
-        import tvm
         static = _VMRunner(run.executable, tvm.cpu(0), "cpu")  # same kernels, TVM's own launcher
         row("TVM fp32 untuned, TVM's static split", lambda t: static.run_flat([t])[0],
             "same executable, in-memory, TVMBackendParallelLaunch")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,7 +84,6 @@ def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict 
     tasks), and the weight repacks the templates ask for are split out and folded into the
     constants. `counts`, if given, receives how many kernels each kind of schedule got.
     """
-    import tvm
     from tvm import relax
 
     cpu = target.kind.name == "llvm"
@@ -184,12 +185,14 @@ class TVMLowered(Lowered):
         super().__init__(gm)
         self.executable, self.target = executable, target
         self.report.update(report or {})
-        module = executable
+        module, self._library = executable, None
         if target.kind.name == "llvm":  # parallel loops take work in chunks (parallel.py)
             from .parallel import load_module
             t0 = time.perf_counter()
-            module, self.report["parallel"] = load_module(executable)
+            module, self.report["parallel"], self._library = load_module(executable)
             self.report["parallel_setup_s"] = round(time.perf_counter() - t0, 2)  # export + dlopen
+            if self._library is not None:
+                weakref.finalize(self, shutil.rmtree, str(self._library.parent), True)
         self._runner = _VMRunner(module, _device(target), "cuda" if target.kind.name == "cuda" else "cpu")
 
     def run_flat(self, flat_inputs):
@@ -199,7 +202,10 @@ class TVMLowered(Lowered):
     def save(self, path) -> Path:
         """Write a shared library (export_library) plus `<path>.json` with the I/O structure."""
         path = Path(path)
-        atomic_write(path, lambda tmp: self.executable.export_library(tmp))
+        if self._library is not None:  # already exported for the chunked launcher
+            atomic_write(path, lambda tmp: shutil.copyfile(self._library, tmp))
+        else:
+            atomic_write(path, lambda tmp: self.executable.export_library(tmp))
         meta = {"format": "fxpress-tvm-1", "target": str(self.target), "kind": self.target.kind.name,
                 "in_spec": pytree.treespec_dumps(self._in_spec) if self._in_spec else None,
                 "out_spec": pytree.treespec_dumps(self._out_spec) if self._out_spec else None}
@@ -224,18 +230,17 @@ class TVMModule:
         cuda = meta.get("kind") == "cuda"
         dev = tvm.cuda(0) if cuda else tvm.cpu(0)
         module = tvm.runtime.load_module(str(path))
-        self.parallel = "static (cuda)" if cuda else _install_launcher(path)
+        if cuda:
+            self.parallel = "static (cuda)"
+        else:
+            from .parallel import install
+            self.parallel = install(path)
         self._runner = _VMRunner(module, dev, "cuda" if cuda else "cpu")
 
     def __call__(self, *args, **kwargs):
         flat = flatten_inputs(self._in_spec, args, kwargs)
         with torch.no_grad():
             return unflatten_outputs(self._out_spec, self._runner.run_flat(flat))
-
-
-def _install_launcher(path: Path) -> str:
-    from .parallel import install
-    return install(path.resolve())
 
 
 def load(path) -> TVMModule:

@@ -84,21 +84,15 @@ _state: dict = {}
 
 
 def _threads() -> int:
-    from .build import usable_cores
-    try:
-        return max(1, int(os.environ.get("TVM_NUM_THREADS", "")))
-    except ValueError:
-        return usable_cores()
+    """Size of TVM's thread pool (the package sets TVM_NUM_THREADS before it starts)."""
+    import tvm
+    return int(tvm.get_global_func("runtime.NumThreads")())
 
 
 def _runtime_launch_address() -> int:
-    """Address of TVM's own TVMBackendParallelLaunch in the loaded libtvm_runtime."""
-    import tvm  # noqa: F401 - loads libtvm_runtime
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if line.rstrip().endswith("libtvm_runtime.so")}
-    if not libs:
-        raise OSError("libtvm_runtime.so is not mapped in this process")
-    rt = ctypes.CDLL(sorted(libs)[0])
+    """Address of TVM's own TVMBackendParallelLaunch (the libtvm_runtime TVM loaded)."""
+    from tvm.libinfo import find_libtvm_runtime
+    rt = ctypes.CDLL(str(find_libtvm_runtime()))  # dlopen of a loaded library: the same handle
     return ctypes.cast(rt.TVMBackendParallelLaunch, ctypes.c_void_p).value
 
 
@@ -182,21 +176,21 @@ def install(path) -> str:
 def load_module(executable):
     """Export `executable` to a shared library, load it, install the launcher.
 
-    Returns (runtime module, description). Falls back to the in-memory `executable` with
-    TVM's static split if the launcher or the export is not available.
+    Returns (runtime module, description, library path). The library stays in a temporary
+    directory the caller owns (``path.parent``; `TVMLowered.save` copies it instead of
+    exporting again). Falls back to the in-memory `executable` with TVM's static split,
+    and no path, if the launcher or the export is not available.
     """
     import tvm
     addr, how = launcher()
     if addr is None:
-        return executable, how
+        return executable, how, None
     tmp = tempfile.mkdtemp(prefix="fxpress-tvm-")
+    path = Path(tmp) / "kernels.so"
     try:
-        path = Path(tmp) / "kernels.so"
         executable.export_library(str(path))
         mod = tvm.runtime.load_module(str(path))
-        how = install(path)
+        return mod, install(path), path
     except Exception as e:  # noqa: BLE001 - export needs a toolchain; the JIT module still runs
-        return executable, f"static (export for the dynamic launcher failed: {type(e).__name__}: {e})"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the loaded mapping outlives the file
-    return mod, how
+        shutil.rmtree(tmp, ignore_errors=True)
+        return executable, f"static (export for the dynamic launcher failed: {type(e).__name__}: {e})", None
