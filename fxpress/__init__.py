@@ -17,6 +17,7 @@ from .passes.factorize import LowRank
 from .passes.manager import PassManager
 from .passes.prune import ChannelPruning, MagnitudeSparsity
 from .passes.quant import Quantize, convert
+from .passes.quant.weight_only import WeightOnly
 from .recipe import Recipe
 
 __version__ = "0.1.0"
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Distill", "distill",
     "ChannelPruning", "MagnitudeSparsity",
-    "Quantize", "convert",
+    "Quantize", "convert", "WeightOnly",
     "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
     "PassResult", "PassManager", "FoldBatchNorm", "DeadCodeElimination", "ConstantFold",
     "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",

@@ -6,5 +6,6 @@ from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm  # 
 from .passes.analysis import CostAnalysis, ShapeProp  # noqa: F401
 from .passes.factorize import LowRank  # noqa: F401
 from .passes.quant import Quantize  # noqa: F401
+from .passes.quant.weight_only import WeightOnly  # noqa: F401
 from .passes.prune import ChannelPruning, MagnitudeSparsity  # noqa: F401
 from .passes.distill import Distill  # noqa: F401

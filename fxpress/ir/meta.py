@@ -236,6 +236,31 @@ class Factorization(Record):
         return p
 
 
+@dataclass(frozen=True)
+class WeightOnlySpec(Record):
+    """A weight-only quantized linear weight (on its dequantize node): int4/int8 values in an
+    int8 tensor, one scale (and zero point when asymmetric) per `group_size` inputs of a row."""
+
+    KEY: ClassVar[str] = "weight_only"
+    bits: int                 # 4 | 8
+    group_size: int           # inputs per scale along K; -1: one scale per output row
+    method: str               # rtn | gptq | awq
+    symmetric: bool = True
+    in_features: int = 0      # K
+    out_features: int = 0     # N
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.bits not in (4, 8):
+            p.append(f"WeightOnlySpec.bits {self.bits} not in (4, 8)")
+        if self.method not in ("rtn", "gptq", "awq"):
+            p.append(f"WeightOnlySpec.method {self.method!r} not rtn/gptq/awq")
+        if self.group_size != -1 and (self.group_size < 2 or
+                                      (self.in_features and self.in_features % self.group_size)):
+            p.append(f"WeightOnlySpec.group_size {self.group_size} does not divide K={self.in_features}")
+        return p
+
+
 def _store(node: fx.Node) -> dict:
     return node.meta.setdefault(META_KEY, {})
 

@@ -1,0 +1,283 @@
+"""WeightOnly: int4/int8 weight-only quantization of linears (RTN, GPTQ, AWQ) for LLMs.
+
+    fxpress.WeightOnly(bits=4, group_size=128)                        # round to nearest
+    fxpress.WeightOnly(bits=4, group_size=128, method="gptq")         # needs calibration=
+    fxpress.WeightOnly(bits=8, group_size=-1, method="awq", skip=["lm_head", "model.layers.0.*"])
+
+IR form (DESIGN, "Weight-only quantization uses the same Q/DQ convention"): the linear's
+weight becomes an int8 get_attr ``<weight>_int8`` holding the integer values (int4 values lie
+in [-8, 7]), then ``quantized_decomposed.dequantize_per_channel_group`` (scales ``[N, K/g]``;
+zero points only when asymmetric) -- or ``dequantize_per_channel`` for ``group_size=-1`` --
+then the linear, which still reads float activations. The dequantize node carries a
+``WeightOnlySpec`` (bits, group size, method) and a ``QuantSpec``; packing is the backends'
+business (ORT ``MatMulNBits``: fxpress.backends.onnx.nbits; Inductor: fxpress.backends.inductor_wo).
+
+Policy: only ``aten.linear`` weights are quantized. Embeddings stay float and ``lm_head`` is
+skipped by default, as llm-compressor's W4A16/W8A16 schemes do (``ignore=["lm_head"]``): the
+output projection is the most sensitive layer and is often tied to the embedding. Pass
+``skip=()`` to quantize it too. A weight read by more than one node (tied) is never quantized.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from ...errors import CalibrationError, RecipeError
+from ...ir.meta import QuantSpec, WeightOnlySpec, lineage, module_path, set_record
+from ...recipe import check_choice, check_range, recipe_entry
+from ..base import Pass, PassContext, PassResult, RecipeEntry
+from .convert import fetch_attr, register_tensor
+
+__all__ = ["WeightOnly", "WeightOnlyQuant", "qrange", "group_qparams", "quantize_groups",
+           "dequantize_groups", "target_linears", "collect_linear_inputs"]
+
+aten = torch.ops.aten
+BITS = (4, 8)
+GROUP_SIZES = (16, 32, 64, 128, 256, -1)
+METHODS = ("rtn", "gptq", "awq")
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of `bits`: (-8, 7) for 4, (-128, 127) for 8."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def group_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) per row of `w` [rows, g]; symmetric: s = absmax / ((qmax - qmin) / 2).
+
+    >>> s, z = group_qparams(torch.tensor([[-1.0, 0.5]]), 4, True)   # s = 1 / 7.5, z = 0
+    """
+    qmin, qmax = qrange(bits)
+    if symmetric:
+        scale = w.abs().amax(-1) / ((qmax - qmin) / 2)
+        return scale.clamp(min=1e-10), torch.zeros_like(scale, dtype=torch.int8)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-10)
+    zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int8)
+    return scale, zp
+
+
+def quantize_groups(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
+                    group_size: int) -> torch.Tensor:
+    """Integer values (int8 tensor) of `w` [N, K] with per-group scale/zp [N, K/g]."""
+    qmin, qmax = qrange(bits)
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    wg = w.reshape(n, k // g, g)
+    q = torch.round(wg / scale.reshape(n, -1, 1)) + zp.reshape(n, -1, 1).float()
+    return q.clamp(qmin, qmax).to(torch.int8).reshape(n, k)
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    n, k = q.shape
+    g = k if group_size == -1 else group_size
+    qg = q.reshape(n, k // g, g).float() - zp.reshape(n, -1, 1).float()
+    return (qg * scale.reshape(n, -1, 1)).reshape(n, k)
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round-to-nearest: (q int8 [N, K], scale [N, K/g], zp int8 [N, K/g])."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    scale, zp = group_qparams(w.reshape(n, k // g, g), bits, symmetric)
+    return quantize_groups(w, scale, zp, bits, group_size), scale, zp
+
+
+@recipe_entry
+@dataclass(frozen=True)
+class WeightOnly(RecipeEntry):
+    """Weight-only int4/int8 quantization of linear weights (activations stay float).
+
+    bits: 4 or 8. group_size: inputs (along K) per scale: 16 | 32 | 64 | 128 | 256, or -1 for
+      one scale per output channel; it must divide every quantized layer's K.
+    method: "rtn" (round to nearest), "gptq" (Hessian-based error compensation, Frantar et al.
+      2023) or "awq" (activation-aware per-channel scaling, Lin et al. 2024); gptq/awq need
+      ``compress(..., calibration=batches)``.
+    symmetric: zero point 0 (True) or one zero point per group (False).
+    skip: module-path patterns (fnmatch) left in float; default ("lm_head",) - see module doc.
+    damp / act_order / block: GPTQ's Hessian damping (fraction of mean diagonal), column order
+      by decreasing Hessian diagonal (with static groups), columns per compensation block.
+    awq_grid: AWQ's number of scale exponents tried in [0, 1); awq_clip: also search a
+      per-group clipping ratio on the calibration activations.
+    calib_batches / calib_samples: how much calibration data to read (as Quantize).
+    """
+
+    name: ClassVar[str] = "weight_only"
+    bits: int = 4
+    group_size: int = 128
+    method: str = "rtn"
+    symmetric: bool = True
+    skip: tuple = ("lm_head",)
+    damp: float = 0.01
+    act_order: bool = False
+    block: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    calib_batches: int | None = None
+    calib_samples: int = 128
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise RecipeError("weight-only quantization supports 4 or 8 bits", field="bits",
+                              value=self.bits, accepted=BITS)
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        check_choice("method", self.method, METHODS)
+        check_choice("symmetric", self.symmetric, (True, False))
+        check_choice("act_order", self.act_order, (False, True))
+        check_choice("awq_clip", self.awq_clip, (True, False))
+        check_range("damp", self.damp, 0.0, 1.0, lo_open=True)
+        check_range("block", self.block, 1)
+        check_range("awq_grid", self.awq_grid, 1)
+        check_range("calib_samples", self.calib_samples, 1)
+        if self.calib_batches is not None:
+            check_range("calib_batches", self.calib_batches, 1)
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        for s in skip:
+            if not isinstance(s, str):
+                raise RecipeError("skip patterns are module-path strings", field="skip", value=s)
+        object.__setattr__(self, "skip", skip)
+
+    def skipped(self, module: str) -> bool:
+        return any(fnmatch.fnmatchcase(module, p) or module.startswith(p + ".") for p in self.skip)
+
+    def passes(self) -> list[Pass]:
+        from ..cleanup import DeadCodeElimination
+        return [WeightOnlyQuant(self), DeadCodeElimination()]
+
+
+def target_linears(gm: fx.GraphModule, cfg: WeightOnly) -> list[fx.Node]:
+    """Linears whose weight is a 2-d float get_attr read only by them, not skipped; checks K."""
+    out = []
+    for n in gm.graph.nodes:
+        if not (n.op == "call_function" and n.target is aten.linear.default):
+            continue
+        w = n.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1):
+            continue
+        t = fetch_attr(gm, w.target)
+        if t.dim() != 2 or not t.is_floating_point() or cfg.skipped(module_path(n)):
+            continue
+        k = t.shape[1]
+        if cfg.group_size != -1 and k % cfg.group_size:
+            raise RecipeError(f"group_size {cfg.group_size} does not divide the input size K={k} "
+                              f"of layer {module_path(n)!r} (node {n.name!r}); pick a group size "
+                              "that divides it, -1 (per channel), or skip the layer",
+                              field="group_size", value=cfg.group_size, accepted=GROUP_SIZES)
+        out.append(n)
+    return out
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the IR and hands each target linear's input activation to `observe(node, x)`."""
+
+    def __init__(self, gm, targets, observe):
+        super().__init__(gm)
+        self.targets, self.observe = set(targets), observe
+
+    def run_node(self, n):
+        if n in self.targets:
+            x = self.env[n.args[0]]
+            self.observe(n, x.detach().reshape(-1, x.shape[-1]).float())
+        return super().run_node(n)
+
+
+def collect_linear_inputs(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly,
+                          targets: list[fx.Node], observe) -> int:
+    """Feed calibration batches through the IR, calling observe(linear, x2d); returns batches."""
+    from .calibrate import calibration_batches, check_batch
+    if ctx.calibration is None:
+        raise CalibrationError(f"WeightOnly(method={cfg.method!r}) reads activations: pass "
+                               "compress(..., calibration=batches) (an iterable of input batches, "
+                               "e.g. 128 sequences of real text)")
+    seen = 0
+    with torch.no_grad():
+        for i, b in calibration_batches(ctx, cfg, required=True):
+            flat = check_batch(gm, b, i)
+            _Recorder(gm, targets, observe).run(*flat)
+            seen += 1
+    if seen == 0:
+        raise CalibrationError("calibration is empty: the iterable gave no batches")
+    return seen
+
+
+def _rewrite(gm: fx.GraphModule, lin: fx.Node, q: torch.Tensor, scale: torch.Tensor,
+             zp: torch.Tensor, cfg: WeightOnly) -> None:
+    """weight get_attr -> int8 get_attr -> dequantize(_per_channel_group) -> linear."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+    qd = torch.ops.quantized_decomposed
+    w_node = lin.args[1]
+    w = fetch_attr(gm, w_node.target)
+    n, k = w.shape
+    qmin, qmax = qrange(cfg.bits)
+    base = str(w_node.target)
+    q_t = register_tensor(gm, base + "_int8", q)
+    if cfg.group_size == -1:
+        s_t = register_tensor(gm, base + "_scale", scale.reshape(n).float())
+        z_t = register_tensor(gm, base + "_zero_point", zp.reshape(n).to(torch.int64))
+    else:
+        s_t = register_tensor(gm, base + "_scale", scale.reshape(n, k // cfg.group_size).float())
+        z_t = None if cfg.symmetric else register_tensor(
+            gm, base + "_zero_point", zp.reshape(n, k // cfg.group_size).to(torch.int32))
+    g = gm.graph
+    with g.inserting_before(lin):
+        qn, sn = g.get_attr(q_t), g.get_attr(s_t)
+        zn = g.get_attr(z_t) if z_t is not None else None
+        if cfg.group_size == -1:
+            dq = g.call_function(qd.dequantize_per_channel.default,
+                                 (qn, sn, zn, 0, qmin, qmax, torch.int8))
+        else:
+            dq = g.call_function(qd.dequantize_per_channel_group.default,
+                                 (qn, sn, zn, qmin, qmax, torch.int8, cfg.group_size, w.dtype))
+    lin.replace_input_with(w_node, dq)
+    lin0 = lineage(lin)
+    for node in (qn, sn, zn, dq):
+        if node is not None and lin0 is not None:
+            set_record(node, lin0.derived("get_attr" if node is not dq else str(dq.target)))
+    set_record(dq, QuantSpec(dtype="int4" if cfg.bits == 4 else "int8", qscheme="per_channel",
+                             symmetric=cfg.symmetric, axis=0))
+    set_record(dq, WeightOnlySpec(cfg.bits, cfg.group_size, cfg.method, cfg.symmetric, k, n))
+    dq.meta["val"] = w_node.meta.get("val")
+    for node, t in ((qn, q), (sn, fetch_attr(gm, s_t))):
+        node.meta["val"] = t
+    if zn is not None:
+        zn.meta["val"] = fetch_attr(gm, z_t)
+    g.erase_node(w_node)
+    owner, _, attr = base.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+@dataclass(frozen=True)
+class WeightOnlyQuant(Pass):
+    """Quantize the weights of the config's target linears (RTN / GPTQ / AWQ) into the Q/DQ form."""
+
+    name: ClassVar[str] = "quant_weight_only"
+    config: Any = None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg = self.config or WeightOnly()
+        targets = target_linears(gm, cfg)
+        stats: dict[str, Any] = {"method": cfg.method, "bits": cfg.bits,
+                                 "group_size": cfg.group_size}
+        if cfg.method == "gptq":
+            from .gptq import gptq_targets
+            results = gptq_targets(gm, ctx, cfg, targets, stats)
+        elif cfg.method == "awq":
+            from .awq import awq_targets
+            results = awq_targets(gm, ctx, cfg, targets, stats)
+        else:
+            results = {}
+            for lin in targets:
+                w = fetch_attr(gm, lin.args[1].target).detach().float()
+                results[lin] = rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)
+        for lin, (q, scale, zp) in results.items():
+            _rewrite(gm, lin, q, scale, zp, cfg)
+        gm.graph.lint()
+        gm.recompile()
+        stats["quantized"] = len(results)
+        stats["layers"] = [module_path(n) for n in results]
+        return PassResult(gm, bool(results), stats)
