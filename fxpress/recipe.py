@@ -5,53 +5,39 @@
     fxpress.Recipe.load("r.yaml") == recipe
 
 YAML form: a list whose items are ``{entry_name: {option: value}}`` (or a bare name),
-optionally under a top-level ``passes:`` key.
+optionally under a top-level ``passes:`` key. JSON is YAML, so ``.json`` files load too.
+A file that cannot be read as such (missing, a directory, not UTF-8, bad syntax) is a
+``RecipeError`` naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import RecipeError
 from .passes.base import Pass, RecipeEntry
 
-__all__ = ["Recipe", "recipe_entry", "known_entries", "check_choice", "check_range"]
+# Re-exported: the table and the checks live in fxpress.registry so passes can use them
+# without importing this loader.
+from .registry import check_choice, check_range, recipe_entry, registered
 
-_REGISTRY: dict[str, type[RecipeEntry]] = {}
-
-
-def recipe_entry(cls: type[RecipeEntry]) -> type[RecipeEntry]:
-    """Class decorator: make `cls` available in recipes under `cls.name`."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} needs a ClassVar `name`")
-    _REGISTRY[cls.name] = cls
-    return cls
+__all__ = ["Recipe", "check_choice", "check_range", "known_entries", "recipe_entry"]
 
 
 def known_entries() -> dict[str, type[RecipeEntry]]:
-    from . import configs  # noqa: F401  (imports every module that registers entries)
-    return dict(_REGISTRY)
+    """Every registered entry by recipe name.
 
+    Complete without importing anything here: Python runs ``fxpress/__init__.py`` (which
+    imports ``fxpress.configs``, hence every family) before any ``fxpress.*`` module, so
+    by the time this can be called every entry has registered. Importing the families
+    from here instead would close a circle recipe -> configs -> families -> recipe.
 
-def check_choice(field: str, value: Any, accepted: Iterable[Any]) -> None:
-    """Raise RecipeError naming `field` unless `value` is one of `accepted`."""
-    accepted = list(accepted)
-    if value not in accepted:
-        raise RecipeError("invalid value", field=field, value=value, accepted=accepted)
-
-
-def check_range(field: str, value: Any, lo: float | None = None, hi: float | None = None,
-                *, lo_open: bool = False, hi_open: bool = False) -> None:
-    """Raise RecipeError naming `field` unless lo <= value <= hi (open ends when asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError("must be a number", field=field, value=value)
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-          (hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise RecipeError(f"must be in {lb}{lo}, {hi}{rb}", field=field, value=value)
+        "quantize" in known_entries()   # True
+    """
+    return dict(registered())
 
 
 class Recipe:
@@ -68,7 +54,7 @@ class Recipe:
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def coerce(cls, recipe: Any) -> "Recipe":
+    def coerce(cls, recipe: Any) -> Recipe:
         """Accept a Recipe, a list of configs or dicts, one config, or a YAML/JSON path."""
         if isinstance(recipe, Recipe):
             return recipe
@@ -84,7 +70,7 @@ class Recipe:
                           field="recipe", value=type(recipe).__name__)
 
     @classmethod
-    def from_list(cls, items: list[Any]) -> "Recipe":
+    def from_list(cls, items: list[Any]) -> Recipe:
         known = known_entries()
         out: list[RecipeEntry] = []
         for i, item in enumerate(items):
@@ -124,21 +110,25 @@ class Recipe:
         return cls(out)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
-        import yaml
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """Read a YAML/JSON recipe file; every way it can be unreadable is a RecipeError naming it.
+
+            Recipe.load("r.yaml")          # {passes: [{quantize: {mode: static}}]}
+        """
         p = Path(path)
-        if not p.is_file():
-            raise RecipeError("recipe file not found", field="path", value=str(p))
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML/JSON: {e}", field="path", value=str(p)) from e
+        data = _read_recipe_file(p)
         if isinstance(data, dict) and "passes" in data:
             data = data["passes"]
         if not isinstance(data, list):
-            raise RecipeError(f"{p}: a recipe is a list of passes (or {{passes: [...]}})",
-                              field="path", value=str(p))
-        return cls.from_list(data)
+            raise RecipeError(f"{p}: a recipe is a list of passes (or {{passes: [...]}}), "
+                              f"not a {type(data).__name__}", field="path", value=str(p))
+        try:
+            return cls.from_list(data)
+        except RecipeError as e:
+            # Same field/value/accepted, message prefixed with the file it came from.
+            err = RecipeError(f"{p}: {e}")
+            err.field, err.value, err.accepted = e.field, e.value, e.accepted
+            raise err from e
 
     # -- output ---------------------------------------------------------------------
     def to_list(self) -> list[dict[str, Any]]:
@@ -146,6 +136,7 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> Path:
         import yaml
+
         from .utils import atomic_write_text
         return atomic_write_text(path, yaml.safe_dump({"passes": self.to_list()}, sort_keys=False))
 
@@ -163,6 +154,29 @@ class Recipe:
 
     def __repr__(self) -> str:
         return f"Recipe({self.entries!r})"
+
+
+def _read_recipe_file(p: Path) -> Any:
+    """The parsed YAML/JSON of `p`, or a RecipeError that names `p` and why it is unreadable."""
+    import yaml
+    if p.is_dir():
+        raise RecipeError(f"{p}: is a directory, not a recipe file", field="path", value=str(p))
+    if not p.exists():
+        raise RecipeError(f"{p}: recipe file not found", field="path", value=str(p))
+    try:
+        raw = p.read_bytes()
+    except OSError as e:  # permissions, a FIFO gone, I/O errors
+        raise RecipeError(f"{p}: cannot read recipe file: {e.strerror or e}",
+                          field="path", value=str(p)) from e
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM some editors write is not an error
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not a text recipe file (invalid UTF-8 at byte {e.start})",
+                          field="path", value=str(p)) from e
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise RecipeError(f"{p}: not valid YAML/JSON: {e}", field="path", value=str(p)) from e
 
 
 def _plain(v: Any) -> Any:

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ...ir.meta import Lineage, lineage, set_record
-from ...recipe import recipe_entry
+from ...registry import recipe_entry
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["FoldBatchNorm", "fold_bn_weights"]

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from ...ir.meta import lineage, set_record
-from ...recipe import recipe_entry
+from ...registry import recipe_entry
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["ConstantFold", "is_quant_op"]

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from ...recipe import recipe_entry
+from ...registry import recipe_entry
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["DeadCodeElimination", "remove_unused_attributes"]

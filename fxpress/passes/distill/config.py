@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from ...errors import CalibrationError, RecipeError
-from ...recipe import check_choice, check_range, recipe_entry
+from ...registry import check_choice, check_range, recipe_entry
 from ..base import Pass, PassContext, PassResult
 from .offline import distill_offline
 from .online import distill_online

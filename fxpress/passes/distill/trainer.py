@@ -4,6 +4,12 @@ A batch is an input tuple, optionally followed by integer class labels:
 ``(x,)``, ``x``, ``(x, y)`` for a one-input model. Labels are used for the
 hard-label cross-entropy term when present; without them the losses are purely
 distillation losses (the teacher, the peers or the deepest exit supply targets).
+
+A student wrapped in DistributedDataParallel is accepted: the trainers run its inner module
+(taps, exits and peers are outside what DDP's forward sees) and average the gradients over
+the DDP's process group after each backward, as DDP would; modules a trainer creates on each
+rank (hint adapters, exit heads) and the peers start from rank 0's values. Each rank's data
+is its shard.
 """
 from __future__ import annotations
 
@@ -15,13 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ... import distributed
 from ...errors import CalibrationError
-from ...recipe import check_choice, check_range
+from ...registry import check_choice, check_range
 from ...utils import split_labels
 
 __all__ = [
     "Schedule",
     "cross_entropy",
+    "data_parallel",
+    "gradient_sync",
     "first_output",
     "num_inputs",
     "reiterable",
@@ -128,6 +137,23 @@ class training_mode:
         return False
 
 
+def data_parallel(module: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """(module to train, process group): a DDP-wrapped module's inner module and its group,
+    anything else as it is with None."""
+    return distributed.unwrap(module)
+
+
+def gradient_sync(group: Any, params: Sequence[torch.nn.Parameter],
+                  fresh: Sequence[torch.nn.Module] = ()) -> Callable[[], None] | None:
+    """None without a process group; else `fresh` modules take rank 0's values now and the
+    returned hook (run after each backward) averages `params`' gradients over `group`."""
+    if group is None:
+        return None
+    for m in fresh:
+        distributed.broadcast_module(m, group)
+    return lambda: distributed.average_gradients(params, group)
+
+
 def first_output(out: Any) -> torch.Tensor:
     """The logits of a model output: the tensor itself, or the first tensor leaf."""
     if isinstance(out, torch.Tensor):
@@ -147,10 +173,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Te
 def run_epochs(step: Callable[[tuple, torch.Tensor | None], dict[str, torch.Tensor]],
                optimizers: Sequence[torch.optim.Optimizer], data: Iterable, schedule: Schedule,
                n_inputs: int | None, *, progress: Callable[[int, dict], None] | None = None,
-               desc: str = "distill") -> list[dict[str, float]]:
+               desc: str = "distill",
+               after_backward: Callable[[], None] | None = None) -> list[dict[str, float]]:
     """Run `step(inputs, labels) -> {"loss": ..., other terms}` over `data` for the schedule.
 
-    Each loss dict's "loss" is back-propagated; the optimisers step after each batch.
+    Each loss dict's "loss" is back-propagated (then `after_backward()`, e.g. the gradient
+    average of gradient_sync); the optimisers step after each batch.
     Returns per-epoch means of every term.
     """
     history: list[dict[str, float]] = []
@@ -177,6 +205,8 @@ def run_epochs(step: Callable[[tuple, torch.Tensor | None], dict[str, torch.Tens
                 raise CalibrationError(f"distillation loss became {loss.item()} at epoch {epoch}, "
                                        f"step {steps}: lower the learning rate")
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             for opt in optimizers:
                 opt.step()
             for sc in scheds:

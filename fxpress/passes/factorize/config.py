@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import RecipeError
-from ...recipe import check_choice, check_range, recipe_entry
+from ...registry import check_choice, check_range, recipe_entry
 from ..base import Pass, RecipeEntry
 
 __all__ = ["LowRank", "METHODS"]

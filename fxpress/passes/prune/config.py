@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import RecipeError
-from ...recipe import check_choice, check_range, recipe_entry
+from ...registry import check_choice, check_range, recipe_entry
 from ..base import RecipeEntry
 from .importance import IMPORTANCES
 

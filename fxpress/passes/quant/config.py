@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 
 from ...errors import RecipeError
 from ...ir.meta import QuantSpec
-from ...recipe import check_choice, check_range, recipe_entry
+from ...registry import check_choice, check_range, recipe_entry
 from ..base import Pass, RecipeEntry
 
 __all__ = ["Quantize", "parse_spec", "WEIGHT_SPECS", "ACTIVATION_SPECS", "OP_KINDS",
@@ -69,7 +69,15 @@ class Quantize(RecipeEntry):
       CPUs without VNNI (AVX2), the u8 x s8 int8 kernels of ORT/oneDNN/fbgemm add products in
       int16 pairs that saturate on full-range weights; with this the ORT backend runs them at
       full speed and bit-exact (it otherwise shifts the weights to uint8: exact but ~1.4x slower).
-      Costs weight resolution (ResNet-18: ~2.8 dB SQNR vs fp32).
+      Costs weight resolution (ResNet-18: ~2.8 dB SQNR vs fp32). Same as weight_range="reduced".
+    weight_range: "auto" | "full" | "reduced": the int8 weight form per layer from the host's
+      ISA (``fxpress.hw``; see passes/quant/weight_form.py). auto: full-range s8 with VNNI;
+      without it full range where every adjacent K-pair |w0|+|w1| <= 128, else [-64, 64] (exact
+      and fast on vpmaddubsw). full: never requantize (u8 x u8 where the pairs do not fit).
+      Each weight's choice is a WeightForm record and a row of report["quant_weight_forms"].
+    latency_check: "auto" times each conv/linear float vs int8 on `latency_backend` (the
+      latency service, cached per shape/ISA/backend) and keeps it float where int8 is slower
+      (report["quant_latency"]: both timings per layer); "off" quantizes every layer.
     smooth: SmoothQuant migration strength alpha in (0, 1) (e.g. 0.5): per-channel rescaling of
       linear inputs into their weights, measured on the calibration batches (transformers).
     sensitivity: measure per-layer SQNR (each layer quantized alone) into cm.report.
@@ -94,6 +102,9 @@ class Quantize(RecipeEntry):
     ops: tuple = OP_KINDS
     quantize_outputs: bool = True
     reduce_range: bool = False
+    weight_range: str = "auto"
+    latency_check: str = "off"
+    latency_backend: str = "inductor"
     smooth: float | None = None
     sensitivity: bool = False
     keep_float: int = 0
@@ -124,6 +135,13 @@ class Quantize(RecipeEntry):
             raise RecipeError("weights and activations are both 'none': nothing to quantize",
                               field="weights", value=self.weights, accepted=WEIGHT_SPECS[:-1])
         check_choice("reduce_range", self.reduce_range, (False, True))
+        from .weight_form import POLICIES
+        check_choice("weight_range", self.weight_range, POLICIES)
+        if self.reduce_range:
+            object.__setattr__(self, "weight_range", "reduced")
+        check_choice("latency_check", self.latency_check, ("auto", "off"))
+        from ...latency import BACKENDS
+        check_choice("latency_backend", self.latency_backend, BACKENDS)
         check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
         if self.calib_batches is not None:
             check_range("calib_batches", self.calib_batches, 1)
@@ -180,7 +198,7 @@ class Quantize(RecipeEntry):
                 w, a = spec.get("weights", w), spec.get("activations", a)
         wobs = "lsq" if self.observer == "lsq" else "minmax"
         wspec = parse_spec(w, weight=True, observer=wobs)
-        if wspec is not None and self.reduce_range and wspec.dtype == "int8":
+        if wspec is not None and self.weight_range == "reduced" and wspec.dtype == "int8":
             wspec = replace(wspec, reduce_range=True)
         return (wspec,
                 parse_spec(a, weight=False, observer=self.observer, dynamic=self.mode == "dynamic",
@@ -196,6 +214,7 @@ class Quantize(RecipeEntry):
         from .convert import ConvertToQDQ
         from .fold import FoldQDQ
         from .insert_observers import InsertObservers
+        from .latency_check import LatencyCheck
         from .qat import PrepareQAT, QATFinetune
         from .sensitivity import Sensitivity
         from .smooth import SmoothQuant
@@ -206,9 +225,14 @@ class Quantize(RecipeEntry):
         passes: list[Pass] = [FoldBatchNorm()]
         if self.smooth is not None:
             passes.append(SmoothQuant(self))
-        passes += [AnnotateQuant(self), InsertObservers(self)]
+        passes.append(AnnotateQuant(self))
+        if self.latency_check == "auto":
+            passes.append(LatencyCheck(backend=self.latency_backend,
+                                       dynamic=self.mode == "dynamic"))
+        passes.append(InsertObservers(self))
         if self.mode == "static":
             passes.append(Calibrate(self))
             if self.sensitivity or self.keep_float or self.guard_metric is not None:
                 passes.append(Sensitivity(self))
-        return passes + [ConvertToQDQ(), FoldQDQ(), DeadCodeElimination()]
+        return passes + [ConvertToQDQ(weight_range=self.weight_range), FoldQDQ(),
+                         DeadCodeElimination()]

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ...errors import CalibrationError, RecipeError
 from ...ir.meta import QuantSpec, WeightOnlySpec, lineage, module_path, set_record
-from ...recipe import check_choice, check_range, recipe_entry
+from ...registry import check_choice, check_range, recipe_entry
 from ..base import Pass, PassContext, PassResult, RecipeEntry
 from .convert import fetch_attr, register_tensor
 
