@@ -18,7 +18,8 @@ import torch.fx as fx
 
 __all__ = [
     "Record", "Lineage", "QuantSpec", "QuantAnnotation", "ObserverStats", "ChannelRef", "ChannelGroup",
-    "SparsityMask", "Factorization", "set_record", "get_record", "records", "drop_record",
+    "SparsityMask", "Factorization", "WeightForm", "LayerChoice", "set_record", "get_record",
+    "records", "drop_record",
     "lineage", "module_path", "META_KEY",
 ]
 
@@ -234,6 +235,49 @@ class Factorization(Record):
         if not 0 <= self.factor_index < self.num_factors:
             p.append("Factorization.factor_index out of range")
         return p
+
+
+_WEIGHT_FORMS = ("s8", "s7", "s8_pairs", "u8u8")
+
+
+@dataclass(frozen=True)
+class WeightForm(Record):
+    """How an int8 weight is meant to run on the CPU it was quantized for (on its dequantize node).
+
+    s8: full-range s8 (VNNI/AMX/ARM: no int16 pair sums); s7: s8 within [-64, 64]; s8_pairs:
+    full-range s8 whose adjacent K-pairs keep |w0| + |w1| <= 128 (both exact on the u8 x s8
+    vpmaddubsw kernels of AVX2); u8u8: shift to u8 (exact, slower) where neither holds.
+    Backends read ``form`` to decide s8 vs u8 weights.
+    """
+
+    KEY: ClassVar[str] = "weight_form"
+    form: str            # s8 | s7 | s8_pairs | u8u8
+    isa: str             # the host feature key it was chosen for ("avx2+fma", "avx512_vnni+...")
+    reason: str = ""
+
+    @property
+    def signed(self) -> bool:
+        """Whether the backend keeps the weight s8 (everything but u8u8)."""
+        return self.form != "u8u8"
+
+    def validate(self) -> list[str]:
+        return [] if self.form in _WEIGHT_FORMS else \
+            [f"WeightForm.form {self.form!r} not in {list(_WEIGHT_FORMS)}"]
+
+
+@dataclass(frozen=True)
+class LayerChoice(Record):
+    """A measured per-layer decision (latency service): which form was kept and both timings."""
+
+    KEY: ClassVar[str] = "layer_choice"
+    kept: str                   # e.g. "float" | "int8" | "dense" | "factorized"
+    candidates: tuple[str, ...]  # the forms timed, in order
+    ms: tuple[float, ...]       # their timings (same order)
+    backend: str = ""
+
+    def validate(self) -> list[str]:
+        return [] if len(self.candidates) == len(self.ms) and self.kept in self.candidates else \
+            ["LayerChoice.kept must be one of its timed candidates"]
 
 
 @dataclass(frozen=True)

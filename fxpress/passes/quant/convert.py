@@ -13,16 +13,18 @@ Observers whose every consumer was left in float (sensitivity guard) are simply 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed)
 import torch.fx as fx
 
-from ...ir.meta import QuantAnnotation, QuantSpec, get_record, lineage, set_record
+from ...ir.meta import (QuantAnnotation, QuantSpec, WeightForm, get_record, lineage, module_path,
+                        set_record)
 from ..base import Pass, PassContext, PassResult
 from .insert_observers import observer_nodes
+from .weight_form import choose_form, host_features
 
 __all__ = ["ConvertToQDQ", "register_tensor", "fetch_attr"]
 
@@ -48,6 +50,15 @@ def register_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
     return f"{owner}.{attr}" if owner else attr
 
 
+def _quantize_weight(w: torch.Tensor, scale, zp, spec: QuantSpec) -> torch.Tensor:
+    with torch.no_grad():
+        if spec.qscheme == "per_channel":
+            return qd.quantize_per_channel(w, scale.float(), zp.to(torch.int64), spec.axis,
+                                           spec.quant_min, spec.quant_max, torch.int8)
+        return qd.quantize_per_tensor(w, float(scale), int(zp), spec.quant_min, spec.quant_max,
+                                      torch.int8)
+
+
 def _tag(node: fx.Node, like: fx.Node, spec: QuantSpec, what: str) -> None:
     lin = lineage(like)
     if lin is not None:
@@ -62,13 +73,23 @@ def _val(node: fx.Node, like: torch.Tensor | None) -> None:
 
 @dataclass(frozen=True)
 class ConvertToQDQ(Pass):
-    """Turn every observer/fake-quant node into quantize/dequantize ops (int8 weights stored as int8)."""
+    """Turn every observer/fake-quant node into quantize/dequantize ops (int8 weights stored as int8).
+
+    weight_range: "auto" | "full" | "reduced": the int8 weight form per layer for the host's
+    ISA (``weight_form.choose_form``); each weight dequantize gets a ``WeightForm`` record and
+    ``ctx.report["quant_weight_forms"]`` lists them. `features`: a host feature record
+    (default ``fxpress.hw.host()``).
+    """
 
     name: ClassVar[str] = "quant_convert"
+    weight_range: str = "auto"
+    features: Any = None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         counts = {"weights": 0, "activations": 0, "dynamic": 0, "dropped": 0}
+        features = self.features if self.features is not None else host_features()
+        forms: list[dict] = []
         annotated = {n.name for n in graph.nodes if get_record(n, QuantAnnotation) is not None}
         for node, mod in observer_nodes(gm):
             x = node.args[0]
@@ -79,8 +100,11 @@ class ConvertToQDQ(Pass):
                 continue
             spec = mod.spec
             if x.op == "get_attr":
-                new = self._weight(gm, node, mod, x, spec)
+                new = self._weight(gm, node, mod, x, spec, features, self.weight_range)
                 counts["weights"] += 1
+                f = get_record(new, WeightForm)
+                forms.append({"module": module_path(new), "weight": str(x.target), "form": f.form,
+                              "isa": f.isa, "reason": f.reason})
             elif getattr(mod, "is_dynamic", False):
                 new = self._dynamic(graph, node, x, spec)
                 counts["dynamic"] += 1
@@ -108,24 +132,35 @@ class ConvertToQDQ(Pass):
         graph.eliminate_dead_code()
         remove_unused_attributes(gm)
         gm.recompile()
+        if forms:
+            ctx.report["quant_weight_forms"] = forms
+            counts["forms"] = {k: sum(r["form"] == k for r in forms)
+                               for k in sorted({r["form"] for r in forms})}
         return PassResult(gm, any(counts.values()), counts)
 
     @staticmethod
-    def _weight(gm, node, mod, x, spec):
+    def _weight(gm, node, mod, x, spec, features, policy):
         graph = gm.graph
         w = fetch_attr(gm, x.target).detach()
-        if not getattr(mod, "learned", False):
+        learned = getattr(mod, "learned", False)
+        if not learned:
             mod.reset()      # weights need no calibration data: observe the final value now
             mod.observe(w)
         scale, zp = mod.qparams()
         stats = mod.stats()
-        with torch.no_grad():
-            if spec.qscheme == "per_channel":
-                wq = qd.quantize_per_channel(w, scale.float(), zp.to(torch.int64), spec.axis,
-                                             spec.quant_min, spec.quant_max, torch.int8)
-            else:
-                wq = qd.quantize_per_tensor(w, float(scale), int(zp), spec.quant_min,
-                                            spec.quant_max, torch.int8)
+        wq = _quantize_weight(w, scale, zp, spec)
+        # learned (QAT) scales are the trained ones: never requantize them to 7 bits
+        form = choose_form(wq, features, "full" if learned and policy == "auto" else policy,
+                           axis=spec.axis,
+                           symmetric=spec.symmetric and not bool(torch.as_tensor(zp).any()))
+        if form.form == "s7" and not spec.reduce_range and not learned:
+            from .observers import make_observer
+            spec = replace(spec, reduce_range=True)
+            obs7 = make_observer(spec, x.name, weight=True)
+            obs7.observe(w)
+            scale, zp = obs7.qparams()
+            stats = obs7.stats()
+            wq = _quantize_weight(w, scale, zp, spec)
         base = str(x.target)
         wq_t = register_tensor(gm, base + "_int8", wq)
         with graph.inserting_before(node):
@@ -145,6 +180,7 @@ class ConvertToQDQ(Pass):
         _tag(wq_n, x, spec, "get_attr:int8")
         _tag(new, x, spec, "dequantize")
         set_record(new, stats)
+        set_record(new, form)
         wq_n.meta["val"] = wq
         _val(new, x.meta.get("val"))
         return new
