@@ -21,7 +21,9 @@ from .taps import ensure_graph, resolve_tap, runner, tap
 from .trainer import (
     Schedule,
     cross_entropy,
+    data_parallel,
     first_output,
+    gradient_sync,
     num_inputs,
     reiterable,
     run_epochs,
@@ -66,6 +68,7 @@ def distill_offline(student: torch.nn.Module, teacher: torch.nn.Module, data: An
     to the teacher channels its channels were selected from, where no pruning record says so.
     """
     schedule = schedule or Schedule()
+    student, group = data_parallel(student)
     data = reiterable(data)
     n_in = num_inputs(student)
     first_inputs, _ = split_batch(next(iter(data)), n_in)
@@ -98,6 +101,7 @@ def distill_offline(student: torch.nn.Module, teacher: torch.nn.Module, data: An
 
         params = trainable_parameters(student, adapters)
         opt = schedule.make_optimizer(params)
+        sync = gradient_sync(group, params, fresh=[adapters])
 
         def step(inputs: tuple, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
             with torch.no_grad():
@@ -126,6 +130,6 @@ def distill_offline(student: torch.nn.Module, teacher: torch.nn.Module, data: An
 
         with training_mode([student], True):
             history = run_epochs(step, [opt], data, schedule, n_in, progress=progress,
-                                 desc="distill[offline]")
+                                 desc="distill[offline]", after_backward=sync)
     return {"mode": "offline", "epochs": len(history), "history": history,
             "adapter_init": adapter_init}

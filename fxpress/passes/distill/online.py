@@ -19,7 +19,9 @@ from .taps import runner
 from .trainer import (
     Schedule,
     cross_entropy,
+    data_parallel,
     first_output,
+    gradient_sync,
     num_inputs,
     reiterable,
     run_epochs,
@@ -38,7 +40,9 @@ def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Sch
     Needs class labels in the batches: without a supervised signal the peers can agree
     on anything and mutual learning collapses.
     """
-    peers = list(peers)
+    unwrapped = [data_parallel(p) for p in peers]
+    peers = [m for m, _ in unwrapped]
+    group = next((g for _, g in unwrapped if g is not None), None)
     if len(peers) < 2:
         raise InputError(f"online distillation needs at least two peers, got {len(peers)}")
     if len({id(p) for p in peers}) != len(peers):
@@ -49,7 +53,9 @@ def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Sch
 
     # one optimiser over all peers: Adam's update is per parameter, so this is the same
     # as one optimiser per peer, and the detached peer targets keep the losses separate
-    opt = schedule.make_optimizer(trainable_parameters(*peers))
+    params = trainable_parameters(*peers)
+    opt = schedule.make_optimizer(params)
+    sync = gradient_sync(group, params, fresh=peers)
 
     runs = [runner(p) for p in peers]
 
@@ -69,5 +75,5 @@ def distill_online(peers: Sequence[torch.nn.Module], data: Any, *, schedule: Sch
 
     with training_mode(peers, True):
         history = run_epochs(step, [opt], data, schedule, n_in, progress=progress,
-                             desc="distill[online]")
+                             desc="distill[online]", after_backward=sync)
     return {"mode": "online", "peers": len(peers), "epochs": len(history), "history": history}

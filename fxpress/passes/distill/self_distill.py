@@ -29,7 +29,9 @@ from .taps import ensure_graph, resolve_tap, tap, tap_candidates
 from .trainer import (
     Schedule,
     cross_entropy,
+    data_parallel,
     first_output,
+    gradient_sync,
     num_inputs,
     reiterable,
     run_epochs,
@@ -139,6 +141,7 @@ def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = ()
                  feature_weight: float = 0.03, progress: Callable | None = None) -> SelfDistillResult:
     """Train `model` in place with auxiliary exit heads taught by its own deepest layers."""
     schedule = schedule or Schedule()
+    model, group = data_parallel(model)
     data = reiterable(data)
     n_in = num_inputs(model)
     first_inputs, first_labels = split_batch(next(iter(data)), n_in)
@@ -157,7 +160,9 @@ def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = ()
         if feats[e].dim() != 4:
             raise InputError(f"exit {e!r} is not a 4-D feature map: {tuple(feats[e].shape)}")
         heads[str(i)] = ExitHead(feats[e].shape[1], width, num_classes)
-    opt = schedule.make_optimizer(trainable_parameters(model, heads))
+    params = trainable_parameters(model, heads)
+    opt = schedule.make_optimizer(params)
+    sync = gradient_sync(group, params, fresh=[heads])
 
     def step(inputs: tuple, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if labels is None:
@@ -178,5 +183,5 @@ def distill_self(model: torch.nn.Module, data: Any, *, exits: Sequence[str] = ()
 
     with training_mode([model, heads], True):
         history = run_epochs(step, [opt], data, schedule, n_in, progress=progress,
-                             desc="distill[self]")
+                             desc="distill[self]", after_backward=sync)
     return SelfDistillResult(model, tapped, heads, exits, history, tuple(first_inputs))

@@ -2,7 +2,9 @@
 
 One-shot removes `ratio` of the units at once; iterative reaches it in `steps`
 steps along a linear or cubic curve (cubic removes most early, as in Zhu & Gupta's
-gradual pruning), calling `ctx.finetune(gm)` after every step.
+gradual pruning), calling `ctx.finetune(gm)` after every step. Under a process group (fxpress.distributed)
+rank 0 decides each step's channels and broadcasts them, so every rank removes the same
+ones even though their calibration shards (Taylor scores) and timings differ.
 
     >>> step_ratios(0.5, 4, "linear")
     [0.125, 0.25, 0.375, 0.5]
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ... import distributed
 from ...errors import FxpressError
 from ...ir.meta import set_record
 from ..analysis.cost import total_cost
@@ -63,18 +66,12 @@ class PruneChannels(Pass):
             dep = analyze(gm, exclude=tuple(c.exclude))
             if base_sizes is None:  # targets are cumulative, relative to the unpruned groups
                 base_sizes = {g.key: g.size for g in dep.groups}
-            grads = None
-            if c.importance == "taylor":
-                grads = taylor_grads(gm, ctx.calibration, ctx.example_inputs, c.taylor_batches)
-            scores = unit_scores(gm, dep, c.importance, grads=grads, seed=c.seed + step)
-            plan = choose_units(dep, scores, ratio=target, scope=c.scope, round_to=c.round_to,
-                                max_ratio=c.max_ratio, caps=c.caps, base_sizes=base_sizes,
-                                round_mode=c.round_mode)
-            if c.verify_speed and plan:
-                from .speed import check_speed
-                plan, rows = check_speed(gm, dep, plan, example_inputs=ctx.example_inputs,
-                                         backend=c.speed_backend)
-                speed_rows += rows
+            w = distributed.world()
+            plan, rows = self._plan(gm, ctx, dep, step, target, base_sizes) \
+                if w is None or w.rank == 0 else (None, None)
+            if w is not None:
+                plan, rows = distributed.broadcast((plan, rows), w)
+            speed_rows += rows
             pruned = np.zeros(dep.num_comps, dtype=bool)
             for gidx, comps in plan.items():
                 pruned[comps] = True
@@ -101,6 +98,23 @@ class PruneChannels(Pass):
         if speed_rows:
             stats["speed_rollbacks"] = sum(1 for r in speed_rows if not r["kept"])
         return PassResult(gm, bool(removed), stats)
+
+    def _plan(self, gm, ctx, dep, step, target, base_sizes) -> tuple[dict, list[dict]]:
+        """One step's decision: {group index: unit indices} and the speed checks behind it."""
+        c = self.config
+        grads = None
+        if c.importance == "taylor":
+            grads = taylor_grads(gm, ctx.calibration, ctx.example_inputs, c.taylor_batches)
+        scores = unit_scores(gm, dep, c.importance, grads=grads, seed=c.seed + step)
+        plan = choose_units(dep, scores, ratio=target, scope=c.scope, round_to=c.round_to,
+                            max_ratio=c.max_ratio, caps=c.caps, base_sizes=base_sizes,
+                            round_mode=c.round_mode)
+        rows: list[dict] = []
+        if c.verify_speed and plan:
+            from .speed import check_speed
+            plan, rows = check_speed(gm, dep, plan, example_inputs=ctx.example_inputs,
+                                     backend=c.speed_backend)
+        return plan, rows
 
 
 def _section(removed: dict[str, int], dep, final, speed_rows) -> str:

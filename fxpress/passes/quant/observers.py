@@ -8,6 +8,11 @@ All observers pass their input through unchanged; with ``fake_quant = True`` the
 tensor quantized and dequantized with their current qparams (used by the sensitivity
 analysis to quantize one layer at a time without rewriting the graph). NaN/inf or an empty
 calibration raise CalibrationError naming the node.
+
+Under a process group (fxpress.distributed) each rank observes its shard;
+``fxpress.distributed.synchronize(observers, world)`` then merges every rank's statistics so all ranks hold what
+one process observing all shards would: min/max exactly, moving averages replayed in the
+global batch order, histograms summed on the bins of the global range.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ class Observer(torch.nn.Module):
         self.consumers: set[str] = set()   # annotated ops this observer serves (sensitivity)
         self.fake_quant = False           # return fq(x) with current qparams (sensitivity)
         self.observing = True             # update the range on each call
+        self.batch_index = 0              # which calibration batch (set by Calibrate)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.num_batches = 0
@@ -113,6 +119,23 @@ class Observer(torch.nn.Module):
         self.min_val = torch.minimum(self.min_val, x.min())
         self.max_val = torch.maximum(self.max_val, x.max())
 
+    def dist_state(self) -> dict:
+        """What this rank contributes to a merge (see synchronize)."""
+        return {"min": self.min_val, "max": self.max_val, "n": self.num_batches}
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the observer that saw every rank's batches (`states` in rank order)."""
+        seen = [s for s in states if s["n"] > 0]
+        self._cached = None
+        self.num_batches = sum(s["n"] for s in states)
+        if not seen:
+            return
+        # min/max of per-rank min/max is the global min/max, bit for bit
+        lo, hi = seen[0]["min"], seen[0]["max"]
+        for s in seen[1:]:
+            lo, hi = torch.minimum(lo, s["min"]), torch.maximum(hi, s["max"])
+        self.min_val, self.max_val = lo.clone(), hi.clone()
+
     def _check_seen(self) -> None:
         if self.num_batches == 0:
             raise CalibrationError(f"the observer of node {self.node!r} saw no data: calibration "
@@ -155,14 +178,41 @@ class MovingAverageMinMaxObserver(Observer):
     def __init__(self, spec: QuantSpec, node: str = "", averaging_constant: float = 0.01):
         super().__init__(spec, node)
         self.c = averaging_constant
+        # per-batch (min, max): a distributed merge replays the average in the global order
+        self.batch_ranges: list[tuple[float, float]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.batch_ranges = []
 
     def _update(self, x: torch.Tensor) -> None:
         lo, hi = x.min(), x.max()
+        self._step(lo, hi)
+        if self.observing:  # calibration, not every QAT training step (those sync per step)
+            self.batch_ranges.append((self.batch_index, float(lo), float(hi)))
+
+    def _step(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.num_batches == 0:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
             self.min_val = self.min_val + self.c * (lo - self.min_val)
             self.max_val = self.max_val + self.c * (hi - self.max_val)
+
+    def dist_state(self) -> dict:
+        return {**super().dist_state(), "ranges": list(self.batch_ranges)}
+
+    def merge(self, states: list[dict]) -> None:
+        # round-robin order: batch i of rank 0, of rank 1, ..., then batch i + 1 (a shared
+        # observer sees several tensors per batch: they keep their order within the batch)
+        order = sorted(((b, r, j) for r, s in enumerate(states) for j, (b, _, _) in
+                        enumerate(s["ranges"])))
+        self.reset()
+        for b, r, j in order:
+            _, lo, hi = states[r]["ranges"][j]
+            # float32 tensors from the recorded float32 values: the same arithmetic, bit for bit
+            self._step(torch.tensor(lo), torch.tensor(hi))
+            self.batch_ranges.append((b, lo, hi))
+            self.num_batches += 1
 
 
 class PerChannelMinMaxObserver(Observer):
@@ -211,11 +261,25 @@ class HistogramObserver(Observer):
         self.hist += torch.histc(x.double(), self.bins, self.lo_edge, self.hi_edge)
 
     def _rebin(self, lo: float, hi: float) -> None:
-        centers = self.centers()
-        idx = ((centers - lo) / (hi - lo) * self.bins).floor().clamp(0, self.bins - 1).long()
-        new = torch.zeros_like(self.hist)
-        new.index_add_(0, idx, self.hist)
-        self.hist, self.lo_edge, self.hi_edge = new, lo, hi
+        self.hist = _rebinned(self.hist, self.lo_edge, self.hi_edge, lo, hi)
+        self.lo_edge, self.hi_edge = lo, hi
+
+    def dist_state(self) -> dict:
+        return {**super().dist_state(), "hist": self.hist, "edges": (self.lo_edge, self.hi_edge)}
+
+    def merge(self, states: list[dict]) -> None:
+        seen = [s for s in states if s["n"] > 0]
+        super().merge(states)
+        if not seen:
+            return
+        # aligned bins: every rank's counts re-binned onto the agreed global span, then summed
+        lo = min(s["edges"][0] for s in seen)
+        hi = max(s["edges"][1] for s in seen)
+        total = torch.zeros(self.bins, dtype=torch.float64)
+        for s in seen:
+            total += s["hist"] if s["edges"] == (lo, hi) else \
+                _rebinned(s["hist"], s["edges"][0], s["edges"][1], lo, hi)
+        self.hist, self.lo_edge, self.hi_edge = total, lo, hi
 
     def centers(self) -> torch.Tensor:
         w = (self.hi_edge - self.lo_edge) / self.bins
@@ -231,6 +295,21 @@ class HistogramObserver(Observer):
         lo = self.lo_edge + w * i_lo if i_lo > 0 else float(self.min_val)
         hi = self.lo_edge + w * (i_hi + 1) if i_hi < self.bins - 1 else float(self.max_val)
         return torch.tensor(max(lo, float(self.min_val))), torch.tensor(min(hi, float(self.max_val)))
+
+
+def _rebinned(hist: torch.Tensor, lo0: float, hi0: float, lo: float, hi: float) -> torch.Tensor:
+    """Counts of bins spanning [lo0, hi0] spread over as many bins spanning [lo, hi] ⊇ [lo0, hi0],
+    each old bin's count split by overlap (uniform within a bin; a new bin is at least as
+    wide, so an old bin meets at most two). Keeps growing or merged histograms near exact."""
+    bins = hist.numel()
+    edges = lo0 + (hi0 - lo0) / bins * torch.arange(bins + 1, dtype=torch.float64)
+    u = ((edges - lo) / (hi - lo) * bins).clamp(0, bins)
+    u0, u1 = u[:-1], u[1:]
+    j = u0.floor().clamp(max=bins - 1)
+    width = (u1 - u0).clamp(min=1e-300)
+    first = torch.where(u1 - u0 > 0, ((j + 1).clamp(max=u1) - u0) / width, torch.ones_like(u0))
+    out = torch.zeros_like(hist).index_add_(0, j.long(), hist * first)
+    return out.index_add_(0, (j + 1).clamp(max=bins - 1).long(), hist * (1 - first))
 
 
 class MSEObserver(HistogramObserver):
@@ -249,14 +328,17 @@ class MSEObserver(HistogramObserver):
         self._check_seen()
         lo0, hi0 = float(self.min_val), float(self.max_val)
         amax = max(abs(lo0), abs(hi0))
-        best, best_err = (lo0, hi0), self._error(lo0, hi0)
-        # clip magnitudes at 1%..99% of the largest one (the smaller side clips only past it)
-        for k in range(1, 100):
-            c = amax * k / 100.0
-            lo, hi = max(lo0, -c), min(hi0, c)
-            err = self._error(lo, hi)
-            if err < best_err:
-                best, best_err = (lo, hi), err
+
+        def at(k: float):  # clip magnitudes at k% of the largest one (the smaller side only past it)
+            lo, hi = max(lo0, -amax * k / 100.0), min(hi0, amax * k / 100.0)
+            return self._error(lo, hi), (lo, hi), k
+
+        cands = [(self._error(lo0, hi0), (lo0, hi0), 100.0)] + [at(float(k)) for k in range(1, 100)]
+        k0 = min(cands, key=lambda t: t[0])[2]
+        # then 0.05% steps around the best: the range moves smoothly with the histogram (a
+        # merged distributed histogram lands where one process does, not a 1% step away)
+        cands += [at(k0 + d / 20.0) for d in range(-19, 20) if d and 0 < k0 + d / 20.0 < 100]
+        best = min(cands, key=lambda t: t[0])[1]
         return torch.tensor(best[0]), torch.tensor(best[1])
 
 

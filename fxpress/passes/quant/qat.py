@@ -14,6 +14,11 @@ runs BN in training mode (updating running statistics) until ``freeze_bn_after``
 which it uses the running statistics - then its output equals the folded conv exactly, which
 is what convert produces. Dropout becomes nn.Dropout. With ``compress(..., finetune=fn)``
 the finetune callback trains the prepared module and the IR is converted at once.
+
+Under a process group (DistributedDataParallel training) the activation fake-quants observe
+the min/max over all ranks' batches at every training step (one all_reduce each), so their
+ranges stay equal across ranks; convert() takes rank 0's buffers (BN running statistics,
+which DDP's broadcast_buffers already makes rank 0's) so every rank converts to the same IR.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ... import distributed
 from ...errors import RecipeError
 from ...ir.meta import QuantAnnotation, QuantSpec, get_record, lineage, set_record
 from ..base import Pass, PassContext, PassResult
@@ -55,7 +61,8 @@ class _FakeQuantMixin:
         if self.latest or self.observing or (self.training and self.steps < self.freeze_after):
             if self.latest:
                 self.reset()  # weights: the range of the current weight, not of its history
-            self.observe(x)
+            w = None if self.latest or self.observing else distributed.world()
+            self.observe(x if w is None else distributed.global_range(x, w))
         if self.training:
             self.steps += 1
         self._check_seen()
@@ -119,6 +126,14 @@ class LearnableFakeQuantize(Observer):
             self.scale.copy_(s.reshape(self.scale.shape) if s.numel() == self.scale.numel()
                              else s.expand(self.scale.shape))
             self.zero_point.copy_(z.reshape(-1).expand(self.zero_point.shape))
+
+    def merge(self, states: list[dict]) -> None:
+        super().merge(states)
+        if self.num_batches and self.axis is None:  # re-initialise the scale from the merged range
+            s, z = qparams_from_range(self.min_val, self.max_val, self.spec)
+            with torch.no_grad():
+                self.scale.copy_(s.expand(self.scale.shape))
+                self.zero_point.copy_(z.reshape(-1).expand(self.zero_point.shape))
 
     def forward(self, x):
         if _fake(x):
@@ -358,6 +373,9 @@ def convert(model):
                           "(was it compressed with Quantize(mode='qat'), or converted already?)",
                           field="model", value=type(model).__name__)
     gm = copy.deepcopy(gm).eval()
+    w = distributed.world()
+    if w is not None:  # one IR on every rank: rank 0's statistics (parameters agree under DDP)
+        distributed.broadcast_module(gm, w.group)
     passes = [ConvertQAT(), ConvertToQDQ(), FoldQDQ(), DeadCodeElimination()]
     gm, report = PassManager(passes).run(gm, PassContext(example_inputs=inputs))
     if isinstance(model, CompressedModel):
@@ -384,6 +402,9 @@ class QATFinetune(Pass):
         gm.train()
         ctx.finetune(gm)
         gm.eval()
+        w = distributed.world()
+        if w is not None:  # as convert(): every rank converts rank 0's statistics
+            distributed.broadcast_module(gm, w.group)
         gm, sub = PassManager([ConvertQAT(), ConvertToQDQ(), FoldQDQ(), DeadCodeElimination()]).run(
             gm, PassContext(example_inputs=ctx.example_inputs))
         return PassResult(gm, True, {"trained": True, "converted": [r.name for r in sub.passes]})

@@ -5,7 +5,8 @@ For the linears reading one activation x (e.g. q/k/v after a LayerNorm), per inp
 ``linear(x / s, W * s)`` - the same function - whose activation has flat channels that a
 per-tensor int8 range holds well (Xiao et al. 2023). ``x / s`` is one float ``mul`` node
 before the quantize (Inductor fuses it into the quantize kernel); the weights are rescaled
-in place. Activation channel maxima come from the calibration batches.
+in place. Activation channel maxima come from the calibration batches (under a process group:
+each rank's shard, the maxima reduced over the ranks, so every rank rescales alike).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from ... import distributed
 from ...ir.meta import lineage, module_path, set_record
 from ..base import Pass, PassContext, PassResult
 from .calibrate import calibration_batches, check_batch
@@ -70,10 +72,17 @@ class SmoothQuant(Pass):
             for i, b in calibration_batches(ctx, cfg, required=True):
                 check_batch(gm, b, i)
                 gm(*b)
+        maxima = {x: gm.get_submodule(p.target).amax for x, p in probes.items()}
+        w = distributed.world()
+        if w is not None:  # a rank with an empty shard (None) contributes nothing
+            per_rank = distributed.gather(list(maxima.values()), w)
+            for j, x in enumerate(maxima):
+                seen = [r[j] for r in per_rank if r[j] is not None]
+                maxima[x] = torch.stack(seen).amax(0) if seen else None
         smoothed = 0
         for x, linears in groups.items():
             p = probes[x]
-            amax = gm.get_submodule(p.target).amax
+            amax = maxima[x]
             gm.graph.erase_node(p)
             delattr(gm, str(p.target))
             if amax is None:
