@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -50,8 +51,8 @@ def _fxpress_runners(w, tmp):
     else:
         ort_how = how
     out.append((f"fxpress -> ORT ({ort_how})", ort_run, size, ort_run.report.get("kernels")))
-    from fxpress.backends.onnx.emitter import has_vnni
-    if not has_vnni():
+    from fxpress import hw
+    if not (hw.host().vnni or hw.host().amx_int8):
         # without VNNI, full-range int8 weights run as exact (slower) u8 x u8 kernels; the
         # peers' s8 weights saturate int16 pair sums there. reduce_range weights ([-64, 64])
         # run as s8 at full speed and stay exact.
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     import bench.peers
     bench.peers.THREADS = threads
     meta = {"target": a.target, "threads": threads, "rounds": a.rounds,
-            "cpu": _cpu_name(), "load": f"{os.getloadavg()[0]:.1f}", "torch": torch.__version__}
+            "cpu": _cpu_name(), "isa": _isa(), "load": f"{os.getloadavg()[0]:.1f}", "torch": torch.__version__}
     rows: list[dict] = []
     out = Path(a.out)
     for name in [n.strip() for n in a.workloads.split(",") if n.strip()]:
@@ -217,14 +218,15 @@ def main(argv=None) -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    """A label only (decisions use fxpress.hw's features)."""
+    from fxpress import hw
+    return hw.host().model or hw.host().cpu_name or platform.processor() or hw.host().arch
+
+
+def _isa() -> str:
+    """The host ISA and its int8/fp32 ceiling, from fxpress.hw's features."""
+    from fxpress import hw
+    return hw.host().int8_ceiling_note()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class HostFeatures:
     flags: frozenset = frozenset()
     arch: str = "x86_64"
     cpu_name: str = ""
+    model: str = ""                     # cpuinfo's "model name": a label for printouts, never a decision
     physical_cores: int = 1
     source: str = "given"               # cpuinfo | llvm | conservative | given | simulated
     avx2: bool | None = None
@@ -160,7 +161,7 @@ def parse_cpuinfo(text: str, arch: str | None = None) -> HostFeatures:
     """
     flags: set[str] = set()
     cores: set[tuple[str, str]] = set()
-    procs = 0
+    procs, model = 0, ""
     for block in text.split("\n\n"):
         kv = {}
         for line in block.splitlines():
@@ -169,6 +170,7 @@ def parse_cpuinfo(text: str, arch: str | None = None) -> HostFeatures:
                 kv[k.strip().lower()] = v.strip()
         if "processor" in kv:
             procs += 1
+        model = model or kv.get("model name", "")
         line = kv.get("flags") or kv.get("features")
         if line and not flags:  # every processor lists the same flags; take the first
             flags = set(line.split())
@@ -176,7 +178,7 @@ def parse_cpuinfo(text: str, arch: str | None = None) -> HostFeatures:
             cores.add((kv["physical id"], kv["core id"]))
     n = len(cores) or procs or os.cpu_count() or 1
     return HostFeatures(flags=frozenset(flags), arch=arch or platform.machine().lower() or "x86_64",
-                        physical_cores=n, source="cpuinfo")
+                        physical_cores=n, model=model, source="cpuinfo")
 
 
 # LLVM feature names -> cpuinfo names, for hosts without /proc/cpuinfo (macOS, Windows)

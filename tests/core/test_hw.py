@@ -10,6 +10,7 @@ from fxpress.errors import RecipeError
 
 # Two logical CPUs of one physical core (hyper-threads) and one more core: 2 physical cores.
 X86_CPUINFO = """processor\t: 0
+model name\t: Some CPU @ 2.0GHz
 physical id\t: 0
 core id\t\t: 0
 flags\t\t: fpu sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 avx512f avx512bw avx512vl avx512_vnni amx_tile amx_int8
@@ -38,6 +39,7 @@ ZEN4_VM = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "po
 def test_parse_x86_cpuinfo_counts_physical_cores_and_reads_flags():
     f = hw.parse_cpuinfo(X86_CPUINFO, arch="x86_64")
     assert f.physical_cores == 2  # (0,0) twice + (0,1)
+    assert f.model == "Some CPU @ 2.0GHz"
     assert f.avx2 and f.fma and f.avx512f and f.avx512bw and f.avx512_vnni and f.vnni and f.amx_int8
     assert not f.avx_vnni and not f.avx512dq and not f.neon
     assert f.vector_bits == 512 and f.vector_lanes() == 16
