@@ -6,7 +6,6 @@
     # layer1.0.conv1    conv2d  QLinearConv             relu folded into Q
     # layer1.0.conv2    conv2d  QLinearConv             output requantized for the residual add
     # layer1.0          add     QLinearAdd
-    # head              cumsum  PyTorch fallback        no ONNX rule
 
 Rules mirror what the backends match (ORT's QDQ selectors; Inductor's quantization.py
 patterns). They read only the Q/DQ structure, not scale values, so a graph quantized with
@@ -79,9 +78,6 @@ def _op(n: fx.Node) -> str:
 
 
 def _ort_row(n: fx.Node) -> LowerRow | None:
-    from .onnx import supported
-    if n.op == "call_function" and not supported(n):
-        return LowerRow(_name(n), _op(n), "PyTorch fallback", False, "no ONNX rule")
     a = n.args
     if n.target in _CONV | _LINEAR:
         if a and _is_dq(a[0]) and a[0].target is DQ_DYN and _const_w(a[1]) and n.target in _LINEAR:

@@ -1,16 +1,16 @@
-"""ONNX Runtime backend: our ONNX emitter + an ORT session set up for int8 kernels.
+"""ONNX Runtime backend: the IR exported through torch.onnx, an ORT session set up for int8.
 
     run = fxpress.lower(cm, backend="onnxruntime", example_inputs=(x,))
     run.report["kernels"]      # {'QLinearConv': 20, 'QLinearAdd': 8, 'QGemm': 1, ...}
+    run(x7)                    # any batch: the IR's dynamic dims are dim_params in the graph
     run.save("model.onnx")     # plain .onnx: onnx.checker accepts it, any onnxruntime runs it
 
-The IR is emitted as ONNX QDQ (fxpress.backends.onnx) that ORT's QDQ selectors fuse into
-QLinearConv / QGemm / QLinearAdd / DynamicQuantizeMatMul. `report["kernels"]` is read back
-from ORT's *optimized* graph, so it says which int8 kernels really run.
-
-Ops the emitter has no rule for do not crash the lowering: the graph is cut into ORT
-partitions around them and those nodes run in PyTorch (warned once, named in
-``report["fallback"]``). `save` needs a graph with no such fallback.
+The IR goes through torch.onnx's exporter (torchlib translates every ATen op) with our
+translations for the dynamic quantization ops and rewrites into ORT's QDQ form
+(fxpress.backends.onnx). `report["kernels"]` is read back from ORT's *optimized* graph, so it
+says which int8 kernels really run; `report["onnx_ops"]` counts the exported graph's ops.
+The whole IR is one ONNX graph or the lowering fails naming the op and module
+(`UnsupportedOpError`): there is no PyTorch fallback, so `report["fallback"]` is always empty.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import collections
 import copy
 import os
 import tempfile
-import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -26,12 +25,12 @@ import onnx
 import torch
 import torch.fx as fx
 
-from ..errors import LoweringError, RecipeError, UnsupportedOpError
-from ..ir.meta import lineage
+from ..errors import LoweringError, RecipeError
 from ..recipe import check_choice
 from ..utils import atomic_write, iter_batches
-from .base import Lowered
-from .onnx import emit_onnx, supported
+from .base import Lowered, flatten_inputs
+from .onnx import export_onnx, has_vnni
+from .onnx.fuse import weight_forms
 from .onnx.qdq import QUANT_OPS
 from .onnx.requant import requantize_outputs
 
@@ -43,20 +42,13 @@ INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
                 "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "MatMulInteger",
                 "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
-                "DynamicQuantizeLSTM")
+                "DynamicQuantizeLSTM", "MatMulNBits")
 _LEVELS = ("disable", "basic", "extended", "all")
-_warned: set[str] = set()
 
 
 def physical_cores() -> int:
-    try:
-        import psutil
-        n = psutil.cpu_count(logical=False)
-        if n:
-            return int(n)
-    except ImportError:
-        pass
-    return max(1, (os.cpu_count() or 2) // 2)
+    from .. import hw
+    return max(1, int(hw.host().physical_cores or 1))
 
 
 def session_options(threads: int | None = None, optimization: str = "all",
@@ -80,7 +72,7 @@ def session_options(threads: int | None = None, optimization: str = "all",
 
 
 class _Session:
-    """One ORT session over one emitted ONNX model; torch tensors in, torch tensors out."""
+    """One ORT session over one ONNX model; torch tensors in, torch tensors out."""
 
     def __init__(self, model: onnx.ModelProto, threads, optimization):
         import onnxruntime as ort
@@ -92,51 +84,38 @@ class _Session:
                 self.session = ort.InferenceSession(model.SerializeToString(), so,
                                                     providers=["CPUExecutionProvider"])
             except Exception as e:  # ORT raises its own exception types
-                raise LoweringError(f"ONNX Runtime refused the emitted model: {e}") from e
+                raise LoweringError(f"ONNX Runtime refused the exported model: {e}") from e
             optimized = onnx.load(opt, load_external_data=False) if os.path.exists(opt) else None
         self.kernels = collections.Counter(n.op_type for n in optimized.graph.node) \
             if optimized is not None else collections.Counter()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, *inputs: torch.Tensor):
+    def __call__(self, *inputs):
         feed = {n: (x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor)
                     else np.asarray(x)) for n, x in zip(self.input_names, inputs)}
-        outs = self.session.run(self.output_names, feed)
-        return [torch.from_numpy(o) for o in outs]
-
-
-class _OrtModule(torch.nn.Module):
-    """A partition of the graph run by ORT, called from the PyTorch parent graph."""
-
-    def __init__(self, sess: _Session):
-        super().__init__()
-        self.sess = sess
-
-    def forward(self, *inputs):
-        outs = self.sess(*inputs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return [torch.from_numpy(o) for o in self.session.run(self.output_names, feed)]
 
 
 class OrtLowered(Lowered):
+    """The IR as one ORT session; called like the model (args and kwargs), returns its outputs."""
+
     backend = "onnxruntime"
 
-    def __init__(self, gm: fx.GraphModule, sessions: list[_Session], runner, report: dict):
+    def __init__(self, gm: fx.GraphModule, exported, session: _Session, report: dict):
         super().__init__(gm)
-        self.graph_module = gm  # the IR that was emitted (requantized outputs included)
-        self.sessions, self._runner, self.report = sessions, runner, report
+        self.graph_module = gm  # the IR that was exported (requantized outputs included)
+        self.exported, self.session, self.report = exported, session, report
 
     @property
     def onnx_model(self) -> onnx.ModelProto:
-        if len(self.sessions) != 1 or self.report.get("fallback"):
-            raise LoweringError("the graph runs in several ONNX partitions with PyTorch fallback "
-                                f"nodes ({', '.join(self.report.get('fallback', []))}); "
-                                "there is no single .onnx for it")
-        return self.sessions[0].model
+        return self.session.model
 
-    def run_flat(self, flat_inputs: Sequence[torch.Tensor]):
+    def run_flat(self, flat_inputs: Sequence[Any]):
+        ins = [flat_inputs[i] for i in self.exported.input_index]
         with torch.no_grad():
-            return list(self._runner(*flat_inputs))
+            outs = iter(self.session(*ins))
+        return [next(outs) if c is None else c for c in self.exported.outputs]
 
     def save(self, path):
         """Write the .onnx (portable QDQ form; ORT fuses it again when it loads it)."""
@@ -144,155 +123,63 @@ class OrtLowered(Lowered):
         return atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
-def _node_label(n: fx.Node) -> str:
-    lin = lineage(n)
-    where = lin.module_path if lin is not None and lin.module_path else n.name
-    return f"{n.target} at {where}"
-
-
-def _warn_once(op: str, where: str) -> None:
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(f"fxpress onnxruntime: no ONNX rule for {op} (first at {where}); "
-                      "that region runs in PyTorch", stacklevel=3)
+def _flat(gm: fx.GraphModule, inputs) -> list:
+    """Inputs in the IR's placeholder order (fxpress.lower passes them flat already)."""
+    inputs = tuple(inputs)
+    if len(inputs) == sum(n.op == "placeholder" for n in gm.graph.nodes):
+        return list(inputs)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return flatten_inputs(info.in_spec if info is not None else None, inputs, {})
 
 
 def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
                         calibration: Iterable | None = None, threads: int | None = None,
                         optimization: str = "all", requantize: bool = True,
-                        int8_weights: str = "auto", **options: Any) -> OrtLowered:
-    """Emit `gm` as ONNX and open an ORT CPU session on it.
+                        int8_weights: str = "auto", transformer_fusion: str = "auto", **options: Any) -> OrtLowered:
+    """Export `gm` to ONNX and open an ORT CPU session on it.
 
+    `example_inputs` (and each `calibration` batch) are the IR's flat inputs (placeholder
+    order, as `fxpress.lower` passes them) or the model's positional inputs.
     `calibration`: batches used to give int8 conv/linear outputs that feed fp32 ops their own
     Q/DQ (see onnx/requant.py); the example inputs are used when none are given.
-    `int8_weights`: "auto" | "s8" | "u8" (see onnx.emitter.emit_onnx: without VNNI, "auto"
-    keeps a weight s8 only where that is exact, |q| <= 64, e.g. ``Quantize(reduce_range=True)``;
-    ``report["int8_weights"]`` counts the tensors of each form). ``run.graph_module`` is the IR that was emitted (after requantization).
+    `int8_weights`: "auto" | "s8" | "u8": without VNNI, "auto" keeps a weight s8 only where
+    that is exact, |q| <= 64, e.g. ``Quantize(reduce_range=True)``, and shifts the others to
+    u8 (``report["int8_weights"]`` counts the tensors of each form).
+    `transformer_fusion`: "auto" | "on" | "off": ORT's transformer optimizer (Attention,
+    SkipLayerNorm, BiasGelu fusions) on transformer graphs; "auto" keeps it only when it times
+    faster here (``report["transformer_fusion"]`` has both timings and the decision).
+    ``run.graph_module`` is the IR that was exported (after requantization).
     """
     if options:
         name = next(iter(options))
         raise RecipeError("unknown onnxruntime backend option", field=name, value=options[name],
                           accepted=["calibration", "threads", "optimization", "requantize",
-                                    "int8_weights"])
+                                    "int8_weights", "transformer_fusion"])
     check_choice("device", device, ["cpu"])
     check_choice("optimization", optimization, _LEVELS)
     check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
-    from .onnx.emitter import has_vnni
+    check_choice("transformer_fusion", transformer_fusion, ["auto", "on", "off"])
     mode = "s8" if int8_weights == "auto" and has_vnni() else int8_weights
-    report: dict[str, Any] = {"threads": threads or physical_cores(), "optimization": optimization,
-                              "int8_weights": _weight_forms(gm, mode)}
-    emit = {"int8_weights": mode}
+    report: dict[str, Any] = {"threads": threads or physical_cores(), "optimization": optimization}
+    flat = _flat(gm, example_inputs)
     if requantize and any(n.target in QUANT_OPS for n in gm.graph.nodes):
-        batches = list(iter_batches(calibration)) or [tuple(example_inputs)]
-        gm, done = requantize_outputs(gm, batches)
+        batches = [_flat(gm, b) for b in iter_batches(calibration)] if calibration is not None else []
+        gm, done = requantize_outputs(gm, batches or [flat])
         report["requantized_outputs"] = done
     else:
         gm = copy.copy(gm)
-
-    bad: dict[str, str] = {n.name: _node_label(n) for n in gm.graph.nodes if not supported(n)}
-    for _ in range(32):  # an op may also refuse its arguments: mark it and partition again
-        try:
-            if not bad:
-                model = emit_onnx(gm, example_inputs, **emit)
-                sess = _Session(model, threads, optimization)
-                report["kernels"] = dict(sess.kernels)
-                report["fallback"] = []
-                return OrtLowered(gm, [sess], sess, report)
-            return _partitioned(gm, example_inputs, bad, threads, optimization, report, emit)
-        except UnsupportedOpError as e:
-            if e.node_name is None or e.node_name in bad:
-                raise
-            node = next(n for n in gm.graph.nodes if n.name == e.node_name)
-            bad[e.node_name] = f"{_node_label(node)}: {e}"
-    raise LoweringError("too many unsupported ops for the ONNX emitter")
-
-
-def _weight_forms(gm: fx.GraphModule, mode: str) -> dict[str, int]:
-    """{"s8": n, "u8": m}: how many int8 weight tensors the emitter keeps signed / shifts."""
-    from .onnx.emitter import _fetch_attr
-    from .onnx.qdq import DQ_CHANNEL, DQ_TENSOR, s8_exact
-    forms: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.target in (DQ_CHANNEL, DQ_TENSOR) and isinstance(n.args[0], fx.Node) \
-                and n.args[0].op == "get_attr":
-            q = _fetch_attr(gm, n.args[0].target)
-            if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
-                continue
-            u8 = mode == "u8" or (mode == "auto" and not s8_exact(q))
-            forms["u8" if u8 else "s8"] = forms.get("u8" if u8 else "s8", 0) + 1
-    return forms
-
-
-def _partitioned(gm: fx.GraphModule, example_inputs, bad: dict[str, str], threads,
-                 optimization, report, emit) -> OrtLowered:
-    from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
-    from torch.fx.passes.operator_support import OperatorSupportBase
-    from ..passes.analysis.shape_prop import propagate_shapes
-
-    for name, label in bad.items():
-        _warn_once(label.split(" at ")[0], label.split(" at ")[-1])
-    gm = copy.deepcopy(gm)
-    propagate_shapes(gm, example_inputs)
-
-    class _Support(OperatorSupportBase):
-        def is_node_supported(self, submodules, node):
-            return node.op == "call_function" and node.name not in bad and supported(node)
-
-    parts = CapabilityBasedPartitioner(gm, _Support(), allows_single_node_partition=True
-                                       ).partition_and_fuse()
-    sessions = []
-    for node in list(parts.graph.nodes):
-        if node.op != "call_module" or not str(node.target).startswith("fused_"):
-            continue
-        sub = parts.get_submodule(node.target)
-        _inline_constants(parts, node, sub)
-        inputs = [a.meta["val"] for a in node.args]
-        sub.graph.lint()
-        sub.recompile()
-        sess = _Session(emit_onnx(sub, [torch.zeros(v.shape, dtype=v.dtype) for v in inputs], **emit),
-                        threads, optimization)
-        sessions.append(sess)
-        setattr(parts, node.target, _OrtModule(sess))
-    parts.graph.eliminate_dead_code()
-    parts.recompile()
-    kernels = collections.Counter()
-    for s in sessions:
-        kernels.update(s.kernels)
-    report.update(kernels=dict(kernels), fallback=sorted(set(bad.values())),
-                  partitions=len(sessions))
-    runner = _flat_runner(parts)
-    return OrtLowered(gm, sessions, runner, report)
-
-
-def _inline_constants(parent: fx.GraphModule, call: fx.Node, sub: fx.GraphModule) -> None:
-    """Turn partition inputs that are parent get_attrs back into the partition's own get_attrs.
-
-    The partitioner passes weights in as inputs; an int8 weight must be an initializer of the
-    ONNX graph for ORT to fuse it, so we move the tensor into the submodule.
-    """
-    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    keep = []
-    for i, (arg, ph) in enumerate(zip(call.args, phs)):
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            obj = parent
-            for part in str(arg.target).split("."):
-                obj = getattr(obj, part)
-            attr = f"_const_{i}"
-            sub.register_buffer(attr, obj.detach() if isinstance(obj, torch.Tensor) else obj)
-            with sub.graph.inserting_before(ph):
-                ga = sub.graph.get_attr(attr)
-            ga.meta = dict(ph.meta)
-            ph.replace_all_uses_with(ga)
-            sub.graph.erase_node(ph)
-        else:
-            keep.append(arg)
-    call.args = tuple(keep)
-
-
-def _flat_runner(parent: fx.GraphModule):
-    """Call the parent graph with flat tensors and get a flat list back (no pytree codegen)."""
-    parent.graph._codegen = fx.graph.CodeGen()
-    out = next(n for n in parent.graph.nodes if n.op == "output")
-    out.args = (list(torch.utils._pytree.tree_leaves(out.args[0])),)
-    parent.recompile()
-    return parent
+    exported = export_onnx(gm, flat, int8_weights=mode)
+    model = exported.model
+    report.update(export_s=round(exported.seconds, 2), rewrites=exported.rewrites,
+                  dynamic_dims=exported.dynamic, int8_weights=weight_forms(model),
+                  onnx_ops=dict(collections.Counter(n.op_type for n in model.graph.node)))
+    if transformer_fusion != "off":
+        from .onnx.transformer import maybe_fuse
+        model, report["transformer_fusion"] = maybe_fuse(
+            model, exported, flat, forced=transformer_fusion == "on", threads=threads)
+        exported = type(exported)(model, exported.input_index, exported.input_names,
+                                  exported.outputs, exported.dynamic, exported.rewrites,
+                                  exported.seconds)
+    sess = _Session(model, threads, optimization)
+    report.update(kernels=dict(sess.kernels), fallback=[], partitions=1)
+    return OrtLowered(gm, exported, sess, report)

@@ -23,7 +23,7 @@ import fxpress
 from bench.peers import pt2e_quantize
 from fxpress.backends.inductor import compile_inductor
 from fxpress.backends.lowerability import format_lowerability, lowerability
-from fxpress.backends.onnx.emitter import has_vnni
+from fxpress.backends.onnx import has_vnni
 from fxpress.backends.onnxruntime import compile_onnxruntime, session_options
 from tests.models import resnet
 

@@ -96,17 +96,64 @@ class _Cumsum(torch.nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=-1))
 
 
-def test_unsupported_op_falls_back_with_one_warning():
+def test_ops_the_old_table_lacked_export_as_one_graph(tmp_path):
+    # cumsum had no rule in the hand-written table (it ran in a PyTorch partition); torchlib has one
     model = _Cumsum().eval()
     x = torch.randn(3, 8)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        run = fxpress.lower(model, "onnxruntime", example_inputs=(x,))
-    msgs = [str(w.message) for w in rec if "fxpress onnxruntime" in str(w.message)]
-    assert len(msgs) == 1 and "aten.cumsum" in msgs[0]
-    assert run.report["fallback"] == ["aten.cumsum.default at "] or \
-        any("cumsum" in f for f in run.report["fallback"])
-    assert run.report["partitions"] == 2
+    run = fxpress.lower(model, "onnxruntime", example_inputs=(x,))
+    assert run.report["fallback"] == [] and run.report["partitions"] == 1
+    assert run.report["onnx_ops"].get("CumSum") == 1
     torch.testing.assert_close(run(x), model(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(fxpress.LoweringError, match="cumsum"):
-        run.save("/nonexistent/never.onnx")
+    run.save(tmp_path / "c.onnx")
+
+
+@torch.library.custom_op("fxpress_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Custom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _twice(self.a(x))
+
+
+def test_op_nobody_translates_is_unsupported_op_error():
+    with pytest.raises(fxpress.UnsupportedOpError, match="fxpress_test.twice.default") as e:
+        fxpress.lower(_Custom().eval(), "onnxruntime", example_inputs=(torch.randn(3, 8),))
+    assert e.value.node_name == "twice"
+
+
+@pytest.fixture(scope="module")
+def ours_static():
+    torch.manual_seed(0)
+    data = batches((2, 3, 16, 16))
+    cm = fxpress.compress(TinyResNet().eval(), data[0], fxpress.Quantize(mode="static"),
+                          calibration=data)
+    return cm, fxpress.lower(cm, "onnxruntime", calibration=data)
+
+
+def test_dynamic_batch_kept_in_the_saved_onnx(ours_static, tmp_path):
+    _, run = ours_static
+    assert run.report["kernels"].get("QLinearConv") == 3
+    assert run.report["dynamic_dims"] == {"x": {0: "batch"}}
+    path = run.save(tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "batch"
+    x3 = torch.randn(3, 3, 16, 16)
+    out = sess.run(None, {"x": x3.numpy()})[0]
+    with torch.no_grad():
+        ref = run.graph_module(x3)
+    assert out.shape == (3, 10) and sqnr(ref, torch.from_numpy(out)) > 25
+    with pytest.raises(fxpress.InputError):
+        run(x3, x3)                     # a one-input model called with two
+    with pytest.raises(fxpress.InputError):
+        run(torch.randn(3, 4, 16, 16))  # a static dim (channels) that differs

@@ -1,5 +1,4 @@
-"""fx IR -> ONNX: our emitter (translation tables keyed by aten op objects)."""
-from . import ops, qdq  # noqa: F401  (fill the translation table)
-from .emitter import OPSET, TABLE, Emitter, emit_onnx, supported
+"""fx IR -> ONNX through torch.onnx's exporter: our Q/DQ translations and ORT-form rewrites."""
+from .export import ExportedOnnx, export_onnx, flat_module, has_vnni
 
-__all__ = ["OPSET", "TABLE", "Emitter", "emit_onnx", "supported"]
+__all__ = ["ExportedOnnx", "export_onnx", "flat_module", "has_vnni"]

@@ -28,7 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.qu
 from onnx import helper, numpy_helper
 from onnxscript import opset21 as op21
 
-__all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "fuse_shared_input", "pack_nbits",
+__all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "export_nbits", "fuse_shared_input", "pack_nbits",
            "unpack_nbits", "pack_zero_points", "fastest_accuracy_level", "nbits_nodes"]
 
 DQ_GROUP = torch.ops.quantized_decomposed.dequantize_per_channel_group.default
@@ -293,3 +293,17 @@ def fastest_accuracy_level(k: int, n: int, bits: int, block: int, m_rows: int = 
     fns = {lv: (lambda s: (lambda x: s.run(None, {"a": x})))(s) for lv, s in sessions.items()}
     ms = interleaved_medians(fns, (a,), rounds=15, warmup=3)
     return min(ms, key=ms.get)
+
+
+def export_nbits(gm: torch.nn.Module, example_inputs: tuple, *, accuracy_level: int = 4,
+                 fuse: bool = True, dynamic_shapes=None) -> onnx.ModelProto:
+    """torch.onnx (opset 21, our DQ translation) -> to_matmul_nbits -> fuse_shared_input.
+
+    Until the ORT backend calls `to_matmul_nbits` itself, this is the weight-only ONNX path:
+    ``onnx.save(export_nbits(cm.graph_module, (ids,)), "model.onnx")``.
+    """
+    ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    prog = torch.onnx.export(ep, dynamo=True, opset_version=21, custom_translation_table=TRANSLATIONS,
+                             verbose=False)
+    model = to_matmul_nbits(prog.model_proto, accuracy_level=accuracy_level)
+    return fuse_shared_input(model) if fuse else model

@@ -1,0 +1,169 @@
+"""fx IR -> one ONNX model through torch.onnx's exporter (torchlib) and our Q/DQ rewrites.
+
+    exported = export_onnx(gm, flat_example_inputs)
+    exported.model            # onnx.ModelProto: dynamic dims as dim_param, QDQ in ORT's form
+    exported.input_names      # one per tensor input of the IR, in placeholder order
+    exported.rewrites         # {"bias_int32": 4, "weight_transpose": 2, ...}  (fuse.py)
+
+The IR is re-exported with torch.export from a flat copy of it (positional tensors in, a
+tuple of tensors out; the pytree structure stays with the Lowered), its dynamic dims named
+as in `fxpress.ir.signature`, so "batch" in the IR is ``dim_param: "batch"`` in the .onnx.
+torchlib translates every ATen op (type promotion included); `qdq.TRANSLATIONS` adds the
+dynamic quantization ops it lacks.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import onnx
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ...errors import LoweringError, UnsupportedOpError
+from ...ir.meta import lineage
+from ...ir.signature import signature
+from .fuse import optimize_qdq
+from .qdq import TRANSLATIONS
+
+__all__ = ["ExportedOnnx", "export_onnx", "flat_module", "has_vnni"]
+
+
+def has_vnni() -> bool:
+    """Whether this CPU multiplies u8 x s8 without int16 saturation (fxpress.hw decides)."""
+    from ... import hw
+    return bool(hw.host().vnni or getattr(hw.host(), "amx_int8", False))
+
+
+@dataclass(frozen=True)
+class ExportedOnnx:
+    """One exported graph and how to feed it from the IR's flat inputs."""
+
+    model: onnx.ModelProto
+    input_index: tuple[int, ...]         # flat IR input -> ONNX input (tensor inputs only)
+    input_names: tuple[str, ...]
+    outputs: tuple[Any, ...]             # per flat IR output: None (an ONNX output) or a constant
+    dynamic: dict = field(default_factory=dict)   # ONNX input name -> {dim: dim_param}
+    rewrites: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def flat_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[Any, ...]]:
+    """A copy of `gm` taking its flat inputs positionally and returning a tuple of its tensor
+    outputs; the second item holds, per flat output, None or the constant it always is."""
+    f = copy.deepcopy(gm)
+    f.graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in f.graph.nodes if n.op == "output")
+    leaves = pytree.tree_leaves(out.args[0])
+    consts = tuple(None if isinstance(v, fx.Node) else v for v in leaves)
+    out.args = (tuple(v for v in leaves if isinstance(v, fx.Node)),)
+    f.graph.eliminate_dead_code()
+    f.recompile()
+    return f, consts
+
+
+def _examples(gm: fx.GraphModule, flat: Sequence[Any]) -> tuple[list[Any], list[dict]]:
+    """Inputs to re-export with, and torch.export dynamic_shapes keeping the IR's dynamic dims.
+
+    A dynamic dim the example holds at size 0 or 1 would be specialized by export: the inputs
+    used for the re-export take size 2 there (the graph is traced, not run on them)."""
+    sig = signature(gm)
+    dyn = sig.dynamic_dims()
+    fits = len(flat) == len(sig.inputs) and all(
+        (s.dtype is None) or (isinstance(x, torch.Tensor) and x.dim() == len(s.shape))
+        for s, x in zip(sig.inputs, flat))
+    if fits and not any(int(x.shape[i]) < 2 for x, d in zip(flat, dyn) for i in d):
+        examples = list(flat)
+    else:
+        sizes = {k: max(2, v) for k, v in (sig.concrete(flat) if fits else {}).items()}
+        examples = sig.examples(sizes)
+        if fits:  # keep the non-tensor constants the graph was specialised on
+            examples = [e if s.dtype is not None else x for s, e, x in zip(sig.inputs, examples, flat)]
+    # Dim.DYNAMIC, not named Dims: export re-derives the ranges (a position table bounds the
+    # sequence) and which dims are equal; _name_dims puts the IR's names back afterwards.
+    shapes = [({i: torch.export.Dim.DYNAMIC for i in d} or None) if s.dtype is not None else None
+              for s, d in zip(sig.inputs, dyn)]
+    return examples, shapes
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name) if name.isidentifier() is False else name
+
+
+def _module_of(gm: fx.GraphModule, op_text: str) -> tuple[str, str | None]:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target) == op_text:
+            lin = lineage(n)
+            return str(n.target), (lin.module_path if lin is not None and lin.module_path else n.name)
+    return op_text, None
+
+
+def _translate(ep, gm: fx.GraphModule, opset: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and torchvision notes
+        try:
+            return torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
+                                     opset_version=opset, custom_translation_table=TRANSLATIONS)
+        except Exception as e:  # torch.onnx wraps its dispatch errors in several types
+            text = str(e)
+            m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>",
+                          text)
+            if m:
+                op, where = _module_of(gm, f"{m.group(1)}.{m.group(2)}")
+                raise UnsupportedOpError(op, where, where="torch.onnx (torchlib has no function "
+                                         "for it and fxpress no translation)", module=where) from e
+            summary = text.split("## Exception summary")[-1].strip().splitlines()
+            raise LoweringError("torch.onnx could not export the IR: "
+                                f"{' '.join(summary[:2])[:600]}") from e
+
+
+def _name_dims(model: onnx.ModelProto, specs) -> None:
+    """Give the graph's dim_params the IR's names ("batch", not export's "s77") everywhere."""
+    rename: dict[str, str] = {}
+    for value, spec in zip(model.graph.input, specs):
+        for d, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if d.dim_param and isinstance(want, str):
+                rename.setdefault(d.dim_param, _ident(want))
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
+
+
+def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights: str = "s8",
+                opset: int = 20) -> ExportedOnnx:
+    """Export the IR `gm` (called with `flat_inputs`) to ONNX in the QDQ form ORT fuses.
+
+    `int8_weights`: "s8" keeps int8 weights, "u8" shifts them to uint8, "auto" shifts only the
+    tensors u8 x s8 kernels without VNNI would saturate on (see fuse.shift_weights).
+    """
+    t0 = time.perf_counter()
+    f, consts = flat_module(gm)
+    examples, shapes = _examples(gm, flat_inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(f, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
+    except Exception as e:  # a dim the IR calls dynamic that re-export specialises
+        raise LoweringError(f"re-export of the IR for ONNX failed: {str(e).splitlines()[0][:400]}") from e
+    model = _translate(ep, gm, opset).model_proto
+    _name_dims(model, [signature(gm).inputs[i] for i, x in enumerate(examples)
+                       if isinstance(x, torch.Tensor)])
+    model, rewrites = optimize_qdq(model, int8_weights)
+    names = tuple(i.name for i in model.graph.input)
+    index = tuple(i for i, x in enumerate(examples) if isinstance(x, torch.Tensor))
+    if len(index) != len(names):
+        raise LoweringError(f"the exported ONNX graph takes {len(names)} inputs, the IR "
+                            f"{len(index)} tensor inputs")
+    dynamic = {i.name: {k: d.dim_param for k, d in enumerate(i.type.tensor_type.shape.dim)
+                        if d.dim_param} for i in model.graph.input}
+    return ExportedOnnx(model, index, names, consts, {k: v for k, v in dynamic.items() if v},
+                        rewrites, time.perf_counter() - t0)
