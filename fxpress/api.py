@@ -54,43 +54,50 @@ class CompressedModel(torch.nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        try:
-            return self.graph_module(*args, **kwargs)
-        except RuntimeError as e:
-            if "Expected input at" not in str(e):
-                raise
-            from .errors import InputError
-            shapes = ", ".join(str(list(x.shape)) for x in self.example_inputs if isinstance(x, torch.Tensor))
-            raise InputError(f"{str(e).splitlines()[0].split('. If')[0]}: the IR was captured for inputs "
-                             f"shaped {shapes}; pass dynamic_shapes= to compress() for other sizes") from e
+        from .ir.signature import check_ir_call
+        gm = self.graph_module
+        if not any(h is check_ir_call for h in gm._forward_pre_hooks.values()):
+            check_ir_call(gm, args, kwargs)  # a pass rebuilt the GraphModule: check here instead
+        return gm(*args, **kwargs)
 
 
 def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
              calibration: Iterable | None = None, finetune: Callable | None = None,
              example_kwargs: dict | None = None, frontend: str = "export",
-             dynamic_shapes: Any = None, debug: bool = False) -> CompressedModel:
+             dynamic_shapes: Any = None, static_shapes: bool = False,
+             debug: bool = False) -> CompressedModel:
     """Capture `model`, run the recipe's passes, return a CompressedModel.
 
     The user's model is never modified: capture works on a deep copy in eval mode.
     `calibration` is any iterable of input tuples (or tensors); `finetune(module)` trains
     a module in place where a pass asks for it (iterative pruning, QAT, distillation).
-    The IR is specialised to the example inputs' shapes unless `dynamic_shapes` says
-    otherwise (torch.export's format, e.g. ``({0: torch.export.Dim("batch")},)``).
+    The batch (leading) dimension of every tensor input is dynamic by default, so the result
+    and its lowerings serve any batch size; `dynamic_shapes` (torch.export's format, e.g.
+    ``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``) says more (or less), and
+    ``static_shapes=True`` fixes every size to the example's. Calibration batches may have any
+    batch size.
     """
     recipe = Recipe.coerce(recipe)
+    from .distributed import check_same_recipe
+    check_same_recipe(recipe)  # under a process group: every rank's recipe is rank 0's
     example_inputs = as_input_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
     gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
-                 dynamic_shapes=dynamic_shapes)
+                 dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
                       original=model, debug=debug)
     gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)
     return CompressedModel(gm, report, recipe, example_inputs, example_kwargs)
 
 
-def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None, device: str = "cpu",
-          **options: Any) -> Lowered:
-    """Lower a CompressedModel, an IR GraphModule or a plain nn.Module to `backend`."""
+def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
+          example_kwargs: dict | None = None, device: str = "cpu", **options: Any) -> Lowered:
+    """Lower a CompressedModel, an IR GraphModule or a plain nn.Module to `backend`.
+
+    The result takes the model's args and kwargs (checked against the IR's signature: an
+    InputError names the input) and returns the model's output structure. Dynamic dims of
+    the IR stay dynamic in the artefact.
+    """
     if isinstance(model, CompressedModel):
         gm = model.graph_module
         example_inputs = as_input_tuple(example_inputs) if example_inputs is not None else model.example_inputs
@@ -105,9 +112,31 @@ def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None, dev
             from .errors import InputError
             raise InputError("lower() of a plain nn.Module needs example_inputs to capture it")
         example_inputs = as_input_tuple(example_inputs)
-        gm = capture(copy.deepcopy(model).eval(), example_inputs)
+        gm = capture(copy.deepcopy(model).eval(), example_inputs, example_kwargs=example_kwargs)
     else:
         from .errors import RecipeError
         raise RecipeError("lower() takes a CompressedModel, a GraphModule or an nn.Module",
                           field="model", value=type(model).__name__)
-    return get_backend(backend)(gm, example_inputs, device=device, **options)
+    kwargs = model.example_kwargs if isinstance(model, CompressedModel) and example_kwargs is None \
+        else (example_kwargs or {})
+    return get_backend(backend)(gm, flat_example_inputs(gm, example_inputs, kwargs), device=device,
+                                **options)
+
+
+def flat_example_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:
+    """The IR's flat inputs (placeholder order) for one call, as every backend receives them.
+
+    ``model(**enc)``-style models captured with example_kwargs flatten to their placeholders;
+    inputs that are already flat (one per placeholder) pass through.
+    """
+    from .ir.signature import flatten_call
+    from .errors import InputError
+    from .backends.base import _specs
+    in_spec = _specs(gm)[0]
+    try:
+        return tuple(flatten_call(in_spec, tuple(args), dict(kwargs or {})))
+    except InputError:
+        n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        if not kwargs and len(args) == n_ph:
+            return tuple(args)
+        raise

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from ..errors import RecipeError
 
 __all__ = ["Backend", "Lowered", "register_backend", "get_backend", "available_backends",
-           "flatten_inputs", "unflatten_outputs"]
+           "flatten_inputs", "unflatten_outputs", "flat_graph"]
 
 
 class Backend(Protocol):
@@ -35,18 +35,40 @@ class Lowered:
     backend: str = ""
 
     def __init__(self, gm: fx.GraphModule):
+        from ..ir.signature import signature
         self._in_spec, self._out_spec = _specs(gm)
+        self.signature = signature(gm)
         self.report: dict[str, Any] = {}
 
     def run_flat(self, flat_inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         raise NotImplementedError
 
+    def flatten(self, args: tuple, kwargs: dict) -> list:
+        """The call's flat inputs, checked against the IR's signature (InputError names the input)."""
+        from ..ir.signature import flatten_call
+        return flatten_call(self._in_spec, args, kwargs, self.signature,
+                            where=f"the {self.backend or 'lowered'} model")
+
     def __call__(self, *args, **kwargs):
-        flat = flatten_inputs(self._in_spec, args, kwargs)
-        return unflatten_outputs(self._out_spec, list(self.run_flat(flat)))
+        return unflatten_outputs(self._out_spec, list(self.run_flat(self.flatten(args, kwargs))))
 
     def save(self, path) -> Any:
         raise NotImplementedError(f"backend {self.backend!r} has no deployable artefact format")
+
+
+def flat_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` taking its flat placeholders and returning a tuple of its flat outputs
+    (no pytree codegen, no input hooks): what backends compile; `Lowered.__call__` checks and
+    flattens calls to it and rebuilds the model's output structure."""
+    import copy
+    flat = copy.deepcopy(gm)
+    flat.graph.set_codegen(fx.graph.CodeGen())
+    flat._forward_pre_hooks.clear()
+    out = flat.graph.output_node()
+    leaves = pytree.tree_leaves(out.args[0])
+    out.args = (tuple(leaves),)
+    flat.recompile()
+    return flat
 
 
 def _specs(gm: fx.GraphModule):
@@ -57,11 +79,9 @@ def _specs(gm: fx.GraphModule):
 
 
 def flatten_inputs(in_spec, args: tuple, kwargs: dict) -> list:
-    if in_spec is None:
-        return list(args)
-    from torch.export._tree_utils import reorder_kwargs
-    flat, received = pytree.tree_flatten((args, reorder_kwargs(kwargs, in_spec) if kwargs else {}))
-    return flat
+    """Flat inputs by the IR's pytree spec, unchecked (see Lowered.flatten for the checked form)."""
+    from ..ir.signature import flatten_call
+    return flatten_call(in_spec, args, kwargs)
 
 
 def unflatten_outputs(out_spec, flat: list):

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..utils import atomic_write
-from .base import Lowered
+from .base import Lowered, flat_graph
 
 __all__ = ["compile_eager", "EagerLowered"]
 
@@ -18,18 +18,20 @@ class EagerLowered(Lowered):
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple):
         super().__init__(gm)
         self.gm = gm
+        self.flat = flat_graph(gm)
         self.example_inputs = example_inputs
 
-    def __call__(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.gm(*args, **kwargs)
-
     def run_flat(self, flat_inputs):
-        return torch.utils._pytree.tree_leaves(self.gm(*flat_inputs))
+        with torch.no_grad():
+            return list(self.flat(*flat_inputs))
 
     def save(self, path) -> Any:
-        """Write a torch.export program (.pt2) of the IR; load with torch.export.load."""
-        ep = torch.export.export(self.gm, tuple(self.example_inputs), strict=False)
+        """Write a torch.export program (.pt2) of the IR with its flat inputs and outputs (dynamic
+        dims kept); load with torch.export.load."""
+        from torch.fx.experimental import _config as fx_config
+        with fx_config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(self.flat, tuple(self.example_inputs), strict=False,
+                                     dynamic_shapes=self.signature.export_dynamic_shapes())
         return atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
 
 

@@ -18,11 +18,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ..errors import LoweringError, RecipeError
 from ..recipe import check_choice
-from .base import Lowered
+from .base import Lowered, flat_graph
 
 __all__ = ["compile_inductor", "InductorLowered", "inductor_kernel_counts"]
 
@@ -59,6 +58,8 @@ def inductor_kernel_counts(before: dict | None = None) -> dict[str, int]:
 
 
 class InductorLowered(Lowered):
+    """Calls are checked against the IR's signature, flattened, and run by the compiled flat graph."""
+
     backend = "inductor"
 
     def __init__(self, gm: fx.GraphModule, compiled, example_inputs: tuple, report: dict,
@@ -67,12 +68,26 @@ class InductorLowered(Lowered):
         self.gm, self.compiled, self.example_inputs = gm, compiled, example_inputs
         self.report, self._config = report, config
 
-    def __call__(self, *args, **kwargs):
-        with torch.no_grad(), torch._inductor.config.patch(self._config):
-            return self.compiled(*args, **kwargs)
-
     def run_flat(self, flat_inputs: Sequence[torch.Tensor]):
-        return pytree.tree_leaves(self(*flat_inputs))
+        with torch.no_grad(), torch._inductor.config.patch(self._config):
+            return list(self.compiled(*flat_inputs))
+
+
+def _warmup_inputs(lowered: Lowered, example_inputs: tuple, device) -> list:
+    """Flat example inputs with every dynamic dim marked for Dynamo (a size-1 dim doubled first:
+    Dynamo specializes size 1)."""
+    flat = [x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    out = []
+    for x, dims in zip(flat, lowered.signature.dynamic_dims()):
+        if isinstance(x, torch.Tensor) and dims:
+            for d in dims:
+                if x.shape[d] == 1:
+                    x = torch.cat([x, x], dim=d)
+            x = x.clone()
+            for d in dims:
+                torch._dynamo.mark_dynamic(x, d)
+        out.append(x)
+    return out
 
 
 def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
@@ -90,8 +105,8 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     from torch._dynamo.utils import counters
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-    gm = copy.deepcopy(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
-    for p in gm.parameters():
+    flat = flat_graph(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
+    for p in flat.parameters():
         p.requires_grad_(False)
     config = {"freezing": bool(freezing), **options}
     try:
@@ -99,15 +114,18 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
             pass  # validates the option names now, as a RecipeError below
     except (AttributeError, KeyError) as e:
         raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
-    compiled = torch.compile(gm, backend="inductor", mode=None if mode == "default" else mode,
-                             dynamic=False)
+    # dynamic dims (the IR's signature) are marked on the warm-up inputs: one compile serves
+    # every size; a static IR compiles static
+    compiled = torch.compile(flat, backend="inductor", mode=None if mode == "default" else mode,
+                             dynamic=None)
     report: dict[str, Any] = {"config": dict(config)}
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)
+    report["dynamic_dims"] = {s.name: [d for d in s.shape if isinstance(d, str)]
+                              for s in lowered.signature.inputs if any(isinstance(d, str) for d in s.shape)}
     if warmup:
         before = dict(counters["inductor"])
-        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
         try:
-            lowered(*inputs)
+            lowered.run_flat(_warmup_inputs(lowered, example_inputs, device))
         except Exception as e:  # Inductor raises many types; name the backend and keep the cause
             raise LoweringError(f"Inductor could not compile the IR: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from e

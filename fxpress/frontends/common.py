@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from ..ir.meta import Lineage, lineage, set_record
 
-__all__ = ["finish_ir", "annotate_lineage", "detach_parameters", "source_of"]
+__all__ = ["finish_ir", "annotate_lineage", "detach_parameters", "source_of", "use_signature_check"]
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
@@ -86,8 +86,19 @@ def remove_guards(gm: fx.GraphModule) -> None:
                 delattr(gm, str(node.target))
 
 
+def use_signature_check(gm: fx.GraphModule) -> None:
+    """Replace export's input check (it compares calls with the placeholders' values, which
+    passes re-propagate at the example's sizes) by the IR signature's: dynamic dims stay dynamic."""
+    from ..ir.signature import check_ir_call
+    if hasattr(gm, "validate_inputs"):
+        gm.validate_inputs = False
+    if not any(h is check_ir_call for h in gm._forward_pre_hooks.values()):
+        gm.register_forward_pre_hook(check_ir_call, with_kwargs=True)
+
+
 def finish_ir(gm: fx.GraphModule) -> fx.GraphModule:
     remove_guards(gm)
+    use_signature_check(gm)
     detach_parameters(gm)
     annotate_lineage(gm)
     gm.graph.lint()

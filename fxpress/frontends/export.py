@@ -9,6 +9,7 @@ import inspect
 import linecache
 import re
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -121,35 +122,132 @@ def _inputs_reaching_failure(model, inputs: tuple, kwargs: dict) -> list[int]:
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict | None = None,
-            dynamic_shapes: Any = None, frontend: str = "export", check: bool = True) -> fx.GraphModule:
+            dynamic_shapes: Any = None, static_shapes: bool = False, frontend: str = "export",
+            check: bool = True) -> fx.GraphModule:
     """Capture `model` into the fxpress IR: an ATen-level fx.GraphModule with Lineage records.
 
     frontend="export" uses torch.export (training IR: aten.conv2d, aten.linear, ...);
     frontend="fx" uses torch.fx.symbolic_trace and then decomposes to the same ATen ops.
     The IR owns copies of the parameters: passes never touch the user's model.
+
+    Shapes: the leading (batch) dimension of every tensor input is dynamic by default; where
+    export specializes it (the model needs a fixed batch) the IR is static and one warning says
+    why. ``dynamic_shapes=`` (torch.export's format) wins over the default, e.g.
+    ``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}, ...}``; ``static_shapes=True`` opts out.
+    The result's input signature (`fxpress.ir.signature(gm)`) says which dims are dynamic.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}", frontend="none")
     example_inputs = as_input_tuple(example_inputs)
     if check:
         check_inputs(model, example_inputs, example_kwargs)
-    if frontend == "export":
-        gm = _capture_export(model, example_inputs, example_kwargs, dynamic_shapes)
-    elif frontend == "fx":
-        gm = _capture_fx(model, example_inputs)
-    else:
+    if frontend not in ("export", "fx"):
         from ..errors import RecipeError
         raise RecipeError("unknown frontend", field="frontend", value=frontend, accepted=["export", "fx"])
-    return finish_ir(gm)
+    if frontend == "fx":
+        model = _trace_fx(model)
+    gm = _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, static_shapes, frontend)
+    gm = finish_ir(gm)
+    # passes read concrete sizes (the example's); which dims are dynamic is the signature's
+    from ..ir.signature import flatten_call
+    from ..passes.analysis.shape_prop import propagate_shapes
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    propagate_shapes(gm, flatten_call(info.in_spec if info else None, example_inputs, example_kwargs or {}))
+    return gm
 
 
-def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes) -> fx.GraphModule:
+def _batch_dynamic(model, example_inputs: tuple, example_kwargs: dict | None, dim):
+    """torch.export dynamic_shapes marking dim 0 of every tensor input (args and kwargs), keyed
+    by forward's parameter names (export's format when keyword inputs are given)."""
+    def mark(x):
+        if isinstance(x, torch.Tensor):
+            return {0: dim} if x.dim() >= 1 else None
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            return type(x)(mark(v) for v in x)
+        if isinstance(x, dict):
+            return {k: mark(v) for k, v in x.items()}
+        return None
     try:
-        ep = torch.export.export(model, example_inputs, kwargs=example_kwargs,
-                                 dynamic_shapes=dynamic_shapes, strict=False)
+        bound = inspect.signature(model.forward).bind(*example_inputs, **(example_kwargs or {}))
+    except (TypeError, ValueError):
+        return tuple(mark(x) for x in example_inputs)
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for name, value in bound.arguments.items():
+        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: mark(v) for k, v in value.items()}
+        else:
+            out[name] = mark(value)
+    return out
+
+
+def _export(model, example_inputs, example_kwargs, dynamic_shapes):
+    return torch.export.export(model, example_inputs, kwargs=example_kwargs,
+                               dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _specialized(gm: fx.GraphModule) -> list[str]:
+    """Tensor placeholders whose leading dim came out static although it was asked dynamic."""
+    out = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and not isinstance(v.shape[0], torch.SymInt):
+            out.append(n.name)
+    return out
+
+
+def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, static_shapes,
+                    frontend) -> fx.GraphModule:
+    from torch.fx.experimental import _config as fx_config
+
+    from ..ir.signature import set_signature, signature_from_placeholders
+    if dynamic_shapes is None and not static_shapes:
+        # batch dynamic by default. Size-oblivious reasoning keeps a batch-1 example general
+        # (export would otherwise specialize a dim whose example size is 1).
+        try:
+            with fx_config.patch(backed_size_oblivious=True):
+                gm = _export(model, example_inputs, example_kwargs,
+                             _batch_dynamic(model, example_inputs, example_kwargs, torch.export.Dim.AUTO)).module()
+            fixed = _specialized(gm)
+            if fixed:
+                _warn_static(model, example_inputs, example_kwargs, fixed)
+        except Exception as e:  # export failed with a dynamic batch: fall back to static once
+            warnings.warn(f"fxpress.capture: the batch dimension cannot be dynamic for "
+                          f"{type(model).__name__} ({_reason(e)}); capturing with static shapes",
+                          stacklevel=3)
+            gm = None
+        if gm is not None:
+            set_signature(gm, signature_from_placeholders(gm))
+            return gm
+    try:
+        gm = _export(model, example_inputs, example_kwargs, dynamic_shapes).module()
     except Exception as e:  # torch raises many types here; translate them to one that explains
-        raise _capture_error(e, "export") from e
-    return ep.module()
+        raise _capture_error(e, frontend) from e
+    set_signature(gm, signature_from_placeholders(gm))
+    return gm
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of torch's explanation, with the op it names."""
+    err = _capture_error(e, "export")
+    line = str(err).splitlines()[0].split(": ", 1)[-1]
+    where = f" at {err.source}" if err.source else ""
+    return (f"{err.op}: " if err.op else "") + line[:300] + where
+
+
+def _warn_static(model, example_inputs, example_kwargs, fixed: list[str]) -> None:
+    """Export specialized the batch of `fixed`: ask again strictly to learn which op did it."""
+    from torch.fx.experimental import _config as fx_config
+    why = "export specialized it"
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            _export(model, example_inputs, example_kwargs,
+                    _batch_dynamic(model, example_inputs, example_kwargs, torch.export.Dim.DYNAMIC))
+    except Exception as e:
+        why = _reason(e)
+    warnings.warn(f"fxpress.capture: the batch dimension of {', '.join(fixed)} stays static for "
+                  f"{type(model).__name__}: {why}. Pass dynamic_shapes= to say otherwise, or "
+                  "static_shapes=True to silence this.", stacklevel=4)
 
 
 # Where torch's message names the op it refused (checked in order).
@@ -208,17 +306,11 @@ def _capture_error(e: BaseException, frontend: str) -> CaptureError:
     return CaptureError(msg, op=_failed_op(e), source=source, frontend=frontend)
 
 
-def _capture_fx(model, example_inputs) -> fx.GraphModule:
+def _trace_fx(model) -> fx.GraphModule:
+    """symbolic_trace; export then decomposes the module-level graph to the same ATen IR,
+    keeping module paths (the traced module is plain Python with no control flow left)."""
     try:
-        traced = fx.symbolic_trace(model)
+        return fx.symbolic_trace(model)
     except Exception as e:
         err = _capture_error(e, "fx")
         raise CaptureError(str(err).split("\n")[0], op=err.op, source=err.source, frontend="fx") from e
-    # Decompose the module-level graph to the same ATen training IR as export, keeping
-    # module paths: export the traced module (it is plain Python with no control flow left).
-    try:
-        ep = torch.export.export(traced, example_inputs, strict=False)
-    except Exception as e:
-        raise _capture_error(e, "fx") from e
-    gm = ep.module()
-    return gm

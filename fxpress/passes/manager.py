@@ -151,6 +151,9 @@ class PassManager:
             raise _pass_error(p.name, done, e) from e
         if res is None or not isinstance(res.graph_module, fx.GraphModule):
             raise PassError(p.name, done, TypeError("run() must return PassResult(graph_module, ...)"))
+        if res.graph_module is not gm:  # a rebuilt GraphModule keeps the IR's meta (signature)
+            for k, v in gm.meta.items():
+                res.graph_module.meta.setdefault(k, v)
         report.passes.append(PassRecord(p.name, bool(res.modified), time.perf_counter() - t0,
                                         dict(res.stats), it))
         done.append(p.name)

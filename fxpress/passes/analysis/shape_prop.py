@@ -25,10 +25,18 @@ def placeholder_examples(gm: fx.GraphModule) -> list:
         if n.op == "placeholder":
             v = n.meta.get("val")
             if isinstance(v, torch.Tensor):
-                out.append(torch.zeros(v.shape, dtype=v.dtype))
+                out.append(torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype))
             else:
                 out.append(v)
     return out
+
+
+def _hint(d) -> int:
+    """A dim's size: symbolic dims (a dynamic batch) take the size export saw."""
+    if isinstance(d, torch.SymInt):
+        node = d.node
+        return int(node.hint) if getattr(node, "hint", None) is not None else 2
+    return int(d)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence | None = None) -> fx.GraphModule:

@@ -1,0 +1,196 @@
+"""The IR's input signature: which inputs it takes, their dtypes, and which dimensions are dynamic.
+
+Captured once, from torch.export's placeholders, before any pass re-propagates concrete shapes:
+
+    gm = fxpress.capture(model, (torch.randn(2, 3, 32, 32),))   # batch dynamic by default
+    sig = signature(gm)
+    sig.inputs[0]            # InputSpec(name='x', dtype=torch.float32, shape=('batch', 3, 32, 32))
+    sig.check([torch.randn(7, 3, 32, 32)])        # fine: the batch is dynamic
+    sig.check([torch.randn(7, 1, 32, 32)])        # InputError: input 'x' dim 1 is 1, expected 3
+
+Every lowered model checks its calls against it (count, dtype, rank, static dims) and every
+backend reads `dynamic_dims()` to keep the same dimensions symbolic in its artefact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import InputError
+
+__all__ = ["InputSpec", "Signature", "signature", "set_signature", "signature_from_placeholders",
+           "flatten_call", "check_ir_call", "KEY"]
+
+KEY = "fxpress.signature"
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One flat input: its name, dtype and shape; a str entry names a dynamic dimension."""
+
+    name: str
+    dtype: torch.dtype | None  # None: not a tensor (a Python scalar the graph specialised on)
+    shape: tuple[int | str, ...] = ()
+
+    def describe(self) -> str:
+        if self.dtype is None:
+            return f"{self.name}: non-tensor"
+        return f"{self.name}: [{', '.join(str(d) for d in self.shape)}] {_dt(self.dtype)}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The flat inputs of an IR graph, in placeholder order."""
+
+    inputs: tuple[InputSpec, ...]
+
+    def dynamic_dims(self) -> list[dict[int, str]]:
+        """Per flat input, {dim index: dim name} of its dynamic dimensions."""
+        return [{i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in self.inputs]
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(self.dynamic_dims())
+
+    def concrete(self, flat: Sequence[Any]) -> dict[str, int]:
+        """The values the dynamic dimension names take in one call's flat inputs."""
+        out: dict[str, int] = {}
+        for spec, x in zip(self.inputs, flat):
+            if isinstance(x, torch.Tensor):
+                for i, d in enumerate(spec.shape):
+                    if isinstance(d, str) and i < x.dim():
+                        out.setdefault(d, int(x.shape[i]))
+        return out
+
+    def check(self, flat: Sequence[Any], *, where: str = "the model") -> None:
+        """Raise InputError naming the input when `flat` does not fit (count, dtype, rank, static dims)."""
+        if len(flat) != len(self.inputs):
+            raise InputError(f"{where} takes {len(self.inputs)} input(s) "
+                             f"({'; '.join(s.describe() for s in self.inputs)}), got {len(flat)}",
+                             index=len(flat) if len(flat) > len(self.inputs) else None)
+        for i, (spec, x) in enumerate(zip(self.inputs, flat)):
+            if spec.dtype is None:
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"{where}: input {spec.name!r} must be a tensor "
+                                 f"({spec.describe()}), got {type(x).__name__}",
+                                 input_name=spec.name, index=i)
+            if x.dtype != spec.dtype:
+                raise InputError(f"{where}: input {spec.name!r} has dtype {_dt(x.dtype)}, expected "
+                                 f"{_dt(spec.dtype)} ({spec.describe()})", input_name=spec.name, index=i)
+            if x.dim() != len(spec.shape):
+                raise InputError(f"{where}: input {spec.name!r} has rank {x.dim()} "
+                                 f"(shape {list(x.shape)}), expected rank {len(spec.shape)} "
+                                 f"({spec.describe()})", input_name=spec.name, index=i)
+            for d, (want, got) in enumerate(zip(spec.shape, x.shape)):
+                if isinstance(want, int) and want != got:
+                    hint = ("" if self.is_dynamic else
+                            "; the IR is static: compress(..., static_shapes=False) or pass "
+                            "dynamic_shapes= for other sizes")
+                    raise InputError(f"{where}: input {spec.name!r} has size {got} in dim {d} "
+                                     f"(shape {list(x.shape)}), expected {want} "
+                                     f"({spec.describe()}){hint}", input_name=spec.name, index=i)
+
+    def export_dynamic_shapes(self) -> tuple:
+        """torch.export dynamic_shapes for the flat graph (one Dim per dim name, shared)."""
+        dims: dict[str, Any] = {}
+        return tuple({i: dims.setdefault(n, torch.export.Dim(n)) for i, n in d.items()} or None
+                     for d in self.dynamic_dims())
+
+    def examples(self, sizes: dict[str, int] | None = None) -> list[Any]:
+        """Zero tensors that fit the signature (dynamic dims from `sizes`, else 2)."""
+        sizes = sizes or {}
+        return [torch.zeros([sizes.get(d, 2) if isinstance(d, str) else d for d in s.shape],
+                            dtype=s.dtype) if s.dtype is not None else None for s in self.inputs]
+
+
+def _dim(d, names: dict[str, str]) -> int | str:
+    if isinstance(d, int):
+        return d
+    expr = str(d)
+    if isinstance(d, torch.SymInt) and d.node.expr.is_number:
+        return int(d)
+    # one name per distinct symbol, in the order met: "batch" for the first, then "dim1", ...
+    if expr not in names:
+        names[expr] = "batch" if not names else f"dim{len(names)}"
+    return names[expr]
+
+
+def signature_from_placeholders(gm: fx.GraphModule) -> Signature:
+    """Read the signature from the placeholders' meta["val"] (symbolic dims become names)."""
+    names: dict[str, str] = {}
+    specs = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            specs.append(InputSpec(n.name, v.dtype, tuple(_dim(d, names) for d in v.shape)))
+        else:
+            specs.append(InputSpec(n.name, None))
+    return Signature(tuple(specs))
+
+
+def set_signature(gm: fx.GraphModule, sig: Signature) -> fx.GraphModule:
+    gm.meta[KEY] = sig
+    return gm
+
+
+def signature(gm: fx.GraphModule) -> Signature:
+    """The IR's recorded signature (falls back to its placeholders' current values)."""
+    sig = getattr(gm, "meta", {}).get(KEY)
+    return sig if sig is not None else signature_from_placeholders(gm)
+
+
+def flatten_call(in_spec, args: tuple, kwargs: dict, sig: Signature | None = None, *,
+                 where: str = "the model") -> list:
+    """Flatten one call's (args, kwargs) by the IR's pytree spec and check it against `sig`.
+
+    A call whose structure does not match (a missing or unknown keyword, an extra positional
+    input) is an InputError listing what the model takes, never a raw pytree error.
+    """
+    import torch.utils._pytree as pytree
+    if in_spec is None:
+        flat = list(args) + list(kwargs.values())
+    else:
+        expected = in_spec.child(1).context if in_spec.num_children == 2 else None
+        if kwargs and expected is not None:
+            unknown = [k for k in kwargs if k not in expected]
+            if unknown:
+                raise InputError(f"{where} got unexpected keyword input(s) {unknown}; it takes "
+                                 f"{_takes(sig)}", input_name=unknown[0])
+            kwargs = {k: kwargs[k] for k in expected if k in kwargs}
+        try:
+            flat, spec = pytree.tree_flatten((tuple(args), kwargs))
+        except Exception as e:  # unflattenable objects in the call
+            raise InputError(f"{where} cannot take these inputs ({e}); it takes {_takes(sig)}") from e
+        if spec != in_spec:
+            n_args = in_spec.child(0).num_children if in_spec.num_children == 2 else None
+            detail = f"got {len(args)} positional and {sorted(kwargs)} keyword input(s)"
+            if n_args is not None and len(args) > n_args:
+                detail += f"; it takes {n_args} positional"
+            raise InputError(f"{where} was called with inputs of another structure: {detail}; "
+                             f"it takes {_takes(sig)}",
+                             index=len(args) if n_args is not None and len(args) > n_args else None)
+    if sig is not None:
+        sig.check(flat, where=where)
+    return flat
+
+
+def _takes(sig: Signature | None) -> str:
+    return "; ".join(s.describe() for s in sig.inputs) if sig is not None else "other inputs"
+
+
+def check_ir_call(module, args, kwargs):
+    """forward pre-hook on the IR: the signature check in place of export's static-shape one."""
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    flatten_call(info.in_spec if info is not None else None, args, kwargs, signature(module),
+                 where=f"the IR of {type(module).__name__}")
+    return None
