@@ -119,6 +119,8 @@ class Recipe:
         data = _read_recipe_file(p)
         if isinstance(data, dict) and "passes" in data:
             data = data["passes"]
+        if data is None:
+            raise RecipeError(f"{p}: recipe file is empty", field="path", value=str(p))
         if not isinstance(data, list):
             raise RecipeError(f"{p}: a recipe is a list of passes (or {{passes: [...]}}), "
                               f"not a {type(data).__name__}", field="path", value=str(p))

@@ -12,16 +12,17 @@ or a ``.pt`` file holding such a list. Progress goes to stderr; the report to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CalibrationError, InputError, LoweringError
+from ..progress import quiet
 from .inspect import load_factory, model_and_inputs
 
 __all__ = ["build_report", "load_calibration", "main"]
@@ -104,23 +105,6 @@ class _Stage:
         if exc[0] is None:
             self.prog.bar.update(1)
         return False
-
-
-def _counted(batches: Iterable | None, enabled: bool, desc: str):
-    """Calibration batches behind a per-batch progress bar (each pass that reads them shows it)."""
-    if batches is None:
-        return None
-    from tqdm.auto import tqdm
-
-    class _Bars:
-        def __iter__(self):
-            return iter(tqdm(batches, desc=desc, unit="batch", file=sys.stderr, leave=False,
-                             disable=None if enabled else True))
-
-        def __len__(self):
-            return len(batches)
-
-    return _Bars()
 
 
 def _size(n_bytes: float) -> str:
@@ -210,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = Recipe.load(args.recipe)
             model, example_inputs = model_and_inputs(args.model, args.input_shape)
             batches = load_calibration(args.calib, args.calib_batches)
-        with prog.stage("compress"):
-            cm = fxpress.compress(model, example_inputs, recipe,
-                                  calibration=_counted(batches, progress, "calibration"))
+        with prog.stage("compress"), (contextlib.nullcontext() if progress else quiet()):
+            # The calibration pass shows the one per-batch bar; --no-progress silences it.
+            cm = fxpress.compress(model, example_inputs, recipe, calibration=batches)
         with prog.stage("lower"):
             options = {"calibration": batches} if args.backend == "onnxruntime" and batches else {}
             run = fxpress.lower(cm, backend=args.backend, example_inputs=example_inputs, **options)

@@ -81,8 +81,7 @@ class Calibrate(Pass):
     config: Any = None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from tqdm.auto import tqdm
-
+        from ...progress import bar
         from .config import Quantize
         cfg = self.config or Quantize()
         obs = observer_nodes(gm)
@@ -96,7 +95,7 @@ class Calibrate(Pass):
         try:
             with torch.no_grad():
                 batches = calibration_batches(ctx, cfg, required=cfg.mode == "static")
-                for i, b in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=None):
+                for i, b in bar(batches, desc="calibrating", unit="batch"):
                     flat = check_batch(gm, b, i)
                     gm(*b)
                     n_batches += 1
