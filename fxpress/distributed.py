@@ -93,44 +93,48 @@ def broadcast(obj: Any, w: World, src: int = 0) -> Any:
     return box[0]
 
 
-def _first_difference(a: Any, b: Any, path: str) -> str | None:
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
+    """(path, a's value, b's value) where two recipe lists first differ, else None."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
+            sub = f"{path}.{k}" if path else str(k)
             if k not in a or k not in b:
-                return f"{path}.{k}" if path else str(k)
-            d = _first_difference(a[k], b[k], f"{path}.{k}" if path else str(k))
+                return sub, a.get(k, "<absent>"), b.get(k, "<absent>")
+            d = _first_difference(a[k], b[k], sub)
             if d:
                 return d
         return None
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
-            return f"{path} (length {len(a)} vs {len(b)})"
+            return f"{path} (length)", len(a), len(b)
         for i, (x, y) in enumerate(zip(a, b)):
             d = _first_difference(x, y, f"{path}[{i}]")
             if d:
                 return d
         return None
-    return None if a == b else path
+    return None if a == b else (path, a, b)
 
 
 def check_same_recipe(recipe: Any, w: World | None = None) -> None:
-    """RecipeError on every rank when some rank's recipe differs from rank 0's (names both).
+    """RecipeError on every rank when some rank's recipe differs from rank 0's (names the rank,
+    the field and both values). Run before any pass: ranks with different recipes would
+    otherwise run different collectives and hang, or silently build different IRs.
 
-    Run before any pass: ranks with different recipes would otherwise run different
-    collectives and hang, or silently build different IRs.
+    >>> # rank 1 asked for observer="minmax", rank 0 for "histogram":
+    >>> # RecipeError: rank 1's recipe differs from rank 0's at passes[0].quantize.observer:
+    >>> #   rank 0 has 'histogram', rank 1 has 'minmax' (every rank must use the same recipe)
     """
     w = w or world()
     if w is None:
         return
-    mine = recipe.to_list()
-    everyone = gather(mine, w)
+    everyone = gather(recipe.to_list(), w)
     for r, theirs in enumerate(everyone[1:], start=1):
-        where = _first_difference(everyone[0], theirs, "passes")
-        if where is not None:
-            raise RecipeError(f"rank {r}'s recipe differs from rank 0's at {where}: every rank "
-                              "must compress with the same recipe (rank 0: "
-                              f"{everyone[0]!r}; rank {r}: {theirs!r})", field=where,
-                              value={"rank": r, "recipe": theirs})
+        d = _first_difference(everyone[0], theirs, "passes")
+        if d is not None:
+            where, ours, other = d
+            raise RecipeError(f"rank {r}'s recipe differs from rank 0's at {where}: rank 0 has "
+                              f"{ours!r}, rank {r} has {other!r} (every rank must compress with "
+                              "the same recipe)", field=where, value=other)
 
 
 def synchronize(observers: Iterable, w: World | None) -> None:

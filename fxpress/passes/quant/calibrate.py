@@ -3,6 +3,10 @@
 Batches are checked against the graph's inputs first (count, dtype, rank, non-batch dims):
 a mismatch is an InputError naming the input and the batch. An empty calibration, or an
 observer that no batch reached, is a CalibrationError (never a silent min = max = 0).
+
+Under a process group (fxpress.distributed) the calibration iterable is this rank's shard:
+the batch/sample limits count all ranks' batches (round-robin order), and the observers are
+merged after the last batch, so every rank records the statistics one process would.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from ... import distributed
 from ...errors import CalibrationError, InputError
 from ...ir.meta import set_record
 from ...utils import iter_batches
@@ -63,6 +68,11 @@ def calibration_batches(ctx: PassContext, cfg, *, required: bool):
         data = ctx.calibration = list(data)
     samples = 0
     n_inputs = len(torch.utils._pytree.tree_leaves(tuple(ctx.example_inputs))) or None
+    w = distributed.world()
+    if w is not None:
+        yield from distributed.lockstep(iter(iter_batches(data, n_inputs)), w,
+                                        max_batches=cfg.calib_batches, max_samples=cfg.calib_samples)
+        return
     for i, b in enumerate(iter_batches(data, n_inputs)):
         if cfg.calib_batches is not None and i >= cfg.calib_batches:
             return
@@ -97,6 +107,8 @@ class Calibrate(Pass):
                 batches = calibration_batches(ctx, cfg, required=cfg.mode == "static")
                 for i, b in bar(batches, desc="calibrating", unit="batch"):
                     flat = check_batch(gm, b, i)
+                    for m in mods:  # moving averages record it: a merge replays batch order
+                        m.batch_index = i
                     gm(*b)
                     n_batches += 1
                     n_samples += int(flat[0].shape[0]) if flat and flat[0].dim() else 1
@@ -105,6 +117,10 @@ class Calibrate(Pass):
                 gm.train(was_training)
                 for m in mods:
                     m.observing = False  # QAT: observe again only in training steps
+        w = distributed.world()
+        if w is not None:  # every rank's shard merged into every observer
+            distributed.synchronize(mods, w)
+            n_batches, n_samples = (sum(v) for v in zip(*distributed.gather((n_batches, n_samples), w)))
         if n_batches == 0:
             raise CalibrationError("calibration is empty: the iterable gave no batches, so no "
                                    "activation range can be observed")
