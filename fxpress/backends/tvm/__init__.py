@@ -26,11 +26,15 @@ from typing import Any
 
 import torch.fx as fx
 
+from ... import hw
 from ...errors import RecipeError
+from ...ir.signature import signature
+from ..base import flat_graph
 from .build import (TVMLowered, TVMModule, build, host_target, load, lower_relax,
                     make_target, usable_cores)
 from .convert import to_relax
-from .tune import TuneOptions, tune
+from .target import target_lanes
+from .tune import TuneOptions, cache_root, database_dir, load_database, tune
 
 # TVM's runtime sizes its thread pool once, from TVM_NUM_THREADS, else half the logical CPUs
 # on x86 (it assumes hyper-threading): on this 2-core VM that is one thread, half the machine
@@ -46,7 +50,13 @@ def compile_tvm(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu
     """Lower `gm` to TVM for `device` ("cpu" or "cuda"); `tune` enables MetaSchedule.
 
     `tune=True` uses `TuneOptions()` defaults; `target` overrides the detected target
-    (a tvm.target.Target or its dict form).
+    (a tvm.target.Target or its dict form). `example_inputs` are the IR's flat inputs.
+
+    Shapes: the schedule templates and tuned kernels are written for static shapes, so a
+    graph with a dynamic batch is compiled for the example shape here and again, once, for
+    each new input shape a call brings (cached on the returned object; a new shape reuses a
+    tuning database of its own shape if one exists, else gets the templates: it is not
+    tuned at call time). `run.report["shapes"]` lists what was compiled and how.
     """
     if tune is True:
         tune = TuneOptions()
@@ -55,18 +65,30 @@ def compile_tvm(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu
     elif tune is not None and not isinstance(tune, TuneOptions):
         raise RecipeError("tune must be a TuneOptions or a bool", field="tune", value=tune)
     tgt = make_target(device, target)
-    t0 = time.perf_counter()
-    imp = to_relax(gm, tuple(example_inputs))
-    report: dict[str, Any] = {"target": str(tgt), "graph_key": imp.key, "lowering": dict(imp.stats)}
-    database = None
-    if tune is not None:
-        lowered = lower_relax(imp.mod, tgt, schedule=False)  # tasks are the unscheduled kernels
-        database, report["tuning"] = _tune(lowered, tgt, imp.key, tune)
-    kinds: dict[str, int] = {}
-    mod = lower_relax(imp.mod, tgt, database, counts=kinds)
-    report["schedules"] = kinds
-    report["compile_s"] = round(time.perf_counter() - t0, 2)
-    return TVMLowered(gm, build(mod, tgt), tgt, report)
+    # the host target's vector width is hw's; an explicit target's is what LLVM gives it
+    lanes = target_lanes(tgt, hw.host() if target is None and device == "cpu" else None)
+    flat = flat_graph(gm)  # backends compile flat placeholders; Lowered.__call__ does the pytree
+
+    def compile_shape(inputs: tuple, search: bool):
+        t0 = time.perf_counter()
+        imp = to_relax(flat, tuple(inputs))
+        report: dict[str, Any] = {"target": str(tgt), "graph_key": imp.key, "lowering": dict(imp.stats)}
+        database = None
+        if tune is not None and search:
+            lowered = lower_relax(imp.mod, tgt, schedule=False)  # tasks are the unscheduled kernels
+            database, report["tuning"] = _tune(lowered, tgt, imp.key, tune, lanes)
+        elif tune is not None and tune.use_cache:  # a later shape: a record set of its own, if any
+            database = load_database(database_dir(cache_root(tune.cache_dir), imp.key, tgt), imp.key, tgt)
+            report["tuning"] = {"cached": database is not None, "trials": 0, "seconds": 0.0}
+        kinds: dict[str, int] = {}
+        mod = lower_relax(imp.mod, tgt, database, counts=kinds, lanes=lanes)
+        report["schedules"] = kinds
+        report["compile_s"] = round(time.perf_counter() - t0, 2)
+        return build(mod, tgt), report
+
+    executable, report = compile_shape(tuple(example_inputs), True)
+    recompile = (lambda inputs: compile_shape(inputs, False)) if signature(gm).is_dynamic else None
+    return TVMLowered(gm, executable, tgt, report, recompile=recompile, example_inputs=example_inputs)
 
 
 _tune = tune  # the module-level name `tune` is shadowed by compile_tvm's argument

@@ -86,7 +86,7 @@ def _load_schedules():
     return mod
 
 
-def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trials_left, deadline):
+def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trials_left, deadline, lanes):
     """Build and measure every template candidate of each task; commit the successful ones.
 
     `tiles[i]` are task i's conv tiles (empty: the generic schedule is its one candidate).
@@ -94,7 +94,6 @@ def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trial
     """
     import shutil
     from tvm.s_tir import meta_schedule as ms
-    lanes = S.vector_lanes(target)
     trials, done, failed, first = 0, {}, 0, None
     for i in order:
         if trials >= trials_left or time.perf_counter() >= deadline:
@@ -160,17 +159,25 @@ def main(job_dir: str) -> None:
     # Caches flushed before every run: inside the model a kernel's weights come cold from
     # memory, and measured hot (the same call repeated) the tiles with the least weight
     # reuse win -- a tuned ResNet-18 measured 44 ms against 36 ms for the untuned templates.
-    runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=ms.runner.EvaluatorConfig(
-        number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True))
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
+    if job.get("tracker"):  # measure on the tracker's servers, one candidate per free server
+        host, port, key = job["tracker"]
+        runner = ms.runner.RPCRunner(
+            rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                           session_timeout_sec=int(max(job["run_timeout_s"], 1))),
+            evaluator_config=evaluator, max_workers=max(int(job.get("servers") or 1), 1))
+    else:
+        runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=evaluator)
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True)
     failures = _failure_recorder()
     budget, total = job["time_budget_s"] - job["spent_s"], job["trials"]
     order = list(dict.fromkeys(job["plan"]))  # each task once, largest first
     S = _load_schedules()
-    tiles = [S.candidates(m["main"], S.vector_lanes(target)) for m in mods]
+    lanes = job.get("lanes") or S.vector_lanes(target)  # fxpress.hw's width for the host target
+    tiles = [S.candidates(m["main"], lanes) for m in mods]
     trials, templated, tmpl_failed, tmpl_first = _measure_templates(
-        S, mods, tiles, order, target, db, builder, runner, total, t0 + budget)
+        S, mods, tiles, order, target, db, builder, runner, total, t0 + budget, lanes)
     done = [templated.get(i, 0) for i in range(len(ctxs))]
     if job["progress"]:
         print(f"[fxpress tvm tune] templates: {trials} candidates over {len(templated)} kernels in "

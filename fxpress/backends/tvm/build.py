@@ -1,6 +1,6 @@
 """Targets, the Relax build, the runnable artefact and its deployable library.
 
-    target = host_target()                  # llvm with the host's mcpu and core count
+    target = host_target()                  # llvm with mcpu/mattr from fxpress.hw, host core count
     run = TVMLowered(gm, build(mod, target), target)
     run.save("model.so"); y = load("model.so")(x)     # load() needs TVM only, no fxpress passes
 """
@@ -13,7 +13,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,16 +34,9 @@ def usable_cores() -> int:
 
 
 def host_target(num_cores: int | None = None):
-    """llvm for this CPU: LLVM's own host-CPU detection picks mcpu (so AVX2/AVX-512 is right)."""
-    import tvm
-    from tvm.target import codegen
-
-    triple = codegen.llvm_get_system_triple()
-    cfg: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or usable_cores()}
-    mcpu = codegen.llvm_get_system_cpu()
-    if mcpu and mcpu != "generic" and codegen.llvm_is_valid_cpu(mcpu, triple):
-        cfg["mcpu"] = mcpu
-    return tvm.target.Target(cfg)
+    """llvm for this CPU from its features (fxpress.hw), never from its name alone (target.py)."""
+    from .target import host_target as _host_target
+    return _host_target(num_cores or usable_cores())
 
 
 def cuda_available() -> bool:
@@ -75,7 +68,8 @@ def make_target(device: str, target: Any = None):
                       accepted=["cpu", "cuda"])
 
 
-def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict | None = None):
+def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict | None = None,
+                lanes: int | None = None):
     """Legalize + fuse (the 'zero' pipeline); apply tuned schedules from `database` if given.
 
     On CPU, convolutions are first converted to NHWC/HWIO (what the conv template in
@@ -99,7 +93,7 @@ def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict 
             mod = relax.get_pipeline("zero")(mod)
         if cpu and schedule:
             from .schedules import apply_default_schedules
-            mod, kinds = apply_default_schedules(mod, target)
+            mod, kinds = apply_default_schedules(mod, target, lanes)
             if counts is not None:
                 counts.update(kinds)
         if cpu:
@@ -176,31 +170,69 @@ class _VMRunner:
         return _to_torch(self.vm["main"](*args))
 
 
+def _shape_key(flat_inputs) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat_inputs)
+
+
 class TVMLowered(Lowered):
-    """The TVM Relax VM for the IR; `report` says which ops went int8 and what tuning did."""
+    """The TVM Relax VM for the IR; `report` says which ops went int8 and what tuning did.
+
+    With `recompile` (a graph with dynamic dims), a call with a new input shape compiles the
+    graph once more for that shape and keeps it; `report["shapes"]` lists every compiled shape.
+    """
 
     backend = "tvm"
 
-    def __init__(self, gm, executable, target, report: dict | None = None):
+    def __init__(self, gm, executable, target, report: dict | None = None, *,
+                 recompile: Callable | None = None, example_inputs: Sequence | None = None):
         super().__init__(gm)
         self.executable, self.target = executable, target
         self.report.update(report or {})
-        module, self._library = executable, None
-        if target.kind.name == "llvm":  # parallel loops take work in chunks (parallel.py)
+        self._recompile = recompile
+        self._runner, self._library, self.report["parallel"] = self._load(executable)
+        self._by_shape: dict[tuple, _VMRunner] = {}
+        mode = "per-shape compile, cached (static kernels)" if recompile else "static"
+        self.report["shapes"] = {"mode": mode, "compiled": []}
+        if example_inputs is not None:
+            key = _shape_key(example_inputs)
+            self._by_shape[key] = self._runner
+            self.report["shapes"]["compiled"].append({"shape": key, "compile_s": self.report.get("compile_s")})
+
+    def _load(self, executable):
+        module, library, parallel = executable, None, "static (cuda)"
+        if self.target.kind.name == "llvm":  # parallel loops take work in chunks (parallel.py)
             from .parallel import load_module
             t0 = time.perf_counter()
-            module, self.report["parallel"], self._library = load_module(executable)
+            module, parallel, library = load_module(executable)
             self.report["parallel_setup_s"] = round(time.perf_counter() - t0, 2)  # export + dlopen
-            if self._library is not None:
-                weakref.finalize(self, shutil.rmtree, str(self._library.parent), True)
-        self._runner = _VMRunner(module, _device(target), "cuda" if target.kind.name == "cuda" else "cpu")
+            if library is not None:
+                weakref.finalize(self, shutil.rmtree, str(library.parent), True)
+        cuda = self.target.kind.name == "cuda"
+        return _VMRunner(module, _device(self.target), "cuda" if cuda else "cpu"), library, parallel
+
+    def _runner_for(self, flat_inputs) -> "_VMRunner":
+        if self._recompile is None:
+            return self._runner  # static graph: Lowered's signature check already fixed the shape
+        key = _shape_key(flat_inputs)
+        runner = self._by_shape.get(key)
+        if runner is None:
+            executable, report = self._recompile(tuple(flat_inputs))
+            runner = self._load(executable)[0]
+            self._by_shape[key] = runner
+            self.report["shapes"]["compiled"].append(
+                {"shape": key, "compile_s": report["compile_s"], "schedules": report["schedules"],
+                 "tuning": "cached database" if report.get("tuning", {}).get("cached") else "templates"})
+        return runner
 
     def run_flat(self, flat_inputs):
         with torch.no_grad():
-            return self._runner.run_flat(flat_inputs)
+            return self._runner_for(flat_inputs).run_flat(flat_inputs)
 
     def save(self, path) -> Path:
-        """Write a shared library (export_library) plus `<path>.json` with the I/O structure."""
+        """Write a shared library (export_library) plus `<path>.json` with the I/O structure.
+
+        The library is the one compiled for the example shape (`report["shapes"]`).
+        """
         path = Path(path)
         if self._library is not None:  # already exported for the chunked launcher
             atomic_write(path, lambda tmp: shutil.copyfile(self._library, tmp))

@@ -75,7 +75,11 @@ def _conv_dims(sch, conv) -> tuple[int, int]:
 
 
 def vector_lanes(target=None) -> int:
-    """fp32/int32 lanes of the widest vector unit LLVM will use for `target` (8 on AVX2)."""
+    """fp32/int32 lanes of the widest vector unit LLVM will use for `target` (8 on AVX2).
+
+    The tuning worker (no fxpress import) reads it from the target, whose mattr fxpress.hw
+    built; in-process callers pass hw's lanes instead (`target.target_lanes`).
+    """
     try:
         from tvm.target import codegen
         feats = codegen.llvm_get_cpu_features(target) if target is not None else {}
@@ -247,14 +251,17 @@ def _schedule_kind(func, choice, lanes):
         return None, "unscheduled"
 
 
-def apply_default_schedules(mod, target):
+def apply_default_schedules(mod, target, lanes: int | None = None):
     """Schedule every PrimFunc without a tuning record with its template.
+
+    `lanes` (fp32 per vector register) comes from fxpress.hw for the host target
+    (`target.target_lanes`); without it, from the LLVM features of `target`.
 
     Returns (module, counts): kernels per kind, "tuned" (a database record applied),
     "conv_template", "generic", "unscheduled" (left as legalized: scalar, one thread).
     """
     import tvm
-    lanes = vector_lanes(target)
+    lanes = lanes or vector_lanes(target)
     counts = {"tuned": 0, "conv_template": 0, "generic": 0, "unscheduled": 0}
     out = mod
     for gv, func in mod.functions.items():

@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ... import hw
+from ...errors import LoweringError, RecipeError
 from ...recipe import check_range
 from ...utils import atomic_write_text
 
-__all__ = ["TuneOptions", "tune", "cache_root", "database_dir", "load_database"]
+__all__ = ["TuneOptions", "tune", "cache_root", "database_dir", "load_database", "tuning_key",
+           "tracker_servers"]
 
 _FORMAT = "fxpress-tvm-db-1"
 
@@ -40,6 +43,13 @@ class TuneOptions:
 
     `trials_per_round` is one search round (the budget's granularity); `cache_dir` overrides
     the database location; `progress` prints one line per round to stderr.
+
+    `tracker=(host, port, key)` measures on the RPC servers registered under `key` at a TVM
+    tracker (`python -m tvm.exec.rpc_tracker`, `python -m tvm.exec.rpc_server --tracker
+    host:port --key key`), as many at once as are free; records land in the same database.
+    A tracker not answering within `rpc_timeout_s` is a LoweringError naming host and port:
+
+        TuneOptions(trials=64, tracker=("127.0.0.1", 9190, "x86"))
     """
 
     name: ClassVar[str] = "tvm_tune"
@@ -52,8 +62,17 @@ class TuneOptions:
     cache_dir: str | None = None
     use_cache: bool = True
     progress: bool = True
+    tracker: tuple[str, int, str] | None = None
+    rpc_timeout_s: float = 10.0
 
     def __post_init__(self):
+        if self.tracker is not None:
+            t = self.tracker
+            if (not isinstance(t, (tuple, list)) or len(t) != 3 or not isinstance(t[0], str)
+                    or isinstance(t[1], bool) or not isinstance(t[1], int) or not isinstance(t[2], str) or not t[2]):
+                raise RecipeError("tracker must be (host: str, port: int, key: str)", field="tracker", value=t)
+            object.__setattr__(self, "tracker", (t[0], int(t[1]), t[2]))
+        check_range("rpc_timeout_s", self.rpc_timeout_s, 0, lo_open=True)
         check_range("trials", self.trials, 1)
         check_range("time_budget_s", self.time_budget_s, 0, lo_open=True)
         check_range("trials_per_round", self.trials_per_round, 1, 512)
@@ -75,17 +94,28 @@ def _target_id(target) -> str:
     return hashlib.sha256(str(target).encode()).hexdigest()[:12]
 
 
-def database_dir(root: Path, key: str, target) -> Path:
-    return root / f"{key}-{_target_id(target)}"
+def tuning_key(key: str, target, features: hw.HostFeatures | None = None) -> str:
+    """Database name: graph key, the host's ISA feature key (fxpress.hw) and the target hash.
+
+    Records measured with AVX-512 are never offered to a host without it, even for a target
+    string that happens to be equal (an explicit target, or one LLVM prints the same).
+    """
+    feats = features or hw.host()
+    return f"{key}-{feats.feature_key()}-{_target_id(target)}"
 
 
-def _manifest(key: str, target) -> dict:
+def database_dir(root: Path, key: str, target, features: hw.HostFeatures | None = None) -> Path:
+    return root / tuning_key(key, target, features)
+
+
+def _manifest(key: str, target, features: hw.HostFeatures | None = None) -> dict:
     import tvm
-    return {"format": _FORMAT, "graph_key": key, "target": str(target), "tvm": tvm.__version__}
+    return {"format": _FORMAT, "graph_key": key, "target": str(target), "tvm": tvm.__version__,
+            "hw": (features or hw.host()).feature_key()}
 
 
-def load_database(path: Path, key: str, target):
-    """The JSONDatabase at `path` if its manifest matches (key, target, TVM) and it parses."""
+def load_database(path: Path, key: str, target, features: hw.HostFeatures | None = None):
+    """The JSONDatabase at `path` if its manifest matches (key, target, hw, TVM) and it parses."""
     from tvm.s_tir import meta_schedule as ms
 
     man_file = path / "manifest.json"
@@ -93,7 +123,7 @@ def load_database(path: Path, key: str, target):
         return None
     try:
         found = json.loads(man_file.read_text())
-        want = _manifest(key, target)
+        want = _manifest(key, target, features)
         if found != want:
             diff = sorted(k for k in want if found.get(k) != want[k])
             warnings.warn(f"tvm tuning database {path} is for another graph/target/TVM "
@@ -133,7 +163,38 @@ def _plan(weights: list[float], trials: int, per_round: int) -> list[int]:
     return plan
 
 
-def tune(mod, target, key: str, opts: TuneOptions) -> tuple[Any, dict]:
+def tracker_servers(host: str, port: int, key: str, timeout_s: float = 10.0) -> int:
+    """How many RPC servers under `key` the tracker at host:port has (LoweringError if none or
+    if it does not answer within `timeout_s`)."""
+    import socket
+    where = f"the TVM RPC tracker at {host}:{port}"
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise LoweringError(f"tvm tuning: {where} cannot be reached within {timeout_s:g} s "
+                            f"({type(e).__name__}: {e})") from e
+    deadline = time.monotonic() + timeout_s
+    while True:  # a server that just started registers within a second or two
+        try:
+            from tvm import rpc
+            summary = rpc.connect_tracker(host, port).summary()
+        except Exception as e:  # noqa: BLE001 - TVM raises RuntimeError/TVMError/OSError
+            raise LoweringError(f"tvm tuning: {where} did not answer a summary request "
+                                f"({type(e).__name__}: {e})") from e
+        queue = summary.get("queue_info", {}).get(key, {})
+        n = int(queue.get("free", 0)) + int(queue.get("pending", 0))
+        if n == 0:  # the queue counts only idle servers; busy ones are listed in server_info
+            n = sum(1 for s in summary.get("server_info", []) if str(s.get("key", "")).split(":")[-1] == key)
+        if n or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not n:
+        raise LoweringError(f"tvm tuning: {where} has no RPC server registered under key {key!r} "
+                            f"(keys there: {sorted(summary.get('queue_info', {}))})")
+    return n
+
+
+def tune(mod, target, key: str, opts: TuneOptions, lanes: int | None = None) -> tuple[Any, dict]:
     """Tune `mod` (already legalized and fused) for `target`; returns (database, report).
 
     Task extraction and FLOP weighting happen here; the search runs in `_tune_worker.py`
@@ -149,6 +210,7 @@ def tune(mod, target, key: str, opts: TuneOptions) -> tuple[Any, dict]:
             return db, {"cached": True, "database": str(db_path), "seconds": 0.0, "trials": 0}
 
     t0 = time.perf_counter()
+    servers = tracker_servers(*opts.tracker, opts.rpc_timeout_s) if opts.tracker else 0
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
     weights = [_task_flops(t) * t.weight for t in extracted]
@@ -160,7 +222,9 @@ def tune(mod, target, key: str, opts: TuneOptions) -> tuple[Any, dict]:
                "per_round": opts.trials_per_round, "population": opts.population,
                "time_budget_s": opts.time_budget_s, "spent_s": time.perf_counter() - t0,
                "build_timeout_s": opts.build_timeout_s, "run_timeout_s": opts.run_timeout_s,
-               "progress": opts.progress}
+               "progress": opts.progress, "lanes": lanes,
+               "tracker": list(opts.tracker) if opts.tracker else None, "servers": servers,
+               "rpc_timeout_s": opts.rpc_timeout_s}
         (job_dir / "job.json").write_text(json.dumps(job))
         worker = Path(__file__).with_name("_tune_worker.py")
         # One round may overrun the budget; beyond that something hangs: stop it.
