@@ -81,8 +81,7 @@ def test_valid_json_yaml_and_bom_load(tmp_path):
 
 
 def test_registry_names_still_importable_from_recipe():
-    import fxpress.recipe as recipe
-    import fxpress.registry as registry
+    from fxpress import recipe, registry
     assert recipe.recipe_entry is registry.recipe_entry
     assert recipe.check_choice is registry.check_choice
     assert recipe.check_range is registry.check_range

@@ -159,7 +159,8 @@ def test_core_imports_no_peer_package():
             importlib.import_module(info.name)
         print(sorted({k.split(".")[0] for k in sys.modules if k.split(".")[0] in peers}))
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-2:] == ["[]", "[]"], res.stdout
     assert "mxfp8" not in res.stderr
