@@ -8,6 +8,10 @@ MODEL is ``package.module:factory`` or ``path/file.py:factory`` returning the mo
 ``package.module:function`` (or ``file.py:function``) returning an iterable of batches
 (``(x,)`` or labelled ``(x, y)``: labels let a ``distill`` entry use hard-label terms),
 or a ``.pt`` file holding such a list. Progress goes to stderr; the report to stdout.
+
+Under ``torchrun --nproc_per_node N -m fxpress.cli compress ...`` every rank calibrates on
+its round-robin share of the batches (observers merged over gloo, the same IR on every
+rank); rank 0 lowers, writes --out and prints the report.
 """
 from __future__ import annotations
 
@@ -182,12 +186,27 @@ def _format(report: dict[str, Any], cm) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .. import distributed
+    started = not torch.distributed.is_initialized()
+    w = distributed.init_from_env()  # under torchrun: one rank per process, gloo
+    try:
+        return _run(args, w)
+    finally:
+        if w is not None and started:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, w) -> int:
+    """Every rank compresses on its shard of the calibration batches (one IR on all ranks);
+    rank 0 alone lowers, writes the artefact and reports."""
     import fxpress
 
+    from .. import distributed
     from ..recipe import Recipe
     from ..utils import atomic_write_text
 
-    progress = not args.no_progress
+    lead = w is None or w.rank == 0
+    progress = not args.no_progress and lead
     prog = _Progress(["load", "compress", "lower", "save", "report"], progress)
     try:
         with prog.stage("load"):
@@ -196,19 +215,24 @@ def main(argv: list[str] | None = None) -> int:
             batches = load_calibration(args.calib, args.calib_batches)
         with prog.stage("compress"), (contextlib.nullcontext() if progress else quiet()):
             # The calibration pass shows the one per-batch bar; --no-progress silences it.
-            cm = fxpress.compress(model, example_inputs, recipe, calibration=batches)
-        with prog.stage("lower"):
-            options = {"calibration": batches} if args.backend == "onnxruntime" and batches else {}
-            run = fxpress.lower(cm, backend=args.backend, example_inputs=example_inputs, **options)
-        out_path = Path(args.out)
-        with prog.stage("save"):
-            try:
-                run.save(out_path)
-            except NotImplementedError as e:
-                raise LoweringError(f"backend {args.backend!r} writes no artefact: choose "
-                                    f"--backend onnxruntime or tvm ({e})") from e
-        with prog.stage("report"):
-            report = build_report(args, model, cm, run, out_path, batches, example_inputs, prog.times)
+            mine = distributed.shard(batches, w) if batches is not None and w is not None else batches
+            cm = fxpress.compress(model, example_inputs, recipe, calibration=mine)
+        if not lead:
+            return 0
+        with distributed.local():  # rank 0 alone from here: no collectives
+            with prog.stage("lower"):
+                options = {"calibration": batches} if args.backend == "onnxruntime" and batches else {}
+                run = fxpress.lower(cm, backend=args.backend, example_inputs=example_inputs, **options)
+            out_path = Path(args.out)
+            with prog.stage("save"):
+                try:
+                    run.save(out_path)
+                except NotImplementedError as e:
+                    raise LoweringError(f"backend {args.backend!r} writes no artefact: choose "
+                                        f"--backend onnxruntime or tvm ({e})") from e
+            with prog.stage("report"):
+                report = build_report(args, model, cm, run, out_path, batches, example_inputs,
+                                      prog.times)
     finally:
         prog.close()
     print(_format(report, cm))
