@@ -6,6 +6,8 @@ without tuning; a tracker that is not there is a LoweringError naming host and p
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +39,15 @@ def _rpc_cluster(servers: int = 2, start_timeout_s: float = 90.0):
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                "--port", str(port), "--port-end", str(port + 1), "--silent"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    # servers start with the tracker (each imports TVM: seconds on 2 busy cores) and retry
+    # their registration until it listens
+    for _ in range(servers):
+        sport = _free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport),
+             "--port-end", str(sport + 1), "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -48,14 +58,8 @@ def _rpc_cluster(servers: int = 2, start_timeout_s: float = 90.0):
                 if time.monotonic() > deadline or procs[0].poll() is not None:
                     pytest.fail("the TVM RPC tracker did not start")
                 time.sleep(0.5)
-        for i in range(servers):
-            sport = _free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport),
-                 "--port-end", str(sport + 1), "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--silent"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from tvm import rpc
-        while True:  # both servers registered (each imports TVM first: seconds on 2 busy cores)
+        while True:  # every server registered
             info = rpc.connect_tracker("127.0.0.1", port).summary().get("queue_info", {}).get(KEY, {})
             if int(info.get("free", 0)) >= servers:
                 break
@@ -63,14 +67,16 @@ def _rpc_cluster(servers: int = 2, start_timeout_s: float = 90.0):
                 pytest.fail(f"the RPC servers did not register with the tracker: {info}")
             time.sleep(0.5)
         yield port
-    finally:
+    finally:  # each in its own session: its group holds the session processes a server forked
         for p in reversed(procs):
-            p.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
 
@@ -87,6 +93,7 @@ def test_tuning_through_tracker_writes_records_a_later_compile_reuses(tmp_path):
         t = first.report["tuning"]
         # measured on the servers: one task, a round of 4 candidates, records written
         assert not t["cached"] and t["tasks"] == 1 and t["records"] >= 1, t
+        assert t["runner"] == f"rpc 127.0.0.1:{port} key {KEY} (2 servers)", t
         assert t["failed"] < t["measured"], t
     # the cluster is gone: the second compile reads the database and starts no search
     again = compile_tvm(gm, inputs, tune=TuneOptions(trials=4, cache_dir=str(tmp_path), progress=False))

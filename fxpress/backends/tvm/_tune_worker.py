@@ -166,8 +166,10 @@ def main(job_dir: str) -> None:
             rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
                                            session_timeout_sec=int(max(job["run_timeout_s"], 1))),
             evaluator_config=evaluator, max_workers=max(int(job.get("servers") or 1), 1))
+        runner_name = f"rpc {host}:{port} key {key} ({job.get('servers')} servers)"
     else:
         runner = ms.runner.LocalRunner(timeout_sec=job["run_timeout_s"], evaluator_config=evaluator)
+        runner_name = "local"
     cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                         adaptive_training=True)
     failures = _failure_recorder()
@@ -213,7 +215,7 @@ def main(job_dir: str) -> None:
     (job_dir / "stats.json").write_text(json.dumps(
         {"trials": trials, "tasks": len(ctxs), "tasks_tuned": sum(1 for d in done if d),
          "templated": len(templated), "measured": len(db), "failed": tmpl_failed + failures.failed,
-         "records": len(pruned), "first_error": tmpl_first or failures.first}))
+         "records": len(pruned), "first_error": tmpl_first or failures.first, "runner": runner_name}))
 
 
 if __name__ == "__main__":
