@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["LatencyKey", "LatencyService", "default_timer", "BACKENDS"]
+__all__ = ["LatencyKey", "LatencyService", "default_timer", "concrete_shape", "BACKENDS"]
 
 BACKENDS = ("inductor", "onnxruntime", "eager", "tvm")
 Builder = Callable[[], tuple[Callable, tuple]]
@@ -45,6 +45,18 @@ class LatencyKey:
     def text(self) -> str:
         """The JSON cache key (stable across processes)."""
         return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+def concrete_shape(shape: Sequence) -> tuple[int, ...]:
+    """A shape with dynamic (symbolic) dims at the size they were captured with (else 1)."""
+    import torch
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            hint = getattr(d.node, "hint", None)
+            d = int(hint) if hint is not None else 1
+        out.append(int(d))
+    return tuple(out)
 
 
 def _freeze(x: Any) -> Any:

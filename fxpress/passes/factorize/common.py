@@ -291,9 +291,20 @@ def _check_speed(gm: fx.GraphModule, node: fx.Node, plan: Plan, reps: int = 20) 
     x = torch.randn(shape_of(node.args[0]))
     args = tuple(fetch_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a
                  for a in node.args[1:])
-    with one_thread():
-        dense = _best_ms(lambda t: node.target(t, *args), x, reps)
-        fact = _best_ms(lambda t: run_chain(plan.chain, t, gm), x, reps)
+    from ...latency import LatencyService
+
+    def best_of(keys, builders):  # the latency service's timer: one thread, best of `reps`
+        with one_thread():
+            return {f: _best_ms(*builders[f](), reps) for f in keys}
+    # cached by (op, shapes, ranks, ISA): a second compress of the same model times nothing
+    shapes = (tuple(x.shape), tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a
+                                    for a in args), tuple(plan.rank),
+              tuple(tuple(p.shape) for p in plan.chain.params.values()))
+    ms = LatencyService("eager", timer=best_of).compare(
+        str(node.target), shapes, str(x.dtype).replace("torch.", ""),
+        {"dense": lambda: (lambda t: node.target(t, *args), x),
+         "factorized": lambda: (lambda t: run_chain(plan.chain, t, gm), x)})
+    dense, fact = ms["dense"], ms["factorized"]
     if fact >= dense:
         raise Skip(f"not faster: factorized {fact:.3f} ms >= dense {dense:.3f} ms "
                    "(eager, one thread, best of {reps})".replace("{reps}", str(reps)))

@@ -2,7 +2,10 @@
 
 Only the compute ops that read the group's parameters (its convs, linears, matmuls)
 are timed, each on random inputs of its real shapes, so checking one group costs a
-few milliseconds in eager mode (one small compile per group with Inductor).
+few milliseconds in eager mode (one small compile per group with Inductor). Timings go
+through the latency service (fxpress/latency.py): dense and pruned forms are timed
+interleaved and cached by (ops, shapes, ISA, backend), so a second prune of the same
+model on the same machine times nothing. A `timer(ops, backend) -> s` replaces it (tests).
 
     kept, report = check_speed(gm, dep, plan, backend="eager")
 """
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ...latency import concrete_shape
 from ...timing import median_ms
 
 from ..analysis.dependency import DependencyGraph
@@ -38,7 +42,8 @@ def _materialize(gm: fx.GraphModule, a):
             return obj.detach()
         v = a.meta.get("val")
         if isinstance(v, torch.Tensor):
-            return torch.randn(v.shape, dtype=v.dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+            shape = concrete_shape(v.shape)
+            return torch.randn(shape, dtype=v.dtype) if v.is_floating_point() else torch.zeros(shape, dtype=v.dtype)
         return v
     if isinstance(a, (list, tuple)):
         return type(a)(_materialize(gm, x) for x in a)
@@ -71,9 +76,28 @@ def _touched(gm: fx.GraphModule, dep: DependencyGraph, gidx: int) -> set[str]:
             and any(isinstance(a, fx.Node) and a.name in attrs for a in n.all_input_nodes)}
 
 
+def _signature(ops) -> tuple:
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), str(a.dtype).replace("torch.", ""))
+        if isinstance(a, (list, tuple)):
+            return tuple(sig(x) for x in a)
+        return a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)
+    return tuple((str(f), sig(a), sig(tuple(sorted(k.items())))) for f, a, k in ops)
+
+
+def _builder(ops, backend: str):
+    def build():
+        def run():
+            for f, a, k in ops:
+                f(*a, **k)
+        return (torch.compile(run, dynamic=False) if backend == "inductor" else run), ()
+    return build
+
+
 def check_speed(gm: fx.GraphModule, dep: DependencyGraph, plan: dict[int, np.ndarray], *,
-                example_inputs: tuple, backend: str = "eager",
-                timer: Callable = time_ops) -> tuple[dict[int, np.ndarray], list[dict]]:
+                example_inputs: tuple, backend: str = "eager", timer: Callable | None = None,
+                service=None) -> tuple[dict[int, np.ndarray], list[dict]]:
     """Keep a group's removal only if its layers run faster in the pruned graph than whole.
 
     The whole plan is applied once to a copy; each group's layers are then timed in both
@@ -91,8 +115,17 @@ def check_speed(gm: fx.GraphModule, dep: DependencyGraph, plan: dict[int, np.nda
         if not names:
             kept[gidx] = comps
             continue
-        before = timer(_ops(gm, names), backend)
-        after = timer(_ops(trial, names), backend)
+        dense_ops, pruned_ops = _ops(gm, names), _ops(trial, names)
+        if timer is not None:
+            before, after = timer(dense_ops, backend), timer(pruned_ops, backend)
+        else:
+            if service is None:
+                from ...latency import LatencyService
+                service = LatencyService(backend)
+            ms = service.compare("prune_group", (_signature(dense_ops), _signature(pruned_ops)),
+                                 "float32", {"dense": _builder(dense_ops, backend),
+                                             "pruned": _builder(pruned_ops, backend)})
+            before, after = ms["dense"] / 1e3, ms["pruned"] / 1e3
         faster = after < before
         rows.append({"group": dep.groups[gidx].name, "before_ms": before * 1e3,
                      "after_ms": after * 1e3, "kept": faster})

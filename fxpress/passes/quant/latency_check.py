@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ...ir.meta import LayerChoice, QuantAnnotation, drop_record, get_record, module_path, set_record
 from ..base import Pass, PassContext, PassResult
+from ...latency import concrete_shape
 from .convert import fetch_attr
 
 __all__ = ["LatencyCheck", "layer_builders"]
@@ -36,7 +37,7 @@ _OPS = {aten.conv2d.default: "conv", aten.linear.default: "linear"}
 
 def _shape(n) -> tuple | None:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return concrete_shape(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _one_layer(op, x_shape, w: torch.Tensor, b, rest: tuple, int8: bool,
