@@ -59,13 +59,17 @@ def _needs_calibration(recipe: Recipe) -> bool:
 class _Hooked:
     """What torch.compile calls in place of the graph: observes, then runs the lowered artefact.
 
-    The IR is built when Dynamo hands us the graph (that is when lifted parameters can still be
-    told from user inputs and named); calls then pass only the user inputs the IR takes.
+    Dynamo's graph is rebuilt when Dynamo hands it over (lifted parameters are told from
+    user inputs by the graph's sources, which Dynamo drops afterwards; the sizes it passes on
+    its dynamic recompile become dynamic dims) and exported to the IR at the first call: not
+    during Dynamo's compile, where torch.export corrupts the guards Dynamo is building. Calls then pass only the
+    user inputs the IR takes.
     """
 
-    def __init__(self, gm: fx.GraphModule, ir: fx.GraphModule, opts: HookOptions):
-        self.gm, self.ir, self.opts = gm, ir, opts
-        self.keep = ir.meta.get("dynamo_user_inputs")
+    def __init__(self, gm: fx.GraphModule, rebuilt: tuple, opts: HookOptions):
+        self.gm, self.rebuilt, self.opts = gm, rebuilt, opts
+        self.ir: fx.GraphModule | None = None
+        self.keep = None
         self.recipe = Recipe.coerce(opts.recipe) if opts.recipe is not None else Recipe([])
         self.observed: list[tuple] = []
         self.lowered = None
@@ -83,6 +87,10 @@ class _Hooked:
 
     @torch._dynamo.disable  # the lowering runs its own compile; keep Dynamo out of it
     def __call__(self, *args):
+        if self.ir is None:
+            from ..frontends.dynamo import export_rebuilt
+            self.ir = export_rebuilt(self.rebuilt)
+            self.keep = self.ir.meta.get("dynamo_user_inputs")
         user = self._user(args)
         if self.lowered is not None:
             return tuple(self.lowered.run_flat(list(user)))
@@ -123,7 +131,7 @@ def fxpress_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], 
     if mode not in (None, "default"):
         raise RecipeError("backend 'fxpress' takes no mode; use options={'lower_to': ...}",
                           field="mode", value=mode)
-    from ..frontends import from_dynamo_graph
+    from ..frontends.dynamo import rebuild_dynamo_graph
 
     opts = HookOptions.from_dict(options)
-    return _Hooked(gm, from_dynamo_graph(gm, example_inputs), opts)
+    return _Hooked(gm, rebuild_dynamo_graph(gm, example_inputs), opts)

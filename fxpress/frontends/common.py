@@ -97,7 +97,12 @@ def use_signature_check(gm: fx.GraphModule) -> None:
 
 
 def finish_ir(gm: fx.GraphModule) -> fx.GraphModule:
+    """Guards out, signature recorded (from export's placeholders, while they are symbolic),
+    the IR's own parameters, lineage on every node."""
+    from ..ir.signature import KEY, set_signature, signature_from_placeholders
     remove_guards(gm)
+    if KEY not in gm.meta:
+        set_signature(gm, signature_from_placeholders(gm))
     use_signature_check(gm)
     detach_parameters(gm)
     annotate_lineage(gm)

@@ -22,9 +22,8 @@ import torch.fx as fx
 
 from ..errors import CaptureError
 from .common import finish_ir
-from .export import _capture_error
 
-__all__ = ["from_dynamo_graph", "call_with_dynamo_inputs"]
+__all__ = ["from_dynamo_graph", "rebuild_dynamo_graph", "export_rebuilt", "call_with_dynamo_inputs"]
 
 _PART = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]")
 
@@ -72,7 +71,19 @@ def _normalise_module_stack(gm: fx.GraphModule) -> None:
 
 
 def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Convert the graph a torch.compile backend receives into the fxpress IR."""
+    """Convert the graph a torch.compile backend receives into the fxpress IR.
+
+    Call it outside Dynamo's compile (torch.export there corrupts the guards Dynamo is
+    building): `rebuild_dynamo_graph` at compile time, `export_rebuilt` later, as the
+    torch.compile hook does.
+    """
+    return export_rebuilt(rebuild_dynamo_graph(gm, example_inputs))
+
+
+def rebuild_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple:
+    """The graph with lifted parameters as named attributes again and Dynamo's size inputs read
+    off the tensors; returns what `export_rebuilt` needs. Reads graph metadata Dynamo drops
+    once the backend returns: call it from the backend."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     inputs = list(example_inputs)
@@ -85,8 +96,12 @@ def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.G
     root = torch.nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    user_inputs, user_examples = [], []
+    user_inputs, user_examples, sizes, dyn = [], [], [], []
     for i, (n, x) in enumerate(zip(placeholders, inputs, strict=True)):
+        if isinstance(x, torch.SymInt) or isinstance(n.meta.get("example_value"), torch.SymInt):
+            # a size Dynamo made an input (its dynamic recompile): read off a tensor input
+            sizes.append((n, x))
+            continue
         path = _attr_path(n) if isinstance(x, torch.Tensor) and not fake else None
         if path is not None:  # a lifted parameter/buffer: an attribute again, under its user name
             _set_path(root, path, x)
@@ -94,8 +109,12 @@ def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.G
         else:
             env[n] = graph.placeholder(n.name)
             user_inputs.append(i)
-            user_examples.append(torch.zeros(x.shape, dtype=x.dtype) if fake and isinstance(x, torch.Tensor) else x)
+            user_examples.append(torch.zeros(x.shape, dtype=x.dtype) if fake and isinstance(x, torch.Tensor)
+                                 else x.detach().clone() if isinstance(x, torch.Tensor) else x)
+            dyn.append(_symbolic_dims(n))
         env[n].meta = dict(n.meta)
+    for n, x in sizes:  # read each size off the tensor input that carries it
+        env[n] = _size_of(graph, env, placeholders, n, x)
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             env[n] = graph.node_copy(n, lambda a: env[a])
@@ -109,13 +128,46 @@ def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.G
             _set_path(root, str(n.target), obj)
     rebuilt = fx.GraphModule(root, graph)
     _normalise_module_stack(rebuilt)
-    try:
-        ep = torch.export.export(rebuilt, tuple(user_examples), strict=False)
-    except Exception as e:
-        raise _capture_error(e, "export") from e
-    ir = finish_ir(ep.module())
+    return rebuilt, tuple(user_examples), dyn, tuple(user_inputs)
+
+
+def export_rebuilt(state: tuple) -> fx.GraphModule:
+    """torch.export the rebuilt graph to the IR: the dims Dynamo made symbolic stay dynamic; a
+    first (static) Dynamo graph gets capture's default, a dynamic batch where export allows it
+    (so calibration batches of any size fit)."""
+    from ..passes.analysis.shape_prop import propagate_shapes
+    from .export import _capture_export
+    rebuilt, user_examples, dyn, user_inputs = state
+    dynamic = tuple({d: torch.export.Dim.AUTO for d in dims} or None for dims in dyn) \
+        if any(dyn) else None
+    ir = finish_ir(_capture_export(rebuilt, user_examples, None, dynamic, False, "export"))
+    propagate_shapes(ir, user_examples)
     ir.meta["dynamo_user_inputs"] = tuple(user_inputs)
     return ir
+
+
+def _symbolic_dims(n: fx.Node) -> list[int]:
+    v = n.meta.get("example_value")
+    if not isinstance(v, torch.Tensor):
+        return []
+    return [d for d, s in enumerate(v.shape) if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
+
+
+def _size_of(graph: fx.Graph, env: dict, placeholders: list, n: fx.Node, x: torch.SymInt) -> fx.Node:
+    """`aten.sym_size.int(t, d)` for the first tensor placeholder `t` whose dim `d` is the symbol `x`."""
+    want = str(n.meta["example_value"].node.expr if isinstance(n.meta.get("example_value"), torch.SymInt)
+               else x.node.expr)
+    for p in placeholders:
+        v = p.meta.get("example_value")
+        if p in env and isinstance(v, torch.Tensor) and env[p].op == "placeholder":
+            for d, s in enumerate(v.shape):
+                if isinstance(s, torch.SymInt) and str(s.node.expr) == want:
+                    with graph.inserting_after(env[p]):
+                        node = graph.call_function(torch.ops.aten.sym_size.int, (env[p], d))
+                    node.meta = dict(n.meta)
+                    return node
+    raise CaptureError(f"Dynamo passed the size {n.name} ({want}) as an input, and no tensor input "
+                       "has that size; compile with dynamic=False", frontend="dynamo")
 
 
 def call_with_dynamo_inputs(ir: fx.GraphModule, fn: Callable) -> Callable:

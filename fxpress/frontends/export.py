@@ -200,7 +200,6 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, stati
                     frontend) -> fx.GraphModule:
     from torch.fx.experimental import _config as fx_config
 
-    from ..ir.signature import set_signature, signature_from_placeholders
     if dynamic_shapes is None and not static_shapes:
         # batch dynamic by default. Size-oblivious reasoning keeps a batch-1 example general
         # (export would otherwise specialize a dim whose example size is 1).
@@ -217,13 +216,11 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, stati
                           stacklevel=3)
             gm = None
         if gm is not None:
-            set_signature(gm, signature_from_placeholders(gm))
             return gm
     try:
         gm = _export(model, example_inputs, example_kwargs, dynamic_shapes).module()
     except Exception as e:  # torch raises many types here; translate them to one that explains
         raise _capture_error(e, frontend) from e
-    set_signature(gm, signature_from_placeholders(gm))
     return gm
 
 
