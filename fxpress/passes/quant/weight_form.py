@@ -56,7 +56,10 @@ def _k_orders(q: torch.Tensor, axis: int) -> list[torch.Tensor]:
     o = q.movedim(axis, 0)
     views = [o.reshape(o.shape[0], -1)]
     if o.dim() > 2:  # conv: channels-last K order (kh, kw, I) as well as (I, kh, kw)
-        views.append(o.movedim(1, -1).reshape(o.shape[0], -1))
+        cl = o.movedim(1, -1)
+        views.append(cl.reshape(o.shape[0], -1))
+        if cl.shape[-1] % 2:  # blocked layouts pad I per tap: pairs restart at every tap
+            views.append(torch.nn.functional.pad(cl, (0, 1)).reshape(o.shape[0], -1))
     return views
 
 
