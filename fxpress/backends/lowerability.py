@@ -23,7 +23,7 @@ from ..recipe import check_choice
 from .onnx.qdq import CHOOSE, DQ_CHANNEL, DQ_DYN, DQ_TENSOR, Q_DYN, Q_TENSOR, QUANT_OPS
 
 aten = torch.ops.aten
-__all__ = ["LowerRow", "lowerability", "format_lowerability", "inspect_text"]
+__all__ = ["LowerRow", "lowerability", "format_lowerability", "format_kernels", "inspect_text"]
 
 _CONV = {aten.conv2d.default, aten.conv1d.default, aten.convolution.default}
 _LINEAR = {aten.linear.default}
@@ -163,12 +163,37 @@ def format_lowerability(rows: list[LowerRow], backend: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_kernels(report: dict) -> str:
+    """The ORT kernels a real lowering runs (op types of ORT's optimized graph), int8 first."""
+    from .onnxruntime import INT8_KERNELS
+    k = report.get("kernels", {})
+    int8 = {op: n for op, n in k.items() if op in INT8_KERNELS}
+    rest = {op: n for op, n in k.items() if op not in INT8_KERNELS}
+    lines = [f"onnxruntime lowering (ORT's optimized graph): {sum(int8.values())} int8 kernels, "
+             f"{sum(rest.values())} other nodes; export {report.get('export_s', '?')} s; "
+             f"dynamic dims {report.get('dynamic_dims') or 'none'}"]
+    lines += [f"  {op:<32} {n:>4}  int8" for op, n in sorted(int8.items(), key=lambda t: -t[1])]
+    lines += [f"  {op:<32} {n:>4}" for op, n in sorted(rest.items(), key=lambda t: -t[1])]
+    if report.get("transformer_fusion"):
+        lines.append(f"  transformer fusion: {report['transformer_fusion']}")
+    return "\n".join(lines)
+
+
 def inspect_text(gm: fx.GraphModule, backend: str = "onnxruntime", *,
                  reference: fx.GraphModule | None = None, inputs=None, lowered=None,
-                 worst: int | None = 10) -> str:
+                 worst: int | None = 10, example_inputs=None) -> str:
     """What `fxpress inspect --backend B [--compare]` prints: the lowerability table, and with
-    a fp32 `reference` and `inputs`, the per-node SQNR table (worst `worst` nodes first)."""
+    a fp32 `reference` and `inputs`, the per-node SQNR table (worst `worst` nodes first).
+
+    For onnxruntime with `example_inputs` (or `inputs`) the graph is really lowered and the
+    kernel counts of ORT's optimized graph lead: what runs, not what the rules predict."""
     text = format_lowerability(lowerability(gm, backend), backend)
+    feed = example_inputs if example_inputs is not None else inputs
+    if backend == "onnxruntime" and (lowered is not None or feed is not None):
+        if lowered is None:
+            from .onnxruntime import compile_onnxruntime
+            lowered = compile_onnxruntime(gm, tuple(feed), transformer_fusion="off")
+        text = format_kernels(lowered.report) + "\n\n" + text
     if reference is not None and inputs is not None:
         from .compare import compare, format_compare
         text += "\n\n" + format_compare(compare(reference, gm, inputs, lowered=lowered), worst)

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError("unknown backend for inspect", field="backend", value=a.backend,
                               accepted=["onnxruntime", "inductor"])
         print("\n" + inspect_text(gm, a.backend, reference=ref if a.compare else None,
-                                  inputs=inputs if a.compare else None))
+                                  inputs=inputs if a.compare else None, example_inputs=inputs))
     elif a.compare and not a.recipe:
         print("\n(--compare needs --recipe: there is nothing to compare the fp32 IR with)")
     elif a.compare:

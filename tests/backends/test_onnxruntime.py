@@ -157,3 +157,42 @@ def test_dynamic_batch_kept_in_the_saved_onnx(ours_static, tmp_path):
         run(x3, x3)                     # a one-input model called with two
     with pytest.raises(fxpress.InputError):
         run(torch.randn(3, 4, 16, 16))  # a static dim (channels) that differs
+
+
+@pytest.fixture(scope="module")
+def bert_dynamic():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64,
+                                 max_position_embeddings=64)).eval()
+    enc = {"input_ids": torch.randint(0, 100, (2, 16)),
+           "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    b, s = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
+    cm = fxpress.compress(model, (), fxpress.Quantize(mode="dynamic"), example_kwargs=enc,
+                          dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}})
+    return model, cm, fxpress.lower(cm, "onnxruntime")
+
+
+def test_hf_bert_kwargs_dynamic_batch_and_seq_returns_model_output(bert_dynamic, tmp_path):
+    model, cm, run = bert_dynamic
+    assert run.report["fallback"] == [] and run.report["partitions"] == 1
+    assert run.report["kernels"].get("DynamicQuantizeMatMul", 0) >= 6   # q, k, v, o, ffn x2
+    dims = run.report["dynamic_dims"]
+    assert dims["input_ids"][0] == "batch" and dims["attention_mask"][1] == dims["input_ids"][1]
+    ids = torch.randint(0, 100, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[0, 20:] = 0
+    out = run(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = cm(input_ids=ids, attention_mask=mask)
+        fp = model(input_ids=ids, attention_mask=mask)
+    assert type(out) is type(ref) is type(fp)       # a ModelOutput, not a tuple
+    assert sqnr(ref.last_hidden_state, out.last_hidden_state) > 25
+    assert sqnr(fp.last_hidden_state, out.last_hidden_state) > 20
+    sess = ort.InferenceSession(str(run.save(tmp_path / "bert.onnx")),
+                                providers=["CPUExecutionProvider"])
+    saved = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    assert sqnr(out.last_hidden_state, torch.from_numpy(saved[0])) > 40
+    with pytest.raises(fxpress.InputError, match="input_ids"):
+        run(input_ids=ids.float(), attention_mask=mask)

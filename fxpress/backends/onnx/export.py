@@ -14,6 +14,7 @@ dynamic quantization ops it lacks.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import time
 import warnings
@@ -103,12 +104,34 @@ def _module_of(gm: fx.GraphModule, op_text: str) -> tuple[str, str | None]:
     return op_text, None
 
 
+@functools.lru_cache(maxsize=4)
+def _registry(opset: int):
+    """torchlib's registry with our translations, built once per process.
+
+    torch.onnx.export rebuilds it on every call (measured 10.7 s of a 39 s ViT export on this
+    box, loaded); its own `_core.export` takes a registry. None where that internal API is
+    missing: the caller then goes through the public torch.onnx.export."""
+    try:
+        from torch.onnx._internal.exporter import _core, _registration  # noqa: F401
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    except Exception:  # another torch version: the public path works everywhere
+        return None
+    for op, fn in TRANSLATIONS.items():
+        registry.register_op(op, fn, is_complex=False)
+    return registry
+
+
 def _translate(ep, gm: fx.GraphModule, opset: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and torchvision notes
         try:
-            return torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
-                                     opset_version=opset, custom_translation_table=TRANSLATIONS)
+            registry = _registry(opset)
+            if registry is None:
+                return torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
+                                         opset_version=opset, custom_translation_table=TRANSLATIONS)
+            from torch.onnx._internal.exporter import _core
+            return _core.export(ep, registry=registry, optimize=True, verbose=False,
+                                opset_version=opset)
         except Exception as e:  # torch.onnx wraps its dispatch errors in several types
             text = str(e)
             m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>",

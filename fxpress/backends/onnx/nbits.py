@@ -265,6 +265,10 @@ def fuse_shared_input(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _run_a(session, a):
+    return session.run(None, {"a": a})
+
+
 @functools.lru_cache(maxsize=64)
 def fastest_accuracy_level(k: int, n: int, bits: int, block: int, m_rows: int = 1,
                            threads: int | None = None) -> int:
@@ -290,7 +294,7 @@ def fastest_accuracy_level(k: int, n: int, bits: int, block: int, m_rows: int = 
         sessions[level] = ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                                providers=["CPUExecutionProvider"])
     a = rng.standard_normal((m_rows, k)).astype(np.float32)
-    fns = {lv: (lambda s: (lambda x: s.run(None, {"a": x})))(s) for lv, s in sessions.items()}
+    fns = {lv: functools.partial(_run_a, s) for lv, s in sessions.items()}
     ms = interleaved_medians(fns, (a,), rounds=15, warmup=3)
     return min(ms, key=ms.get)
 
