@@ -28,8 +28,22 @@ import torch
 
 from .errors import CalibrationError, RecipeError
 
-__all__ = ["World", "world", "local", "shard", "check_same_recipe", "gather", "broadcast",
-           "lockstep", "synchronize", "global_range", "average_gradients", "broadcast_module", "unwrap", "init_from_env"]
+__all__ = [
+    "World",
+    "average_gradients",
+    "broadcast",
+    "broadcast_module",
+    "check_same_recipe",
+    "gather",
+    "global_range",
+    "init_from_env",
+    "local",
+    "lockstep",
+    "shard",
+    "synchronize",
+    "unwrap",
+    "world",
+]
 
 _LOCAL = contextvars.ContextVar("fxpress_distributed_local", default=False)
 

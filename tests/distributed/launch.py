@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).with_name("workers.py")
 
-__all__ = ["torchrun", "torchrun_cmd", "ROOT"]
+__all__ = ["ROOT", "torchrun", "torchrun_cmd"]
 
 
 def torchrun_cmd(args: list[str], out: Path, *, nproc: int = 2, timeout: float = 120,
@@ -28,7 +28,8 @@ def torchrun_cmd(args: list[str], out: Path, *, nproc: int = 2, timeout: float =
            "OMP_NUM_THREADS": "1", "FXPRESS_TEST_OUT": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "--max_restarts=0"] + (["-m"] if module else []) + args
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def torchrun(scenarios: list[str], out: Path, *, nproc: int = 2,
