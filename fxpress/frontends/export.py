@@ -139,14 +139,17 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}", frontend="none")
     example_inputs = as_input_tuple(example_inputs)
-    if check:
-        check_inputs(model, example_inputs, example_kwargs)
     if frontend not in ("export", "fx"):
         from ..errors import RecipeError
         raise RecipeError("unknown frontend", field="frontend", value=frontend, accepted=["export", "fx"])
-    if frontend == "fx":
-        model = _trace_fx(model)
-    gm = _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, static_shapes, frontend)
+    from .hf import hf_capture_conventions
+    with hf_capture_conventions(model, example_kwargs):
+        if check:
+            check_inputs(model, example_inputs, example_kwargs)
+        if frontend == "fx":
+            model = _trace_fx(model)
+        gm = _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, static_shapes,
+                             frontend)
     gm = finish_ir(gm)
     # passes read concrete sizes (the example's); which dims are dynamic is the signature's
     from ..ir.signature import flatten_call
@@ -297,6 +300,12 @@ def _capture_error(e: BaseException, frontend: str) -> CaptureError:
         source = source_of(text)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
     msg = f"torch.{frontend} could not capture the model: {type(e).__name__}: {first}"
+    if "Suggested fixes:" in text:  # a dynamic_shapes spec export disagrees with: say its fix
+        lines = [ln.strip() for ln in text.split("Suggested fixes:", 1)[1].splitlines()]
+        fixes = [ln for ln in lines[:8] if ln and not ln.startswith("The error above")]
+        violated = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("- ")][:3]
+        msg += "".join(f"\n  {v}" for v in violated)
+        msg += "\n  suggested dynamic_shapes fix: " + "; ".join(fixes)
     if any(k in text or k in type(e).__name__ for k in _DATA_DEPENDENT):
         msg += ("\n  why: the model turns a tensor value into Python control flow or a Python number "
                 "at this line; a captured graph cannot depend on it")
