@@ -149,11 +149,13 @@ class ConvertToQDQ(Pass):
         scale, zp = mod.qparams()
         stats = mod.stats()
         wq = _quantize_weight(w, scale, zp, spec)
-        # learned (QAT) scales are the trained ones: never requantize them to 7 bits
-        form = choose_form(wq, features, "full" if learned and policy == "auto" else policy,
+        # QAT weights (LSQ-learned or fake-quantized while training) were trained on this grid:
+        # never requantize them to 7 bits behind the user's back
+        trained = learned or hasattr(mod, "_fq_init")
+        form = choose_form(wq, features, "full" if trained and policy == "auto" else policy,
                            axis=spec.axis,
                            symmetric=spec.symmetric and not bool(torch.as_tensor(zp).any()))
-        if form.form == "s7" and not spec.reduce_range and not learned:
+        if form.form == "s7" and not spec.reduce_range and not trained:
             from .observers import make_observer
             spec = replace(spec, reduce_range=True)
             obs7 = make_observer(spec, x.name, weight=True)
