@@ -137,14 +137,23 @@ def main() -> None:
         with torch.no_grad():
             qerr = (run8(x) - qref).abs().max().item()
         row(f"TVM int8 tuned ({how})", run8, f"tuned {t['seconds']} s, {t['trials']} trials; "
-            f"{low}; max|TVM-IR| {qerr:.2e}")
+            f"{low}; int8 intrinsics {_intrinsics(run8)}; max|TVM-IR| {qerr:.2e}")
     stats = interleaved_ms([fn for _, fn, _, _ in rows], x, args.rounds)
     base = stats[0][0]
+    from fxpress import hw
+    from fxpress.backends.tvm import host_target
     print(f"\nResNet-18, batch 1, 224x224, {args.threads} threads; {args.rounds} interleaved rounds x 5 calls")
+    print(f"host: {hw.host().int8_ceiling_note()}; TVM target {host_target()}")
     print("\n| runner | median ms | p10-p90 ms | latency / ORT fp32 | max abs err vs IR fp32 | notes |\n"
           "| --- | ---: | ---: | ---: | --- | --- |")
     for (name, _, err, extra), (med, p10, p90) in zip(rows, stats):
         print(f"| {name} | {med:.1f} | {p10:.1f}-{p90:.1f} | {med / base:.2f} | {err:.1e} | {extra} |")
+
+
+def _intrinsics(run) -> str:
+    """Which int8 dot-product intrinsics the conv templates used (none: LLVM's int32 code)."""
+    used = {k.split(":", 1)[1]: v for k, v in run.report["schedules"].items() if k.startswith("int8_intrinsic:")}
+    return ", ".join(f"{k} x{v}" for k, v in used.items()) or "none"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ one-share-per-thread split (`parallel.py`; `run.report["parallel"]`). ResNet-18 
 2.2 s as legalized, 23-32 ms with the templates depending on how busy the host is
 (ORT fp32: 21-25 ms; docs/results/tvm_cpu.md).
 
-Tuning records are kept per (graph hash, target) under the user cache directory
+The llvm target comes from the host's features (`target.py`, `fxpress.hw`), never from
+LLVM's CPU name alone: a VM that hides AVX-512 gets x86-64-v3 + mattr, not znver4. int8
+convs use an 8x4 dot-product tensor intrinsic (`intrin.py`): vpdpbusd on VNNI hosts,
+vpmaddubsw + vpmaddwd on AVX2-only hosts where the weights cannot saturate the int16 pair
+sums (`run.report["schedules"]["int8_intrinsic:..."]` counts them).
+
+Tuning records are kept per (graph hash, host feature key, target) under the user cache directory
 (``$FXPRESS_TVM_CACHE``, else ``$XDG_CACHE_HOME/fxpress/tvm``, else ``~/.cache/fxpress/tvm``);
 the next compile of the same graph for the same target re-uses them and tunes nothing.
 """

@@ -92,8 +92,9 @@ def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict 
         else:
             mod = relax.get_pipeline("zero")(mod)
         if cpu and schedule:
+            from .intrin import plan
             from .schedules import apply_default_schedules
-            mod, kinds = apply_default_schedules(mod, target, lanes)
+            mod, kinds = apply_default_schedules(mod, target, lanes, plan(mod, target))
             if counts is not None:
                 counts.update(kinds)
         if cpu:

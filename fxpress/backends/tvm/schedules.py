@@ -27,6 +27,7 @@ __all__ = ["ConvChoice", "candidates", "default_choice", "schedule", "apply_defa
            "vector_lanes", "SCHEDULED_ATTR"]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
+INT8_LANES, INT8_GROUP = 8, 4   # the 8x4 int8 dot-product intrinsics (intrin.py)
 _MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on AVX2)
 
 
@@ -129,7 +130,19 @@ def default_choice(func, lanes: int = 8) -> ConvChoice | None:
     return None if dims is None else _default_tile(*dims, lanes)
 
 
-def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int) -> None:
+def _int8_tensorizable(sch, conv, fb: int) -> bool:
+    """u8 x s8 -> int32 conv whose channel tile and input channels fit the 8x4 intrinsics."""
+    blk = sch.get(conv)
+    dtypes = [str(r.source.dtype) for r in blk.reads]
+    cin = _ext(sch, sch.get_loops(conv)[6])
+    return (dtypes == ["uint8", "int8"] and str(blk.writes[0].source.dtype) == "int32"
+            and cin % INT8_GROUP == 0 and fb % INT8_LANES == 0)
+
+
+def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int, intrin: str | None = None) -> bool:
+    """The conv register-tile template; with `intrin` (an 8x4 u8 x s8 dot-product tensor
+    intrinsic, see intrin.py) an int8 conv's inner (8 channels x 4 input channels) is one
+    intrinsic call. Returns whether the intrinsic was used."""
     choice = choice or _default_tile(*_conv_dims(sch, conv), lanes)
     blocks = _blocks(sch)
     ci = [_name(sch, b) for b in blocks].index(_name(sch, conv))
@@ -151,17 +164,32 @@ def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int) -> None:
         last = sch.cache_write(conv, 0, "local")
     n, h, w, f, ry, rx, rc = sch.get_loops(conv)
     fb, wb = choice.fb, choice.wb
+    tensorize = intrin is not None and _int8_tensorizable(sch, conv, fb)
     wcache = sch.cache_read(conv, 1, "global")
-    sch.transform_layout(conv, ("read", 1), lambda a, b, c, d: (d // fb, a, b, c, d % fb))
+    if tensorize:  # weight tile [F/fb, KH, KW, C/4, fb, 4]: one intrinsic reads 8x4 contiguous bytes
+        g = INT8_GROUP
+        sch.transform_layout(conv, ("read", 1), lambda a, b, c, d: (d // fb, a, b, c // g, d % fb, c % g))
+    else:
+        sch.transform_layout(conv, ("read", 1), lambda a, b, c, d: (d // fb, a, b, c, d % fb))
     sch.annotate(wcache, "meta_schedule.layout_rewrite_preproc", True)
     fo, fi = sch.split(f, [None, fb])
     wo, wi = sch.split(w, [None, wb])
-    sch.reorder(n, fo, h, wo, ry, rx, rc, wi, fi)
+    if tensorize:
+        rco, rci = sch.split(rc, [None, INT8_GROUP])
+        fio, fii = sch.split(fi, [None, INT8_LANES])
+        sch.reorder(n, fo, h, wo, ry, rx, rco, wi, fio, fii, rci)
+    else:
+        sch.reorder(n, fo, h, wo, ry, rx, rc, wi, fi)
     sch.reverse_compute_at(last, wo)
     sch.parallel(sch.fuse(n, fo, h))
     sch.unroll(wi)
-    sch.vectorize(fi)
+    if tensorize:
+        sch.unroll(fio)
+    else:
+        sch.vectorize(fi)
     init = sch.decompose_reduction(conv, ry)
+    if tensorize:
+        sch.tensorize(fii, intrin)
     # Init, update and epilogue all index the tile with constants (pixel loops unrolled,
     # channel loops vectorized), so LLVM keeps the accumulators in registers: one loop over
     # a pixel left rolled would make the tile a stack array that every FMA loads and stores.
@@ -174,6 +202,7 @@ def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int) -> None:
     for b in _blocks(sch):
         if _name(sch, b).startswith("pad"):
             _parallel_vectorize(sch, b, lanes)
+    return tensorize
 
 
 def _iter_kinds(sch, block) -> list[str] | None:
@@ -232,18 +261,19 @@ def _schedule_generic(sch, lanes: int) -> None:
         _parallel_vectorize(sch, b, lanes)
 
 
-def schedule(func, choice: ConvChoice | None = None, lanes: int = 8):
+def schedule(func, choice: ConvChoice | None = None, lanes: int = 8, intrin: str | None = None):
     """A traced `s_tir.Schedule` for `func` (conv template or the generic one), or None."""
-    return _schedule_kind(func, choice, lanes)[0]
+    return _schedule_kind(func, choice, lanes, intrin)[0]
 
 
-def _schedule_kind(func, choice, lanes):
+def _schedule_kind(func, choice, lanes, intrin=None):
     from tvm import s_tir
     sch = s_tir.Schedule(func)
     try:
         conv = _conv_block(sch)
         if conv is not None:
-            _schedule_conv(sch, conv, choice, lanes)
+            if _schedule_conv(sch, conv, choice, lanes, intrin):
+                return sch, f"conv_template+{intrin}"
             return sch, "conv_template"
         _schedule_generic(sch, lanes)
         return sch, "generic"
@@ -251,11 +281,14 @@ def _schedule_kind(func, choice, lanes):
         return None, "unscheduled"
 
 
-def apply_default_schedules(mod, target, lanes: int | None = None):
+def apply_default_schedules(mod, target, lanes: int | None = None, int8_intrins: dict | None = None):
     """Schedule every PrimFunc without a tuning record with its template.
 
     `lanes` (fp32 per vector register) comes from fxpress.hw for the host target
     (`target.target_lanes`); without it, from the LLVM features of `target`.
+    `int8_intrins` maps a PrimFunc name to the int8 tensor intrinsic its conv may use
+    (intrin.plan: chosen by ISA, and by weight values for the saturating AVX2 one); those
+    kernels count as "conv_template" and also under "int8_intrinsic:<name>".
 
     Returns (module, counts): kernels per kind, "tuned" (a database record applied),
     "conv_template", "generic", "unscheduled" (left as legalized: scalar, one thread).
@@ -270,7 +303,10 @@ def apply_default_schedules(mod, target, lanes: int | None = None):
         if func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False):
             counts["tuned"] += 1
             continue
-        sch, kind = _schedule_kind(func, None, lanes)
+        sch, kind = _schedule_kind(func, None, lanes, (int8_intrins or {}).get(gv.name_hint))
+        if "+" in kind:
+            kind, used = kind.split("+", 1)
+            counts[f"int8_intrinsic:{used}"] = counts.get(f"int8_intrinsic:{used}", 0) + 1
         counts[kind] += 1
         if sch is not None:
             out[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)

@@ -1,0 +1,108 @@
+"""TVM int8 convs on x86 without AVX-512: the 256-bit dot-product intrinsics (intrin.py).
+
+On a simulated AVX2-only host the int8 conv kernels are tensorized with vpmaddubsw +
+vpmaddwd where the weights cannot saturate the int16 pair sums, keep LLVM's exact int32
+code where they could, and use vpdpbusd on a simulated AVX-VNNI host. Numerics: within
+one quantization step of the IR (integer accumulation is exact; float rescale rounding).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxpress
+from fxpress import hw
+
+tvm = pytest.importorskip("tvm")
+from fxpress.backends.tvm import compile_tvm  # noqa: E402
+from fxpress.backends.tvm.intrin import AVX2_DOT_8x4, VNNI_DOT_8x4, pairs_fit  # noqa: E402
+
+AVX2 = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "popcnt", "movbe"}
+N_TENSORIZABLE = 2  # the 16->32 and 32->16 convs; the 3-channel stem has C % 4 != 0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(torch.relu(self.stem(x)))))
+
+
+def _int8_graph(seven_bit: bool):
+    from tests.backends.test_tvm import _pt2e_int8
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 8, 8),)
+    q = _pt2e_int8(fxpress.capture(Net().eval(), x), x)
+    for node in q.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, attr = node.target.rpartition(".")
+        t = getattr(q.get_submodule(owner) if owner else q, attr)
+        if t.dtype == torch.int8 and t.dim() == 4:
+            if seven_bit:
+                t.copy_(t.clamp(-64, 64))  # the reduce-range form: pair sums <= 128
+            else:
+                t[:, 0:2] = 127  # input channels 0 and 1: the pair 127 + 127 could saturate
+    return q, x
+
+
+def _max_step(gm) -> float:
+    qd = torch.ops.quantized_decomposed
+    return max(n.args[1] for n in gm.graph.nodes if n.target is qd.quantize_per_tensor.default)
+
+
+def _compile(q, x, flags):
+    with hw.simulate(flags=flags, cpu_name="znver3"):
+        run = compile_tvm(q, x)
+    asm = run.executable.mod.imports[0].inspect_source("asm")
+    ops = {op: len(re.findall(rf"\b{op}\b", asm)) for op in ("vpmaddubsw", "vpmaddwd", "vpdpbusd")}
+    return run, ops, asm
+
+
+def _within_one_step(run, q, x):
+    with torch.no_grad():
+        diff = (run(*x) - q(*x)).abs()
+    assert diff.max().item() <= _max_step(q), diff.max()
+
+
+def test_avx2_host_tensorizes_int8_convs_with_pmaddubsw_and_matches_ir():
+    q, x = _int8_graph(seven_bit=True)
+    run, ops, asm = _compile(q, x, AVX2)
+    kinds = run.report["schedules"]
+    assert kinds.get(f"int8_intrinsic:{AVX2_DOT_8x4}") == N_TENSORIZABLE, kinds
+    assert ops["vpmaddubsw"] > 0 and ops["vpmaddwd"] > 0 and ops["vpdpbusd"] == 0, ops
+    assert "%zmm" not in asm
+    _within_one_step(run, q, x)
+
+
+def test_avx2_host_keeps_exact_code_where_weights_could_saturate():
+    q, x = _int8_graph(seven_bit=False)
+    run, ops, _ = _compile(q, x, AVX2)
+    assert not any(k.startswith("int8_intrinsic") for k in run.report["schedules"]), run.report["schedules"]
+    assert ops["vpmaddubsw"] == 0, ops
+    _within_one_step(run, q, x)
+
+
+def test_avx_vnni_host_uses_vpdpbusd_for_any_weights():
+    q, x = _int8_graph(seven_bit=False)
+    run, ops, _ = _compile(q, x, AVX2 | {"avx_vnni"})
+    assert run.report["schedules"].get(f"int8_intrinsic:{VNNI_DOT_8x4}") == N_TENSORIZABLE
+    assert ops["vpdpbusd"] > 0 and ops["vpmaddubsw"] == 0, ops
+    _within_one_step(run, q, x)
+
+
+def test_pairs_fit_checks_adjacent_pairs_along_the_axis():
+    w = np.zeros((3, 3, 8, 4), dtype=np.int8)
+    w[:, :, 0], w[:, :, 1] = 64, -64
+    assert pairs_fit(w, axis=2)
+    w[1, 1, 2], w[1, 1, 3] = 100, -29
+    assert not pairs_fit(w, axis=2)
+    assert not pairs_fit(np.zeros((3,), dtype=np.int8), axis=0)  # odd length: no pairing
