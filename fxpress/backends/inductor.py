@@ -116,18 +116,34 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
         raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
     # dynamic dims (the IR's signature) are marked on the warm-up inputs: one compile serves
     # every size; a static IR compiles static
+    report: dict[str, Any] = {"config": dict(config)}
     compiled = torch.compile(flat, backend="inductor", mode=None if mode == "default" else mode,
                              dynamic=None)
-    report: dict[str, Any] = {"config": dict(config)}
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)
     report["dynamic_dims"] = {s.name: [d for d in s.shape if isinstance(d, str)]
                               for s in lowered.signature.inputs if any(isinstance(d, str) for d in s.shape)}
-    if warmup:
-        before = dict(counters["inductor"])
-        try:
-            lowered.run_flat(_warmup_inputs(lowered, example_inputs, device))
-        except Exception as e:  # Inductor raises many types; name the backend and keep the cause
+    report["shapes"] = "dynamic" if report["dynamic_dims"] else "static"
+    if not warmup:
+        return lowered
+    before = dict(counters["inductor"])
+    try:
+        lowered.run_flat(_warmup_inputs(lowered, example_inputs, device))
+    except Exception as e:  # Inductor raises many types; name the backend and keep the cause
+        if not report["dynamic_dims"]:
             raise LoweringError(f"Inductor could not compile the IR: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from e
-        report["kernels"] = inductor_kernel_counts(before)
+        # some int8 kernels (oneDNN qconv layouts) fail under symbolic sizes: compile per
+        # shape instead (Dynamo recompiles on each new size and caches the compiled graphs)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        report["shapes"] = f"one compile per input shape (dynamic compile failed: {first[:200]})"
+        lowered.compiled = torch.compile(flat, backend="inductor",
+                                         mode=None if mode == "default" else mode, dynamic=False)
+        before = dict(counters["inductor"])
+        try:
+            lowered.run_flat([x.to(device) if isinstance(x, torch.Tensor) else x
+                              for x in example_inputs])
+        except Exception as e2:
+            raise LoweringError(f"Inductor could not compile the IR: {type(e2).__name__}: "
+                                f"{str(e2).splitlines()[0] if str(e2) else ''}") from e2
+    report["kernels"] = inductor_kernel_counts(before)
     return lowered
