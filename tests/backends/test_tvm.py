@@ -120,6 +120,34 @@ def test_dynamic_batch_compiles_per_shape_cached_and_matches_eager():
         run(torch.randn(7, 4, 8, 8))  # channels are static
 
 
+class _KwargsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, scale=None):
+        y = self.lin(x) * scale
+        return {"logits": y, "pooled": y.mean(1)}
+
+
+def test_kwargs_model_returns_its_dict_and_checks_inputs():
+    """model(**kw) style: the TVM callable takes the kwargs, returns the dict, and names a bad input."""
+    model = _KwargsDict().eval()
+    kw = {"x": torch.randn(2, 8), "scale": torch.randn(2, 4)}
+    gm = fxpress.capture(model, (), example_kwargs=kw)
+    run = fxpress.lower(gm, backend="tvm", example_inputs=(), example_kwargs=kw)
+    kw7 = {"x": torch.randn(7, 8), "scale": torch.randn(7, 4)}
+    with torch.no_grad():
+        got, want = run(**kw7), model(**kw7)
+    assert isinstance(got, dict) and set(got) == {"logits", "pooled"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(fxpress.errors.InputError, match="scale"):
+        run(x=torch.randn(7, 8))
+    with pytest.raises(fxpress.errors.InputError, match="'x'.*float64"):
+        run(x=torch.randn(7, 8).double(), scale=torch.randn(7, 4))
+
+
 def test_int8_relax_has_integer_conv():
     from fxpress.backends.tvm.convert import to_relax
     model, inputs = _cnn()
