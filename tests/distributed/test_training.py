@@ -40,6 +40,7 @@ def test_ddp_distillation_with_taps_ranks_agree(distill_prune):
     assert r0["history"][0]["hint"] > 0
     assert r0["history"] != r1["history"]                        # each rank saw its own shard
     assert r0["after"] >= 0.9
+    assert _equal(r0["self"], r1["self"])                        # self distillation too
 
 
 def test_iterative_pruning_decided_once(distill_prune):

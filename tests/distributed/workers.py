@@ -122,7 +122,11 @@ def distill(w, out: Path) -> dict:
     data = distributed.shard([(xtr[i:i + 32], ytr[i:i + 32]) for i in range(0, 32 * 24, 32)])
     ft = fxpress.distill.offline(teacher, data, epochs=1, lr=1e-3, hints=["conv2"])
     hist = ft(DDP(student))
+    # self distillation: exit heads created on each rank start from rank 0's
+    own = fxpress.compress(teacher, xtr[:32], fxpress.ChannelPruning(ratio=0.25), dynamic_shapes=DYN)
+    fxpress.distill.self_distill(data, epochs=1, lr=1e-3, max_steps=6)(DDP(own))
     return {"params": {k: v.detach().clone() for k, v in student.named_parameters()}, "init": init,
+            "self": {k: v.detach().clone() for k, v in own.named_parameters()},
             "history": hist["history"], "adapter_init": hist["adapter_init"],
             "before": before, "after": accuracy(student, xte, yte)}
 
