@@ -196,3 +196,30 @@ def test_hf_bert_kwargs_dynamic_batch_and_seq_returns_model_output(bert_dynamic,
     assert sqnr(out.last_hidden_state, torch.from_numpy(saved[0])) > 40
     with pytest.raises(fxpress.InputError, match="input_ids"):
         run(input_ids=ids.float(), attention_mask=mask)
+
+
+def test_transformer_fusion_decided_by_timing_and_recorded(bert_dynamic):
+    _, cm, run = bert_dynamic
+    d = run.report["transformer_fusion"]
+    fused_ops = {"SkipLayerNormalization", "BiasGelu", "Attention", "MultiHeadAttention"}
+    in_model = {n.op_type for n in run.onnx_model.graph.node} & fused_ops
+    if "plain_ms" in d:   # a fusion matched: the faster graph of the two timings is the one kept
+        assert d["applied"] == (d["fused_ms"] < d["plain_ms"]) and d["fused_ops"]
+    assert bool(in_model) == d["applied"], d
+
+
+def test_transformer_fusion_forced_on_keeps_numerics():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64,
+                                 max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    run = fxpress.lower(model, "onnxruntime", example_inputs=(ids, mask), transformer_fusion="on")
+    d = run.report["transformer_fusion"]
+    assert d["applied"] and "SkipLayerNormalization" in d["fused_ops"], d
+    assert "SkipLayerNormalization" in {n.op_type for n in run.onnx_model.graph.node}
+    with torch.no_grad():
+        ref = model(ids, mask)
+    assert sqnr(ref.last_hidden_state, run(ids, mask).last_hidden_state) > 60

@@ -5,7 +5,9 @@
     out = model(**kwargs)
 
 Swin is not here: torch.onnx's decomposition re-trace fails on its window merge with a
-symbolic batch ("Cannot view a tensor with shape [s, 16, 2, 16] ...").
+symbolic batch ("Cannot view a tensor with shape [s, 16, 2, 16] ..."). MobileViT is not
+either: 126 s for one fp32 cell on the shared box (35 convs, 27 matmuls), and random
+weights drive its output to zero. ViT covers the vision transformers.
 
 Each case is a real transformers class, passed to fxpress unmodified; configs are the
 smallest that keep the architecture's structure (1-2 layers, hidden 16-64, 32x32 images).
@@ -85,9 +87,6 @@ CASES: dict[str, ZooCase] = {c.name: c for c in [
     ZooCase("vit", "vit", lambda: tf.ViTModel(tf.ViTConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         image_size=32, patch_size=8)), "image"),
-    ZooCase("mobilevit", "vit", lambda: tf.MobileViTModel(tf.MobileViTConfig(
-        image_size=32, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64],
-        num_attention_heads=2, num_hidden_layers=1)), "image"),
     ZooCase("bert", "encoder", lambda: tf.BertModel(tf.BertConfig(**_TXT)), "text"),
     ZooCase("distilbert", "encoder", lambda: tf.DistilBertModel(tf.DistilBertConfig(
         vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
