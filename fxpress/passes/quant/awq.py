@@ -20,12 +20,12 @@ import torch.fx as fx
 from ...ir.meta import lineage, set_record
 from .convert import fetch_attr, register_tensor
 from .weight_only import (collect_linear_inputs, dequantize_groups, group_qparams,
-                          quantize_groups, rtn)
+                          quantize_groups, rtn, single_thread)
 
 __all__ = ["awq_scales", "awq_clip", "awq_targets"]
 
 aten = torch.ops.aten
-_MAX_ROWS = 512
+_MAX_ROWS = 256  # calibration rows kept per input for the searches (AutoAWQ: 512)
 
 
 def _fake_quant(w: torch.Tensor, bits: int, g: int, symmetric: bool) -> torch.Tensor:
@@ -114,16 +114,17 @@ def awq_targets(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node], stats: dic
     for i, (x_node, lins) in enumerate(groups.items()):
         x_mean, xs = acts[x_node]
         ws = [fetch_attr(gm, lin.args[1].target).detach().float() for lin in lins]
-        s, r = awq_scales(xs, x_mean, ws, bits=cfg.bits, group_size=cfg.group_size,
-                          symmetric=cfg.symmetric, grid=cfg.awq_grid)
-        ratios.append(r)
-        x_s = xs / s
-        for lin, w in zip(lins, ws):
-            if cfg.awq_clip:
-                out[lin] = awq_clip(x_s, w * s, bits=cfg.bits, group_size=cfg.group_size,
-                                    symmetric=cfg.symmetric)
-            else:
-                out[lin] = rtn(w * s, cfg.bits, cfg.group_size, cfg.symmetric)
+        with single_thread():
+            s, r = awq_scales(xs, x_mean, ws, bits=cfg.bits, group_size=cfg.group_size,
+                              symmetric=cfg.symmetric, grid=cfg.awq_grid)
+            ratios.append(r)
+            x_s = xs / s
+            for lin, w in zip(lins, ws):
+                if cfg.awq_clip:
+                    out[lin] = awq_clip(x_s[::2], w * s, bits=cfg.bits, group_size=cfg.group_size,
+                                        symmetric=cfg.symmetric)
+                else:
+                    out[lin] = rtn(w * s, cfg.bits, cfg.group_size, cfg.symmetric)
         inv_t = register_tensor(gm, f"_fxq_awq_inv_{i}", (1.0 / s).to(ws[0].dtype))
         with gm.graph.inserting_after(x_node):
             inv = gm.graph.get_attr(inv_t)

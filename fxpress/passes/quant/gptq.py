@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .convert import fetch_attr
-from .weight_only import collect_linear_inputs, group_qparams, qrange, quantize_groups
+from .weight_only import collect_linear_inputs, group_qparams, qrange, single_thread
 
 __all__ = ["gptq_quantize", "gptq_targets", "hessians"]
 
@@ -29,11 +29,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
                   symmetric: bool = True, damp: float = 0.01, act_order: bool = False,
                   block: int = 128):
     """(q int8 [N, K], scale [N, K/g], zp int8 [N, K/g]) of `w` [N, K] given H [K, K]."""
-    w = w.detach().clone().double()
-    h = hessian.detach().clone().double()
+    w = w.detach().clone().float()
+    h = hessian.detach().clone().float()
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    qmin, qmax = qrange(bits)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -52,6 +51,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
         h += 0.1 * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(n, k, dtype=torch.int8)
+    with single_thread():
+        _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block)
+    return q, scale.float(), zp
+
+
+def _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block):
+    """GPTQ's lazy-batch column loop, in place on w (compensated) / q / scale / zp."""
+    k = w.shape[1]
+    qmin, qmax = qrange(bits)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
@@ -65,14 +73,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
                                        torch.cat([w1[:, i:], w[:, i2:i1 + i + g]], 1),
                                        bits, symmetric)
                 scale[:, grp], zp[:, grp] = s_, z_
-            s, z = scale[:, grp], zp[:, grp].double()
+            s, z = scale[:, grp], zp[:, grp].float()
             qc = (torch.round(w1[:, i] / s) + z).clamp(qmin, qmax)
             q[:, col] = qc.to(torch.int8)
             e = (w1[:, i] - (qc - z) * s) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err[:, i] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return q, scale.float(), zp
 
 
 def hessians(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
