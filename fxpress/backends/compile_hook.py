@@ -61,8 +61,7 @@ class _Hooked:
 
     Dynamo's graph is rebuilt when Dynamo hands it over (lifted parameters are told from
     user inputs by the graph's sources, which Dynamo drops afterwards; the sizes it passes on
-    its dynamic recompile become dynamic dims) and exported to the IR at the first call: not
-    during Dynamo's compile, where torch.export corrupts the guards Dynamo is building. Calls then pass only the
+    its dynamic recompile become dynamic dims) and exported to the IR at the first call. Calls then pass only the
     user inputs the IR takes.
     """
 

@@ -73,9 +73,9 @@ def _normalise_module_stack(gm: fx.GraphModule) -> None:
 def from_dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Convert the graph a torch.compile backend receives into the fxpress IR.
 
-    Call it outside Dynamo's compile (torch.export there corrupts the guards Dynamo is
-    building): `rebuild_dynamo_graph` at compile time, `export_rebuilt` later, as the
-    torch.compile hook does.
+    Call it from the backend (it reads graph metadata Dynamo drops afterwards); the
+    torch.compile hook splits it: `rebuild_dynamo_graph` at compile time, `export_rebuilt` at
+    the first call (so graphs never called are never exported).
     """
     return export_rebuilt(rebuild_dynamo_graph(gm, example_inputs))
 
@@ -140,7 +140,10 @@ def export_rebuilt(state: tuple) -> fx.GraphModule:
     rebuilt, user_examples, dyn, user_inputs = state
     dynamic = tuple({d: torch.export.Dim.AUTO for d in dims} or None for dims in dyn) \
         if any(dyn) else None
-    ir = finish_ir(_capture_export(rebuilt, user_examples, None, dynamic, False, "export"))
+    # outside Dynamo's tracing context: an export with dynamic dims inside a backend's compile
+    # otherwise adds its guards to the frame Dynamo is compiling (which then fail at once)
+    with torch._guards.tracing(None):
+        ir = finish_ir(_capture_export(rebuilt, user_examples, None, dynamic, False, "export"))
     propagate_shapes(ir, user_examples)
     ir.meta["dynamo_user_inputs"] = tuple(user_inputs)
     return ir

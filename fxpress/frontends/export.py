@@ -203,6 +203,7 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, stati
                     frontend) -> fx.GraphModule:
     from torch.fx.experimental import _config as fx_config
 
+    dynamic_error = None
     if dynamic_shapes is None and not static_shapes:
         # batch dynamic by default. Size-oblivious reasoning keeps a batch-1 example general
         # (export would otherwise specialize a dim whose example size is 1).
@@ -210,20 +211,21 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, stati
             with fx_config.patch(backed_size_oblivious=True):
                 gm = _export(model, example_inputs, example_kwargs,
                              _batch_dynamic(model, example_inputs, example_kwargs, torch.export.Dim.AUTO)).module()
+        except Exception as e:  # export failed with a dynamic batch: try static once
+            dynamic_error = e
+        else:
             fixed = _specialized(gm)
             if fixed:
                 _warn_static(model, example_inputs, example_kwargs, fixed)
-        except Exception as e:  # export failed with a dynamic batch: fall back to static once
-            warnings.warn(f"fxpress.capture: the batch dimension cannot be dynamic for "
-                          f"{type(model).__name__} ({_reason(e)}); capturing with static shapes",
-                          stacklevel=3)
-            gm = None
-        if gm is not None:
             return gm
     try:
         gm = _export(model, example_inputs, example_kwargs, dynamic_shapes).module()
     except Exception as e:  # torch raises many types here; translate them to one that explains
         raise _capture_error(e, frontend) from e
+    if dynamic_error is not None:  # static worked where a dynamic batch did not: say why, once
+        warnings.warn(f"fxpress.capture: the batch dimension cannot be dynamic for "
+                      f"{type(model).__name__} ({_reason(dynamic_error)}); captured with static "
+                      "shapes (static_shapes=True silences this)", stacklevel=3)
     return gm
 
 
@@ -300,6 +302,15 @@ def _capture_error(e: BaseException, frontend: str) -> CaptureError:
         source = source_of(text)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
     msg = f"torch.{frontend} could not capture the model: {type(e).__name__}: {first}"
+    found = re.search(r"Found <class '([\w.]+)'> in output", text)
+    if found:  # an output object export cannot flatten (an HF cache, a custom class)
+        cls = found.group(1)
+        msg = (f"torch.export could not capture the model: its output holds a {cls.rsplit('.', 1)[-1]} "
+               f"({cls}), which torch.export cannot flatten")
+        msg += ("\n  fix: pass use_cache=False in example_kwargs (or set model.config.use_cache = False)"
+                if "Cache" in cls else
+                "\n  fix: return tensors (or tuples/dicts of them), or register the class with "
+                "torch.utils._pytree.register_pytree_node")
     if "Suggested fixes:" in text:  # a dynamic_shapes spec export disagrees with: say its fix
         lines = [ln.strip() for ln in text.split("Suggested fixes:", 1)[1].splitlines()]
         fixes = [ln for ln in lines[:8] if ln and not ln.startswith("The error above")]

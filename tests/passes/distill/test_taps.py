@@ -90,12 +90,15 @@ def test_tap_on_plain_fx_graph_without_pytree_codegen():
 
 
 def test_view_runs_other_batch_sizes(captured):
-    """export's module insists on the example batch size; the view runs any batch."""
-    m, _, gm = captured
+    """A static IR insists on the example batch size; the view runs any batch (and so does the
+    default, batch-dynamic IR)."""
+    m, x, gm = captured
     x5 = torch.randn(5, 1, 6, 6)
-    with pytest.raises(RuntimeError):
-        gm(x5)
-    assert torch.allclose(view(gm)(x5)["logits"], m(x5)["logits"], atol=1e-6)
+    static = fxpress.capture(m, (x,), static_shapes=True)
+    with pytest.raises(fxpress.InputError, match="size 5 in dim 0"):
+        static(x5)
+    assert torch.allclose(view(static)(x5)["logits"], m(x5)["logits"], atol=1e-6)
+    assert torch.allclose(gm(x5)["logits"], m(x5)["logits"], atol=1e-6)
 
 
 def test_unknown_tap_point_names_field_and_candidates(captured):
