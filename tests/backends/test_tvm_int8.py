@@ -106,3 +106,21 @@ def test_pairs_fit_checks_adjacent_pairs_along_the_axis():
     w[1, 1, 2], w[1, 1, 3] = 100, -29
     assert not pairs_fit(w, axis=2)
     assert not pairs_fit(np.zeros((3,), dtype=np.int8), axis=0)  # odd length: no pairing
+
+
+@pytest.mark.slow
+def test_tuned_int8_convs_keep_the_intrinsic(tmp_path):
+    """Tuning measures the tensorized template candidates; the cached records replay them."""
+    from fxpress.backends.tvm import TuneOptions
+    q, x = _int8_graph(seven_bit=True)
+    opts = TuneOptions(trials=12, trials_per_round=4, time_budget_s=150, population=16,
+                       cache_dir=str(tmp_path), progress=False)
+    with hw.simulate(flags=AVX2, cpu_name="znver3"):
+        first = compile_tvm(q, x, tune=opts)
+        again = compile_tvm(q, x, tune=opts)
+    t = first.report["tuning"]
+    assert t["records"] >= N_TENSORIZABLE and t["failed"] < t["measured"], t
+    assert again.report["tuning"]["cached"] and again.report["schedules"]["tuned"] >= N_TENSORIZABLE
+    asm = again.executable.mod.imports[0].inspect_source("asm")
+    assert re.search(r"\bvpmaddubsw\b", asm) and "%zmm" not in asm
+    _within_one_step(again, q, x)

@@ -75,18 +75,22 @@ def _failure_recorder():
     return FailureRecorder()
 
 
-def _load_schedules():
-    """`schedules.py` loaded by path: importing the fxpress package would import torch."""
+def _load_by_path(name: str):
+    """`schedules.py` / `intrin.py` loaded by path: importing the fxpress package would import torch."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("fxpress_tvm_schedules",
-                                                  Path(__file__).with_name("schedules.py"))
+    spec = importlib.util.spec_from_file_location(f"fxpress_tvm_{name}", Path(__file__).with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
-def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trials_left, deadline, lanes):
+def _load_schedules():
+    return _load_by_path("schedules")
+
+
+def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trials_left, deadline, lanes,
+                       intrins):
     """Build and measure every template candidate of each task; commit the successful ones.
 
     `tiles[i]` are task i's conv tiles (empty: the generic schedule is its one candidate).
@@ -99,7 +103,7 @@ def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trial
         if trials >= trials_left or time.perf_counter() >= deadline:
             break
         func = mods[i]["main"]
-        schs = [sch for sch in (S.schedule(func, c, lanes) for c in (tiles[i] or [None]))
+        schs = [sch for sch in (S.schedule(func, c, lanes, intrins[i]) for c in (tiles[i] or [None]))
                 if sch is not None][: trials_left - trials]
         if not schs:
             continue
@@ -178,8 +182,11 @@ def main(job_dir: str) -> None:
     S = _load_schedules()
     lanes = job.get("lanes") or S.vector_lanes(target)  # fxpress.hw's width for the host target
     tiles = [S.candidates(m["main"], lanes) for m in mods]
+    intrins = job.get("int8_intrins") or [None] * len(mods)
+    if any(intrins):  # int8 conv candidates tensorized as the untuned template would be
+        _load_by_path("intrin").register()
     trials, templated, tmpl_failed, tmpl_first = _measure_templates(
-        S, mods, tiles, order, target, db, builder, runner, total, t0 + budget, lanes)
+        S, mods, tiles, order, target, db, builder, runner, total, t0 + budget, lanes, intrins)
     done = [templated.get(i, 0) for i in range(len(ctxs))]
     if job["progress"]:
         print(f"[fxpress tvm tune] templates: {trials} candidates over {len(templated)} kernels in "

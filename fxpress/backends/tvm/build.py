@@ -87,6 +87,9 @@ def lower_relax(mod, target, database=None, schedule: bool = True, counts: dict 
         if cpu and _has_conv2d(mod):
             mod = _nhwc(mod)
         if database is not None:
+            if cpu:  # records of int8 convs replay tensorize() with our intrinsics' names
+                from .intrin import register
+                register()
             with database:
                 mod = relax.get_pipeline("zero")(mod)
         else:

@@ -214,6 +214,8 @@ def tune(mod, target, key: str, opts: TuneOptions, lanes: int | None = None) -> 
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
     weights = [_task_flops(t) * t.weight for t in extracted]
+    from .intrin import plan as int8_plan
+    intrins = int8_plan(mod, target)  # int8 convs' template candidates use the same intrinsics
     job_dir = Path(tempfile.mkdtemp(prefix="fxpress-tvm-tune-"))
     try:
         (job_dir / "tasks.json").write_text(tvm.ir.save_json([t.dispatched[0] for t in extracted]))
@@ -223,6 +225,7 @@ def tune(mod, target, key: str, opts: TuneOptions, lanes: int | None = None) -> 
                "time_budget_s": opts.time_budget_s, "spent_s": time.perf_counter() - t0,
                "build_timeout_s": opts.build_timeout_s, "run_timeout_s": opts.run_timeout_s,
                "progress": opts.progress, "lanes": lanes,
+               "int8_intrins": [intrins.get(t.task_name) for t in extracted],
                "tracker": list(opts.tracker) if opts.tracker else None, "servers": servers,
                "rpc_timeout_s": opts.rpc_timeout_s}
         (job_dir / "job.json").write_text(json.dumps(job))
