@@ -223,3 +223,13 @@ def test_transformer_fusion_forced_on_keeps_numerics():
     with torch.no_grad():
         ref = model(ids, mask)
     assert sqnr(ref.last_hidden_state, run(ids, mask).last_hidden_state) > 60
+
+
+def test_inspect_reports_the_real_lowering(static_case):
+    from fxpress.backends.lowerability import inspect_text
+    _, gm, x, run = static_case
+    text = inspect_text(gm, "onnxruntime", lowered=run)
+    counts = {ln.split()[0]: int(ln.split()[1]) for ln in text.splitlines()[1:]
+              if ln.startswith("  ") and len(ln.split()) >= 2 and ln.split()[1].isdigit()}
+    assert counts == run.report["kernels"]          # ORT's optimized graph, counted, not predicted
+    assert any(ln.split()[:3] == ["QLinearConv", "3", "int8"] for ln in text.splitlines())
