@@ -6,6 +6,8 @@ Peers (each returns a callable taking the workload's inputs):
   ort_static        ORT quantize_static: QDQ, per-channel s8 weights, u8 activations
   ort_dynamic       ORT quantize_dynamic (int8 weights, per-channel)
   torchao_inductor  torchao PT2E X86InductorQuantizer -> Inductor (freezing)
+  tp_ort_static     Torch-Pruning 50% (global L2, round_to 8) -> ORT quantize_static
+ORT quantize_static uses reduce_range on hosts without VNNI (fxpress.hw), as ORT advises.
 
 `pt2e_quantize` produces the contract's quantized IR form through torchao (the peer);
 `fxpress_quantize` produces ours with fxpress.Quantize.
@@ -19,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["pt2e_quantize", "fxpress_quantize", "ort_session", "ort_callable", "export_onnx",
-           "PEERS", "Peer"]
+           "ort_quantize_static", "torch_pruning", "PEERS", "Peer"]
 
 
 def pt2e_quantize(model: torch.nn.Module, example: tuple, calibration: Sequence[tuple], *,
@@ -125,17 +127,45 @@ def _ort_fp32(w, tmp):
     return ort_callable(ort_session(path)), os.path.getsize(path)
 
 
-def _ort_static(w, tmp):
+def ort_quantize_static(model, w, tmp, tag: str = ""):
+    """ORT quantize_static of `model` (QDQ, per-channel s8 weights, u8 activations), with
+    reduce_range on hosts without VNNI (fxpress.hw), as ORT documents for AVX2."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
-    pre = os.path.join(tmp, f"{w.name}_pre.onnx")
+
+    from fxpress import hw
+    host = hw.host()
+    src = export_onnx(model, w.example, os.path.join(tmp, f"{w.name}{tag}_src.onnx"), _names(w))
+    pre = os.path.join(tmp, f"{w.name}{tag}_pre.onnx")
     quant_pre_process(src, pre, skip_symbolic_shape=True)
-    dst = os.path.join(tmp, f"{w.name}_qdq.onnx")
+    dst = os.path.join(tmp, f"{w.name}{tag}_qdq.onnx")
     quantize_static(pre, dst, _Reader(_names(w), w.calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+                    weight_type=QuantType.QInt8,
+                    reduce_range=not (host.vnni or host.amx_int8))
     return ort_callable(ort_session(dst)), os.path.getsize(dst)
+
+
+def _ort_static(w, tmp):
+    return ort_quantize_static(w.model, w, tmp)
+
+
+def torch_pruning(model: torch.nn.Module, example: tuple, ratio: float = 0.5) -> torch.nn.Module:
+    """Torch-Pruning's documented recipe: global L2 group importance, channels rounded to 8,
+    the classifier kept (the same choices fxpress.ChannelPruning(ratio) makes)."""
+    import torch_pruning as tp
+    m = copy.deepcopy(model).eval()
+    head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+    pruner = tp.pruner.MetaPruner(m, tuple(example),
+                                  importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, global_pruning=True, round_to=8,
+                                  ignored_layers=head)
+    pruner.step()
+    return m.eval()
+
+
+def _tp_ort_static(w, tmp):
+    return ort_quantize_static(torch_pruning(w.model, w.example, 0.5), w, tmp, "_tp50")
 
 
 def _ort_dynamic(w, tmp):
@@ -143,6 +173,18 @@ def _ort_dynamic(w, tmp):
     src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
     dst = os.path.join(tmp, f"{w.name}_dyn.onnx")
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+    return ort_callable(ort_session(dst)), os.path.getsize(dst)
+
+
+def _ort_fused_dynamic(w, tmp):
+    """ORT's transformer optimizer (bert fusions) on the fp32 export, then quantize_dynamic."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+    src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
+    fused = os.path.join(tmp, f"{w.name}_fused.onnx")
+    optimize_model(src, model_type="bert", opt_level=0).save_model_to_file(fused)
+    dst = os.path.join(tmp, f"{w.name}_fused_dyn.onnx")
+    quantize_dynamic(fused, dst, weight_type=QuantType.QInt8, per_channel=True)
     return ort_callable(ort_session(dst)), os.path.getsize(dst)
 
 
@@ -179,5 +221,8 @@ PEERS = [
     Peer("Inductor fp32", _inductor_fp32, "fp32"),
     Peer("ORT quantize_static (QDQ, per-channel)", _ort_static, "static"),
     Peer("ORT quantize_dynamic", _ort_dynamic, "dynamic"),
+    Peer("ORT optimizer-fused + quantize_dynamic", _ort_fused_dynamic, "dynamic"),
     Peer("torchao PT2E -> Inductor", _torchao_inductor, "int8"),
+    # the combined recipe's peer (ResNet-18 only: bench/run.py PRUNED_WORKLOADS)
+    Peer("Torch-Pruning 50% + ORT quantize_static", _tp_ort_static, "pruned_int8"),
 ]

@@ -50,21 +50,42 @@ def _fxpress_runners(w, tmp):
         ort_how = how + ", ORT partitions + torch fallback"
     else:
         ort_how = how
+    ort_how += f", export {ort_run.report.get('export_s', 0):.0f} s"
     out.append((f"fxpress -> ORT ({ort_how})", ort_run, size, ort_run.report.get("kernels")))
-    from fxpress import hw
-    if not (hw.host().vnni or hw.host().amx_int8):
-        # without VNNI, full-range int8 weights run as exact (slower) u8 x u8 kernels; the
-        # peers' s8 weights saturate int16 pair sums there. reduce_range weights ([-64, 64])
-        # run as s8 at full speed and stay exact.
-        gm7, how7 = fxpress_quantize(w.model, w.example, w.calibration, dynamic=dynamic,
-                                     reduce_range=True, text=dynamic)
-        s8 = fxpress.lower(gm7, "onnxruntime", example_inputs=w.example, calibration=w.calibration,
-                           threads=THREADS)
-        out.append((f"fxpress -> ORT reduce_range s8 ({how7})", s8, out[0][2],
-                    s8.report.get("kernels")))
+    if w.kind == "text":  # MiniLM: static int8 beside dynamic, each one .onnx (issue 14)
+        gms, hows = fxpress_quantize(w.model, w.example, w.calibration, dynamic=False, text=True)
+        st = fxpress.lower(gms, "onnxruntime", example_inputs=w.example,
+                           calibration=w.calibration, threads=THREADS)
+        spath = os.path.join(tmp, f"{w.name}_fxpress_static.onnx")
+        st.save(spath)
+        out.append((f"fxpress -> ORT ({hows}, export {st.report['export_s']:.0f} s)", st,
+                    os.path.getsize(spath), st.report.get("kernels")))
+    # (int8 weight forms follow fxpress.hw: without VNNI Quantize picks s7 / pair-safe s8 per
+    # layer, so no separate reduce_range runner is needed)
     ind = fxpress.lower(gm, "inductor", example_inputs=w.example)
     out.append((f"fxpress -> Inductor ({how})", ind, _int8_size(gm), ind.report.get("kernels")))
+    if w.name in PRUNED_WORKLOADS:
+        out += _fxpress_pruned_runners(w)
     return out
+
+
+# the combined recipe row (issue 15): ChannelPruning(ratio=0.5) + Quantize(mode="static")
+PRUNED_WORKLOADS = ("resnet18",)
+PRUNED_TAG = "ChannelPruning(0.5) + Quantize static"
+
+
+def _fxpress_pruned_runners(w):
+    import fxpress
+    from bench.peers import THREADS
+    cm = fxpress.compress(w.model, w.example, [fxpress.ChannelPruning(ratio=0.5),
+                                               fxpress.Quantize(mode="static")],
+                          calibration=w.calibration)
+    gm = cm.graph_module
+    ort_run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example,
+                            calibration=w.calibration, threads=THREADS)
+    ind = fxpress.lower(gm, "inductor", example_inputs=w.example)
+    return [(f"fxpress {PRUNED_TAG} -> ORT", ort_run, _int8_size(gm), ort_run.report.get("kernels")),
+            (f"fxpress {PRUNED_TAG} -> Inductor", ind, _int8_size(gm), ind.report.get("kernels"))]
 
 
 def _int8_size(gm) -> int:
@@ -94,6 +115,8 @@ def bench_workload(w, rounds: int, warmup: int) -> list[dict]:
             if peer.kind == "static" and w.kind == "text":
                 continue
             if peer.kind == "dynamic" and w.kind != "text":
+                continue
+            if peer.kind == "pruned_int8" and w.name not in PRUNED_WORKLOADS:
                 continue
             t0 = time.time()
             try:
@@ -144,7 +167,8 @@ def _pct(xs, p):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# fxpress bench ({meta['target']}, {meta['cpu']}, {meta['threads']} threads, "
-             f"{meta['rounds']} interleaved rounds, load avg at start {meta['load']})", ""]
+             f"{meta['rounds']} interleaved rounds, load avg at start {meta['load']})", "",
+             f"Host ISA: {meta.get('isa', '?')}", ""]
     lines.append("| workload | runner | median ms | p10–p90 ms | × vs ORT fp32 | accuracy | size MB |")
     lines.append("| --- | --- | ---: | ---: | ---: | --- | ---: |")
     for r in rows:
@@ -155,7 +179,35 @@ def markdown(rows: list[dict], meta: dict) -> str:
         sp = f"{r['speedup_vs_ort_fp32']:.2f}" if r.get("speedup_vs_ort_fp32") else "–"
         lines.append(f"| {r['workload']} | {r['runner']} | {r['median_ms']:.1f} | "
                      f"{r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {sp} | {acc} | {r['size'] / 1e6:.1f} |")
+    bars = check_bars(rows, meta.get("ceiling", 0.0))
+    if bars:
+        lines += ["", "| bar (issue 15) | measured | needed | met |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| {b['bar']} | {b['measured']:.2f} | {b['needed']:.2f} | "
+                  f"{'yes' if b['met'] else 'NO'} |" for b in bars]
     return "\n".join(lines) + "\n"
+
+
+def check_bars(rows: list[dict], ceiling: float) -> list[dict]:
+    """The ResNet-18 int8 bars, from the rows of one run (speed-ups vs ORT fp32 of that run)."""
+    r = {x["runner"]: x.get("speedup_vs_ort_fp32") or 0.0 for x in rows if x["workload"] == "resnet18"}
+    if not r:
+        return []
+
+    def best(pred):
+        return max((v for k, v in r.items() if pred(k)), default=0.0)
+    fx = best(lambda k: k.startswith("fxpress -> "))
+    fx_ind = best(lambda k: k.startswith("fxpress -> Inductor"))
+    peer = best(lambda k: not k.startswith("fxpress") and "Torch-Pruning" not in k)
+    tao, ind32 = r.get("torchao PT2E -> Inductor"), r.get("Inductor fp32")
+    out = [("best fxpress int8 / best peer", fx / peer if peer else 0.0, 1.1),
+           ("best fxpress int8 (x ORT fp32) / ISA ceiling", fx / ceiling if ceiling else 0.0, 0.85),
+           ("fxpress -> Inductor / torchao PT2E -> Inductor", fx_ind / tao if tao else 0.0, 1.0),
+           ("fxpress -> Inductor / Inductor fp32", fx_ind / ind32 if ind32 else 0.0, 1.0)]
+    tp = r.get("Torch-Pruning 50% + ORT quantize_static")
+    pruned = best(lambda k: PRUNED_TAG in k)
+    if tp and pruned:
+        out.append(("fxpress pruned+int8 / Torch-Pruning 50% + ORT int8", pruned / tp, 1.1))
+    return [{"bar": b, "measured": m, "needed": n, "met": m >= n} for b, m, n in out]
 
 
 def pareto_png(rows: list[dict], path: Path) -> None:
@@ -203,6 +255,9 @@ def main(argv=None) -> int:
     bench.peers.THREADS = threads
     meta = {"target": a.target, "threads": threads, "rounds": a.rounds,
             "cpu": _cpu_name(), "isa": _isa(), "load": f"{os.getloadavg()[0]:.1f}", "torch": torch.__version__}
+    from fxpress import hw
+    meta["ceiling"] = hw.host().int8_ceiling()  # the bars compare the best int8 row with it
+    print(f"host ISA: {meta['isa']}", flush=True)
     rows: list[dict] = []
     out = Path(a.out)
     for name in [n.strip() for n in a.workloads.split(",") if n.strip()]:
