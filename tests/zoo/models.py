@@ -69,7 +69,8 @@ def _whisper_encoder():
     cfg = tf.WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2,
                            encoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
                            decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
-                           vocab_size=VOCAB)
+                           vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           decoder_start_token_id=1)
     return tf.WhisperModel(cfg).get_encoder()
 
 
@@ -83,7 +84,8 @@ CASES: dict[str, ZooCase] = {c.name: c for c in [
     ZooCase("mobilenet_v2", "cnn", lambda: tf.MobileNetV2Model(tf.MobileNetV2Config(
         depth_multiplier=0.25, image_size=32, initializer_range=0.5)), "image"),
     ZooCase("efficientnet", "cnn", lambda: tf.EfficientNetModel(tf.EfficientNetConfig(
-        width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128)), "image"),
+        width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128,
+        initializer_range=0.5)), "image"),
     ZooCase("vit", "vit", lambda: tf.ViTModel(tf.ViTConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         image_size=32, patch_size=8)), "image"),
