@@ -138,6 +138,10 @@ class Quantize(RecipeEntry):
         from .weight_form import POLICIES
         check_choice("weight_range", self.weight_range, POLICIES)
         if self.reduce_range:
+            if self.weight_range == "full":
+                raise RecipeError("reduce_range=True asks for [-64, 64] weights; weight_range="
+                                  "'full' asks for full range", field="weight_range",
+                                  value=self.weight_range, accepted=["auto", "reduced"])
             object.__setattr__(self, "weight_range", "reduced")
         check_choice("latency_check", self.latency_check, ("auto", "off"))
         from ...latency import BACKENDS

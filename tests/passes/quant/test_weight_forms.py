@@ -167,3 +167,14 @@ def test_conv_pairs_are_checked_in_both_k_orders():
     q3[:, 0, 0, 0] = 127
     q3[:, 1, 1, 1] = 127    # never adjacent in either order
     assert pairs_fit_int16(q3, 0)
+
+
+def test_weight_range_config_is_validated():
+    from fxpress.errors import RecipeError
+    with pytest.raises(RecipeError) as e:
+        fxpress.Quantize(weight_range="8bit")
+    assert "weight_range" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        fxpress.Quantize(reduce_range=True, weight_range="full")
+    assert "weight_range" in str(e.value)
+    assert fxpress.Quantize(reduce_range=True).weight_range == "reduced"
