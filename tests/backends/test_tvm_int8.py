@@ -1,4 +1,4 @@
-"""TVM int8 convs on x86 without AVX-512: the 256-bit dot-product intrinsics (intrin.py).
+"""TVM int8 convs and dense on x86 without AVX-512: the 256-bit dot-product intrinsics (intrin.py).
 
 On a simulated AVX2-only host the int8 conv kernels are tensorized with vpmaddubsw +
 vpmaddwd where the weights cannot saturate the int16 pair sums, keep LLVM's exact int32
@@ -96,6 +96,24 @@ def test_avx_vnni_host_uses_vpdpbusd_for_any_weights():
     run, ops, _ = _compile(q, x, AVX2 | {"avx_vnni"})
     assert run.report["schedules"].get(f"int8_intrinsic:{VNNI_DOT_8x4}") == N_TENSORIZABLE
     assert ops["vpdpbusd"] > 0 and ops["vpmaddubsw"] == 0, ops
+    _within_one_step(run, q, x)
+
+
+def test_avx2_host_int8_dense_uses_the_intrinsic_and_matches_ir():
+    from tests.backends.test_tvm import _pt2e_int8
+    torch.manual_seed(0)
+    x = (torch.randn(4, 32),)
+    q = _pt2e_int8(fxpress.capture(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval(), x), x)
+    for node in q.graph.nodes:
+        if node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            t = getattr(q.get_submodule(owner) if owner else q, attr)
+            if t.dtype == torch.int8:
+                t.copy_(t.clamp(-64, 64))
+    run, ops, _ = _compile(q, x, AVX2)
+    kinds = run.report["schedules"]
+    assert kinds["dense_template"] == 2 and kinds.get(f"int8_intrinsic:{AVX2_DOT_8x4}") == 2, kinds
+    assert ops["vpmaddubsw"] > 0 and ops["vpmaddwd"] > 0, ops
     _within_one_step(run, q, x)
 
 

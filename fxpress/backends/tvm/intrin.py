@@ -14,6 +14,8 @@ accumulator (scope "local", as the conv template keeps it):
 
     name = int8_intrin(target)           # None on a target with neither
     sch.tensorize(inner_channel_loop, name)
+
+Used by the conv and dense (int8 matmul) templates in schedules.py, chosen by `plan`.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def _weight_constant(func, call, sch, conv):
 
 
 def plan(mod, target) -> dict[str, str]:
-    """PrimFunc name -> int8 intrinsic for each u8 x s8 conv kernel of a lowered Relax module.
+    """PrimFunc name -> int8 intrinsic for each u8 x s8 conv / dense kernel of a lowered Relax module.
 
     VNNI for every int8 conv where the target has it; the AVX2 pair sequence only where the
     conv's weight is a constant whose adjacent input-channel pairs cannot saturate
@@ -133,7 +135,7 @@ def plan(mod, target) -> dict[str, str]:
     name = int8_intrin(target)
     if name is None:
         return {}
-    from .schedules import _conv_block
+    from .schedules import _conv_block, int8_matmul_block
     out: dict[str, str] = {}
     call_tir = tvm.ir.Op.get("relax.call_tir")
     for func in mod.functions.values():
@@ -148,12 +150,14 @@ def plan(mod, target) -> dict[str, str]:
             if not isinstance(prim, tirx.PrimFunc):
                 continue
             sch = s_tir.Schedule(prim)
-            conv = _conv_block(sch)
-            if conv is None or [str(r.source.dtype) for r in sch.get(conv).reads] != ["uint8", "int8"]:
+            blk, axis = _conv_block(sch), 2  # HWIO weight: pairs along I
+            if blk is None or [str(r.source.dtype) for r in sch.get(blk).reads] != ["uint8", "int8"]:
+                blk, axis = int8_matmul_block(sch), 0  # [K, N] weight: pairs along K
+            if blk is None:
                 continue
             if name == AVX2_DOT_8x4:
-                w = _weight_constant(prim, call, sch, conv)
-                if w is None or not pairs_fit(w.value.numpy(), axis=2):  # HWIO: pairs along I
+                w = _weight_constant(prim, call, sch, blk)
+                if w is None or not pairs_fit(w.value.numpy(), axis=axis):
                     continue
             out[gv.name_hint] = name
     if out:

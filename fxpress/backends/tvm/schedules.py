@@ -261,6 +261,60 @@ def _schedule_generic(sch, lanes: int) -> None:
         _parallel_vectorize(sch, b, lanes)
 
 
+def int8_matmul_block(sch):
+    """The u8 x s8 -> int32 matmul block (iters SSR, weight read as [k, n]), or None."""
+    mms = [b for b in _blocks(sch) if _name(sch, b).startswith("matmul")]
+    if len(mms) != 1:
+        return None
+    blk = sch.get(mms[0])
+    if ("".join(_iter_kinds(sch, mms[0]) or []) != "SSR" or len(blk.reads) != 2
+            or [str(r.source.dtype) for r in blk.reads] != ["uint8", "int8"]
+            or str(blk.writes[0].source.dtype) != "int32"):
+        return None
+    iv = [str(v.var) for v in blk.iter_vars]
+    if [str(r.min) for r in blk.reads[1].region] != [iv[2], iv[1]]:
+        return None
+    return mms[0]
+
+
+def _schedule_dense_int8(sch, mm, intrin: str, lanes: int) -> bool:
+    """int8 dense: weight repacked to [N/8, K/4, 8, 4], one 8-lane accumulator per (row, 8
+    columns) over all of K, each step one intrinsic call; epilogue on the register."""
+    m, n, k = sch.get_loops(mm)
+    if _ext(sch, n) % INT8_LANES or _ext(sch, k) % INT8_GROUP:
+        return False
+    blocks = _blocks(sch)
+    i = [_name(sch, b) for b in blocks].index(_name(sch, mm))
+    for b in blocks[:i]:
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - a non-inlinable producer stays a root stage
+            pass
+    after = blocks[i + 1:]
+    for b in after[:-1]:
+        sch.compute_inline(b)
+    if after:
+        last = after[-1]
+        sch.set_scope(mm, 0, "local")
+    else:
+        last = sch.cache_write(mm, 0, "local")
+    wcache = sch.cache_read(mm, 1, "global")
+    L, G = INT8_LANES, INT8_GROUP
+    sch.transform_layout(mm, ("read", 1), lambda kk, nn: (nn // L, kk // G, nn % L, kk % G))
+    sch.annotate(wcache, "meta_schedule.layout_rewrite_preproc", True)
+    no, ni = sch.split(n, [None, L])
+    ko, ki = sch.split(k, [None, G])
+    sch.reorder(m, no, ko, ni, ki)
+    outer = sch.fuse(m, no)
+    sch.parallel(outer)
+    sch.reverse_compute_at(last, outer)
+    init = sch.decompose_reduction(mm, ko)
+    sch.tensorize(ni, intrin)
+    for blk in (init, last):
+        sch.vectorize(sch.get_loops(blk)[-1])
+    return True
+
+
 def schedule(func, choice: ConvChoice | None = None, lanes: int = 8, intrin: str | None = None):
     """A traced `s_tir.Schedule` for `func` (conv template or the generic one), or None."""
     return _schedule_kind(func, choice, lanes, intrin)[0]
@@ -275,6 +329,9 @@ def _schedule_kind(func, choice, lanes, intrin=None):
             if _schedule_conv(sch, conv, choice, lanes, intrin):
                 return sch, f"conv_template+{intrin}"
             return sch, "conv_template"
+        mm = int8_matmul_block(sch) if intrin else None
+        if mm is not None and _schedule_dense_int8(sch, mm, intrin, lanes):
+            return sch, f"dense_template+{intrin}"
         _schedule_generic(sch, lanes)
         return sch, "generic"
     except Exception:  # noqa: BLE001 - a kernel no template fits is left as legalized
@@ -288,14 +345,14 @@ def apply_default_schedules(mod, target, lanes: int | None = None, int8_intrins:
     (`target.target_lanes`); without it, from the LLVM features of `target`.
     `int8_intrins` maps a PrimFunc name to the int8 tensor intrinsic its conv may use
     (intrin.plan: chosen by ISA, and by weight values for the saturating AVX2 one); those
-    kernels count as "conv_template" and also under "int8_intrinsic:<name>".
+    kernels count as "conv_template" / "dense_template" and also under "int8_intrinsic:<name>".
 
     Returns (module, counts): kernels per kind, "tuned" (a database record applied),
     "conv_template", "generic", "unscheduled" (left as legalized: scalar, one thread).
     """
     import tvm
     lanes = lanes or vector_lanes(target)
-    counts = {"tuned": 0, "conv_template": 0, "generic": 0, "unscheduled": 0}
+    counts = {"tuned": 0, "conv_template": 0, "dense_template": 0, "generic": 0, "unscheduled": 0}
     out = mod
     for gv, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
