@@ -215,6 +215,8 @@ def test_save_and_load_runs_without_fxpress_passes(tmp_path):
     loaded = load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs), gm(*inputs), atol=1e-4, rtol=1e-4)
+    with pytest.raises(fxpress.errors.InputError, match=r"compiled for \[2, 3, 8, 8\]"):
+        loaded(torch.randn(3, 3, 8, 8))  # the library holds the example shape's static kernels
 
 
 def test_host_target_has_cpu_features():

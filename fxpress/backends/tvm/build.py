@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from ...errors import LoweringError, RecipeError
+from ...errors import InputError, LoweringError, RecipeError
 from ...utils import atomic_write, atomic_write_text
 from ..base import Lowered, flatten_inputs, unflatten_outputs
 
@@ -197,6 +197,7 @@ class TVMLowered(Lowered):
         self._by_shape: dict[tuple, _VMRunner] = {}
         mode = "per-shape compile, cached (static kernels)" if recompile else "static"
         self.report["shapes"] = {"mode": mode, "compiled": []}
+        self._example_key = _shape_key(example_inputs) if example_inputs is not None else None
         if example_inputs is not None:
             key = _shape_key(example_inputs)
             self._by_shape[key] = self._runner
@@ -243,6 +244,7 @@ class TVMLowered(Lowered):
         else:
             atomic_write(path, lambda tmp: self.executable.export_library(tmp))
         meta = {"format": "fxpress-tvm-1", "target": str(self.target), "kind": self.target.kind.name,
+                "input_shapes": [list(k) if k is not None else None for k in self._example_key or ()],
                 "in_spec": pytree.treespec_dumps(self._in_spec) if self._in_spec else None,
                 "out_spec": pytree.treespec_dumps(self._out_spec) if self._out_spec else None}
         atomic_write_text(_meta_path(path), json.dumps(meta, indent=1))
@@ -263,6 +265,7 @@ class TVMModule:
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         self._in_spec = pytree.treespec_loads(meta["in_spec"]) if meta.get("in_spec") else None
         self._out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
+        self._shapes = meta.get("input_shapes")
         cuda = meta.get("kind") == "cuda"
         dev = tvm.cuda(0) if cuda else tvm.cpu(0)
         module = tvm.runtime.load_module(str(path))
@@ -275,6 +278,11 @@ class TVMModule:
 
     def __call__(self, *args, **kwargs):
         flat = flatten_inputs(self._in_spec, args, kwargs)
+        for i, (want, x) in enumerate(zip(self._shapes or (), flat)):
+            if want is not None and isinstance(x, torch.Tensor) and list(x.shape) != want:
+                raise InputError(f"saved tvm library: input {i} has shape {list(x.shape)}, but the library "
+                                 f"was compiled for {want} (its kernels are static; save one per shape)",
+                                 index=i)
         with torch.no_grad():
             return unflatten_outputs(self._out_spec, self._runner.run_flat(flat))
 
