@@ -123,3 +123,16 @@ def test_reduce_range_s8_weights_exact_and_chosen(net):
         assert torch.equal(auto(x), u8(x))
     full = compile_onnxruntime(gm8, data[0], calibration=data, threads=1).report["int8_weights"]
     assert full == ({"s8": N_CONV + 1} if has_vnni() else {"u8": N_CONV + 1})
+
+
+def test_simulated_avx2_host_shifts_saturating_weights_to_u8(net):
+    from fxpress import hw
+    _, data, gm8 = net
+    with hw.simulate(flags={"avx", "avx2", "fma", "f16c"}, cpu_name="znver4"):
+        assert not has_vnni()
+        run = compile_onnxruntime(gm8, data[0], calibration=data, threads=1)
+    # full-range int8 weights would saturate vpmaddubsw's int16 pair sums: all go u8, exact
+    assert run.report["int8_weights"] == {"u8": N_CONV + 1}
+    assert run.report["kernels"]["QLinearConv"] == N_CONV
+    ref = compile_onnxruntime(gm8, data[0], calibration=data, threads=1, int8_weights="u8")
+    assert torch.equal(run(data[1][0]), ref(data[1][0]))
