@@ -30,6 +30,8 @@ from ...errors import LoweringError, UnsupportedOpError
 from ...ir.meta import lineage
 from ...ir.signature import signature
 from .fuse import optimize_qdq
+from .nbits import TRANSLATIONS as NBITS_TRANSLATIONS
+from .nbits import fuse_shared_input, has_weight_only, nbits_nodes, to_matmul_nbits
 from .qdq import TRANSLATIONS
 
 __all__ = ["ExportedOnnx", "export_onnx", "flat_module", "has_vnni"]
@@ -116,7 +118,7 @@ def _registry(opset: int):
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
     except Exception:  # another torch version: the public path works everywhere
         return None
-    for op, fn in TRANSLATIONS.items():
+    for op, fn in {**TRANSLATIONS, **NBITS_TRANSLATIONS}.items():
         registry.register_op(op, fn, is_complex=False)
     return registry
 
@@ -128,7 +130,8 @@ def _translate(ep, gm: fx.GraphModule, opset: int):
             registry = _registry(opset)
             if registry is None:
                 return torch.onnx.export(ep, dynamo=True, optimize=True, verbose=False,
-                                         opset_version=opset, custom_translation_table=TRANSLATIONS)
+                                         opset_version=opset, custom_translation_table={
+                                             **TRANSLATIONS, **NBITS_TRANSLATIONS})
             from torch.onnx._internal.exporter import _core
             return _core.export(ep, registry=registry, optimize=True, verbose=False,
                                 opset_version=opset)
@@ -177,10 +180,14 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
             ep = torch.export.export(f, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
     except Exception as e:  # a dim the IR calls dynamic that re-export specialises
         raise LoweringError(f"re-export of the IR for ONNX failed: {str(e).splitlines()[0][:400]}") from e
-    model = _translate(ep, gm, opset).model_proto
+    weight_only = has_weight_only(gm)  # blocked DequantizeLinear needs opset 21 (nbits.py)
+    model = _translate(ep, gm, max(opset, 21) if weight_only else opset).model_proto
     _name_dims(model, [signature(gm).inputs[i] for i, x in enumerate(examples)
                        if isinstance(x, torch.Tensor)])
     model, rewrites = optimize_qdq(model, int8_weights)
+    if weight_only:  # DQ -> MatMul of WeightOnly linears => MatMulNBits, q/k/v siblings fused
+        model = fuse_shared_input(to_matmul_nbits(model))
+        rewrites["matmul_nbits"] = len(nbits_nodes(model))
     names = tuple(i.name for i in model.graph.input)
     index = tuple(i for i, x in enumerate(examples) if isinstance(x, torch.Tensor))
     if len(index) != len(names):

@@ -28,7 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.qu
 from onnx import helper, numpy_helper
 from onnxscript import opset21 as op21
 
-__all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "export_nbits", "fuse_shared_input", "pack_nbits",
+__all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "export_nbits", "has_weight_only", "fuse_shared_input", "pack_nbits",
            "unpack_nbits", "pack_zero_points", "fastest_accuracy_level", "nbits_nodes"]
 
 DQ_GROUP = torch.ops.quantized_decomposed.dequantize_per_channel_group.default
@@ -106,6 +106,12 @@ def _zero_point(dq, inits, producer):
     if name not in inits and name in producer and producer[name].op_type == "Cast":
         name = producer[name].input[0]  # our translation casts the IR's int32 zero points
     return numpy_helper.to_array(inits[name]).astype(np.int8) if name in inits else False
+
+
+def has_weight_only(gm: torch.fx.GraphModule) -> bool:
+    """Whether the IR holds WeightOnly linears (a dequantize node with a WeightOnlySpec)."""
+    from ...ir.meta import WeightOnlySpec, get_record
+    return any(get_record(n, WeightOnlySpec) is not None for n in gm.graph.nodes)
 
 
 def nbits_nodes(model: onnx.ModelProto) -> list[dict]:
