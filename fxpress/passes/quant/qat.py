@@ -1,4 +1,4 @@
-"""QAT: fake-quant modules (observer-driven or LSQ-learned ranges), trainable conv+BN, convert().
+"""QAT: trainable conv+BN (QATConvBn), the PrepareQAT / ConvertQAT / QATFinetune passes, convert().
 
     cm = fxpress.compress(model, x, fxpress.Quantize(mode="qat"), calibration=batches)
     opt = torch.optim.SGD(cm.parameters(), lr=1e-3)
@@ -19,11 +19,13 @@ Under a process group (DistributedDataParallel training) the activation fake-qua
 the min/max over all ranks' batches at every training step (one all_reduce each), so their
 ranges stay equal across ranks; convert() takes rank 0's buffers (BN running statistics,
 which DDP's broadcast_buffers already makes rank 0's) so every rank converts to the same IR.
+
+The fake-quant modules (FakeQuantize, LearnableFakeQuantize, make_fake_quant) live in
+fake_quant.py and are importable from here.
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,153 +38,16 @@ from ...errors import RecipeError
 from ...ir.meta import QuantAnnotation, QuantSpec, get_record, lineage, set_record
 from ..base import Pass, PassContext, PassResult
 from ..cleanup.bn_fold import _attr
+from .fake_quant import (FakeQuantize, FakeQuantizeMinMax, FakeQuantizePerChannel,
+                         LearnableFakeQuantize, make_fake_quant)
 from .insert_observers import OBSERVER_PREFIX, _fresh, observer_nodes
-from .observers import (MinMaxObserver, MovingAverageMinMaxObserver, Observer,
-                        PerChannelMinMaxObserver, _fake, fake_quantize, qparams_from_range)
+from .observers import Observer
 
-__all__ = ["FakeQuantize", "LearnableFakeQuantize", "QATConvBn", "PrepareQAT", "ConvertQAT",
-           "QATFinetune", "make_fake_quant", "convert"]
+__all__ = ["FakeQuantize", "FakeQuantizeMinMax", "FakeQuantizePerChannel", "LearnableFakeQuantize",
+           "QATConvBn", "PrepareQAT", "ConvertQAT", "QATFinetune", "make_fake_quant", "convert"]
 
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
-
-
-class _FakeQuantMixin:
-    """Observe while training (until `freeze_after` steps) or calibrating; always fake-quantize."""
-
-    def _fq_init(self, freeze_after: int, latest: bool):
-        self.observing = False
-        self.freeze_after, self.latest, self.steps = freeze_after, latest, 0
-
-    def forward(self, x):
-        if _fake(x):
-            return x
-        # weights (latest=True) always track the current value; activations while training
-        if self.latest or self.observing or (self.training and self.steps < self.freeze_after):
-            if self.latest:
-                self.reset()  # weights: the range of the current weight, not of its history
-            w = None if self.latest or self.observing else distributed.world()
-            self.observe(x if w is None else distributed.global_range(x, w))
-        if self.training:
-            self.steps += 1
-        self._check_seen()
-        scale, zp = self.qparams()
-        return fake_quantize(x, scale, zp, self.spec, self.axis)
-
-
-class FakeQuantize(_FakeQuantMixin, MovingAverageMinMaxObserver):
-    """Fake-quant with a moving-average min/max range (straight-through gradient)."""
-
-    kind = "fq_moving_average"
-
-    def __init__(self, spec, node="", freeze_after: int = 400):
-        super().__init__(spec, node)
-        self._fq_init(freeze_after, latest=False)
-
-
-class FakeQuantizeMinMax(_FakeQuantMixin, MinMaxObserver):
-    kind = "fq_minmax"
-
-    def __init__(self, spec, node="", freeze_after: int = 400, latest: bool = False):
-        super().__init__(spec, node)
-        self._fq_init(freeze_after, latest=latest)
-
-
-class FakeQuantizePerChannel(_FakeQuantMixin, PerChannelMinMaxObserver):
-    kind = "fq_per_channel"
-
-    def __init__(self, spec, node="", freeze_after: int = 10**9):
-        super().__init__(spec, node)
-        self._fq_init(freeze_after, latest=True)
-
-
-class LearnableFakeQuantize(Observer):
-    """LSQ (Esser et al. 2020): the scale is a parameter trained through the quantizer,
-    its gradient scaled by 1/sqrt(numel * qmax); initialised from the observed range."""
-
-    kind = "lsq"
-    learned = True
-
-    def __init__(self, spec: QuantSpec, node: str = "", channels: int = 1):
-        super().__init__(spec, node)
-        self.observing = False
-        self.scale = torch.nn.Parameter(torch.ones(channels))
-        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int64))
-
-    @property
-    def axis(self):
-        return self.spec.axis if self.spec.qscheme == "per_channel" else None
-
-    def observe(self, x):
-        if self.axis is not None:
-            self.reset()
-            dims = [d for d in range(x.dim()) if d != self.axis]
-            self.min_val, self.max_val = x.detach().amin(dims), x.detach().amax(dims)
-            self.num_batches = 1
-        else:
-            super().observe(x)
-        s, z = qparams_from_range(self.min_val, self.max_val, self.spec)
-        with torch.no_grad():
-            self.scale.copy_(s.reshape(self.scale.shape) if s.numel() == self.scale.numel()
-                             else s.expand(self.scale.shape))
-            self.zero_point.copy_(z.reshape(-1).expand(self.zero_point.shape))
-
-    def merge(self, states: list[dict]) -> None:
-        super().merge(states)
-        if self.num_batches and self.axis is None:  # re-initialise the scale from the merged range
-            s, z = qparams_from_range(self.min_val, self.max_val, self.spec)
-            with torch.no_grad():
-                self.scale.copy_(s.expand(self.scale.shape))
-                self.zero_point.copy_(z.reshape(-1).expand(self.zero_point.shape))
-
-    def forward(self, x):
-        if _fake(x):
-            return x
-        if self.observing or self.num_batches == 0:  # LSQ: initialise from the first tensor seen
-            self.observe(x)
-        self._check_seen()
-        qmin, qmax = self.spec.quant_min, self.spec.quant_max
-        shape = [1] * x.dim()
-        if self.axis is not None:
-            shape[self.axis] = -1
-        g = 1.0 / math.sqrt(max(x.numel() // self.scale.numel(), 1) * qmax)
-        s = self.scale.abs().clamp(min=1e-8)
-        s = (s * g - (s * g).detach() + s.detach()).reshape(shape)   # LSQ gradient scaling
-        z = self.zero_point.reshape(shape).to(x.dtype)
-        v = torch.clamp(x / s + z, qmin, qmax)
-        v = v + (torch.round(v) - v).detach()                          # straight-through round
-        return (v - z) * s
-
-    def qparams(self):
-        self._check_seen()
-        s = self.scale.detach().abs().clamp(min=1e-8)
-        return (s if self.axis is not None else s.reshape(())), \
-            (self.zero_point if self.axis is not None else self.zero_point.reshape(()))
-
-
-def make_fake_quant(spec: QuantSpec, node: str, *, weight: bool, cfg) -> Observer:
-    """The fake-quant module for one annotated tensor (per-channel weights track the latest value)."""
-    if cfg.observer == "lsq":
-        return _LazyLSQ(spec, node, 1) if spec.qscheme == "per_channel" \
-            else LearnableFakeQuantize(spec, node, 1)
-    if spec.qscheme == "per_channel":
-        return FakeQuantizePerChannel(spec, node)
-    if weight:
-        return FakeQuantizeMinMax(spec, node, freeze_after=10**9, latest=True)
-    if cfg.observer == "minmax":
-        return FakeQuantizeMinMax(spec, node, freeze_after=cfg.freeze_observer_after)
-    return FakeQuantize(spec, node, freeze_after=cfg.freeze_observer_after)
-
-
-class _LazyLSQ(LearnableFakeQuantize):
-    """Per-channel LSQ whose channel count is learned from the first tensor it sees."""
-
-    def observe(self, x):
-        c = x.shape[self.axis]
-        if self.scale.numel() != c:
-            self.scale = torch.nn.Parameter(torch.ones(c))
-            self.zero_point = torch.zeros(c, dtype=torch.int64)
-        super().observe(x)
 
 
 class QATConvBn(torch.nn.Module):
