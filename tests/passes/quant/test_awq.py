@@ -53,7 +53,7 @@ def test_awq_structure():
 def test_awq_scale_search_beats_rtn():
     """With salient input channels, the searched scales cut the output error (exponent > 0)."""
     torch.manual_seed(0)
-    x = torch.cat(_outlier_batches(8)).reshape(-1, 64)
+    x = torch.cat([b[0] for b in _outlier_batches(8)]).reshape(-1, 64)
     w = torch.randn(96, 64)
     s, r = awq_scales(x, x.abs().mean(0), [w], bits=4, group_size=32, symmetric=True)
     assert r > 0.0 and s[:4].mean() > s[4:].mean()
