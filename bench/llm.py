@@ -1,0 +1,184 @@
+"""Weight-only LLM bench: a Llama-style decoder (random weights), decode- and prefill-shaped.
+
+    .venv/bin/python bench/llm.py                 # ~60 M params: 8 layers, hidden 768, GQA 12/4
+    .venv/bin/python bench/llm.py --layers 2      # quicker
+
+Runners, all timed in one process in interleaved rounds (fxpress.timing.interleaved_medians):
+  ort_fp32              torch.onnx export of the fp32 IR -> ORT
+  fxpress_int8/int4_ort WeightOnly(bits, group) -> export_nbits (MatMulNBits, q/k/v and
+                        gate/up fused, accuracy level by measurement) -> ORT
+  ort_nbits_int4        ORT's own MatMulNBitsQuantizer on the fp32 .onnx (same bits/block)
+  inductor_fp32         the fp32 IR through fxpress.lower(backend="inductor")
+  fxpress_int8/int4_ind the weight-only IR through fxpress.lower(backend="inductor")
+  torchao_int8wo        torchao Int8WeightOnlyConfig -> torch.compile
+Prints ms per forward, speed-up vs ORT fp32, achieved weight GB/s (bytes of every weight a
+forward reads / time) against a measured copy bandwidth, and each lowered output's SQNR vs
+its own IR.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fxpress  # noqa: E402
+from fxpress.backends.onnx.nbits import export_nbits, fastest_accuracy_level, nbits_nodes  # noqa: E402
+from fxpress.timing import interleaved_medians  # noqa: E402
+
+
+class Logits(torch.nn.Module):
+    """input_ids -> logits of an HF causal LM called without a KV cache."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def llama(layers: int):
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048,
+                                   num_hidden_layers=layers, num_attention_heads=12,
+                                   num_key_value_heads=4, max_position_embeddings=512,
+                                   use_cache=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    return Logits(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def copy_bandwidth_gbs() -> float:
+    a = np.ones(64 * 2 ** 20, np.float32)  # 256 MB, well past any cache
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9  # read + write
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the initializers a forward reads (all but the embedding table: one row)."""
+    from onnx import numpy_helper
+    sizes = [(t.name, numpy_helper.to_array(t).nbytes) for t in model.graph.initializer]
+    emb = max((s for n, s in sizes if "embed" in n), default=0)
+    return sum(s for _, s in sizes) - emb
+
+
+def ort(model, threads):
+    import onnxruntime as rt
+    from fxpress.backends.onnxruntime import session_options
+    s = rt.InferenceSession(model.SerializeToString(), session_options(threads),
+                            providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return lambda ids: s.run(None, {name: ids.numpy()})[0]
+
+
+def sqnr(ref, y) -> float:
+    ref, y = np.asarray(ref, np.float64), np.asarray(y, np.float64)
+    return float(10 * np.log10((ref ** 2).mean() / max(((ref - y) ** 2).mean(), 1e-30)))
+
+
+def _numpy(y):
+    return y.detach().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--no-inductor", action="store_true")
+    a = ap.parse_args(argv)
+    model = llama(a.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Llama-style: {a.layers} layers, hidden 768, GQA 12/4, vocab 8192: "
+          f"{n_params / 1e6:.1f} M params")
+    try:
+        from fxpress import hw
+        feats = hw.host()
+        print("host:", " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
+                                            "amx_int8") if getattr(feats, f, False)),
+              f"physical cores {feats.physical_cores}")
+    except ImportError:
+        pass
+    print(f"copy bandwidth: {copy_bandwidth_gbs():.1f} GB/s (box shared with other sessions)")
+    shapes = {"decode 1x1": torch.randint(0, 8192, (1, 1)),
+              "prefill 1x128": torch.randint(0, 8192, (1, 128))}
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    results = {}
+    for shape, ids in shapes.items():
+        t0 = time.time()
+        ir_fp = fxpress.capture(model, (ids,))
+        fp_onnx = export_nbits(ir_fp, (ids,))
+        runners, refs, nbytes = {"ort_fp32": ort(fp_onnx, a.threads)}, {}, {}
+        nbytes["ort_fp32"] = weight_bytes(fp_onnx)
+        with torch.no_grad():
+            refs["ort_fp32"] = ir_fp(ids).numpy()
+        k, n = 768, 768
+        level = fastest_accuracy_level(k, n, 4, a.group, int(ids.shape[1]), a.threads)
+        for bits in (8, 4):
+            cm = fxpress.compress(model, (ids,), fxpress.WeightOnly(bits=bits, group_size=a.group))
+            with torch.no_grad():
+                ref = cm(ids).numpy()
+            om = export_nbits(cm.graph_module, (ids,), accuracy_level=level)
+            name = f"fxpress_int{bits}_ort"
+            runners[name], refs[name], nbytes[name] = ort(om, a.threads), ref, weight_bytes(om)
+            if shape.startswith("decode"):
+                print(f"  int{bits}: {len(nbits_nodes(om))} MatMulNBits "
+                      f"(block {a.group}, accuracy_level {level})")
+            if not a.no_inductor:
+                name = f"fxpress_int{bits}_ind"
+                runners[name] = fxpress.lower(cm, backend="inductor", example_inputs=(ids,))
+                refs[name] = ref
+                nbytes[name] = nbytes[f"fxpress_int{bits}_ort"]
+        with tempfile.TemporaryDirectory() as d:
+            import onnx
+            p = os.path.join(d, "fp32.onnx")
+            onnx.save(fp_onnx, p)
+            q = mnq.MatMulNBitsQuantizer(onnx.load(p), bits=4, block_size=a.group,
+                                         is_symmetric=True, accuracy_level=level)
+            q.process()
+            theirs = q.model.model
+        runners["ort_nbits_int4"], refs["ort_nbits_int4"] = ort(theirs, a.threads), refs["ort_fp32"]
+        nbytes["ort_nbits_int4"] = weight_bytes(theirs)
+        if not a.no_inductor:
+            runners["inductor_fp32"] = fxpress.lower(ir_fp, backend="inductor", example_inputs=(ids,))
+            refs["inductor_fp32"], nbytes["inductor_fp32"] = refs["ort_fp32"], nbytes["ort_fp32"]
+            try:
+                from torchao.quantization import Int8WeightOnlyConfig, quantize_
+                tm = copy.deepcopy(model)
+                quantize_(tm, Int8WeightOnlyConfig())
+                comp = torch.compile(tm)
+                runners["torchao_int8wo"] = lambda x, c=comp: c(x)
+                with torch.no_grad():
+                    refs["torchao_int8wo"] = tm(ids).numpy()
+                nbytes["torchao_int8wo"] = nbytes["fxpress_int8_ort"]
+            except Exception as e:  # noqa: BLE001  (a peer that does not build is reported)
+                print(f"  torchao int8 weight-only: not run ({type(e).__name__}: {e})")
+        with torch.no_grad():
+            outs = {r: _numpy(f(ids)) for r, f in runners.items()}
+            ms = interleaved_medians(runners, (ids,), rounds=a.rounds, warmup=3)
+        results[shape] = (ms, nbytes, {r: sqnr(refs[r], outs[r]) for r in runners})
+        print(f"  {shape}: built in {time.time() - t0:.0f} s")
+    base = "ort_fp32"
+    print("\n| shape | runner | ms | x ORT fp32 | x ORT MatMulNBits int4 | weight GB/s | "
+          "SQNR vs its IR (dB) |\n|---|---|---|---|---|---|---|")
+    for shape, (ms, nb, db) in results.items():
+        for r in ms:
+            print(f"| {shape} | {r} | {ms[r]:.2f} | {ms[base] / ms[r]:.2f} | "
+                  f"{ms['ort_nbits_int4'] / ms[r]:.2f} | {nb[r] / ms[r] / 1e6:.1f} | {db[r]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
