@@ -23,16 +23,17 @@ from pathlib import Path
 # Set before torch loads libgomp; ORT has its own pool and is not affected.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
-import fxpress  # noqa: E402
-import tvm  # noqa: E402
-from fxpress.backends.tvm import TuneOptions, compile_tvm  # noqa: E402
-from fxpress.backends.tvm.build import _VMRunner  # noqa: E402
-from tests.models import resnet18  # noqa: E402
+import tvm
+
+import fxpress
+from fxpress.backends.tvm import TuneOptions, compile_tvm
+from fxpress.backends.tvm.build import _VMRunner
+from tests.models import resnet18
 
 
 def interleaved_ms(runners: list, x, rounds: int, per_round: int = 5, max_s: float = 240.0):

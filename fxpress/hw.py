@@ -23,10 +23,10 @@ import functools
 import hashlib
 import os
 import platform
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
-__all__ = ["HostFeatures", "host", "override", "simulate", "replace", "read_host", "parse_cpuinfo", "ISA_FLAGS"]
+__all__ = ["ISA_FLAGS", "HostFeatures", "host", "override", "parse_cpuinfo", "read_host", "replace", "simulate"]
 
 # The flags that change what code may run or how fast int8 is: the feature key hashes
 # these (not every cpuinfo flag, or a microcode-bug flag would invalidate tuning records).
@@ -47,7 +47,7 @@ _FIELD_FLAGS = {
     "neon": ("asimd", "neon"), "dotprod": ("asimddp",),
 }
 
-_CURRENT: contextvars.ContextVar["HostFeatures | None"] = contextvars.ContextVar("fxpress_hw", default=None)
+_CURRENT: contextvars.ContextVar[HostFeatures | None] = contextvars.ContextVar("fxpress_hw", default=None)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fxpress
 from fxpress.errors import UnsupportedOpError
 
 tvm = pytest.importorskip("tvm")
-from fxpress.backends.tvm import TuneOptions, compile_tvm, load  # noqa: E402
-from fxpress.backends.tvm.tune import database_dir, load_database  # noqa: E402
+from fxpress.backends.tvm import TuneOptions, compile_tvm, load
+from fxpress.backends.tvm.tune import database_dir, load_database
 
 
 class SmallCNN(nn.Module):
@@ -55,8 +55,8 @@ def _transformer():
 
 
 def _pt2e_int8(gm, inputs):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     q = xiq.X86InductorQuantizer()
     q.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(gm, q)

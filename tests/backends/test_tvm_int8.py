@@ -12,14 +12,14 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fxpress
 from fxpress import hw
 
 tvm = pytest.importorskip("tvm")
-from fxpress.backends.tvm import compile_tvm  # noqa: E402
-from fxpress.backends.tvm.intrin import AVX2_DOT_8x4, VNNI_DOT_8x4, pairs_fit  # noqa: E402
+from fxpress.backends.tvm import compile_tvm
+from fxpress.backends.tvm.intrin import AVX2_DOT_8x4, VNNI_DOT_8x4, pairs_fit
 
 AVX2 = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "popcnt", "movbe"}
 N_TENSORIZABLE = 2  # the 16->32 and 32->16 convs; the 3-channel stem has C % 4 != 0

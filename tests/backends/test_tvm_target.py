@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fxpress
 from fxpress import hw
 
 tvm = pytest.importorskip("tvm")
-from tvm.target import codegen  # noqa: E402
+from tvm.target import codegen
 
-from fxpress.backends.tvm import compile_tvm, host_target  # noqa: E402
-from fxpress.backends.tvm.target import HOST_ISA, target_config, target_features  # noqa: E402
-from fxpress.backends.tvm.tune import database_dir, tuning_key  # noqa: E402
+from fxpress.backends.tvm import compile_tvm, host_target
+from fxpress.backends.tvm.target import HOST_ISA, target_config, target_features
+from fxpress.backends.tvm.tune import database_dir, tuning_key
 
 ZEN4_VM = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "popcnt", "movbe",
            "vaes", "vpclmulqdq"}

@@ -15,14 +15,14 @@ import time
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fxpress
 from fxpress.errors import LoweringError
 
 tvm = pytest.importorskip("tvm")
-from fxpress.backends.tvm import TuneOptions, compile_tvm  # noqa: E402
-from fxpress.backends.tvm.tune import tracker_servers  # noqa: E402
+from fxpress.backends.tvm import TuneOptions, compile_tvm
+from fxpress.backends.tvm.tune import tracker_servers
 
 KEY = "fxpress-test"
 

@@ -30,14 +30,22 @@ import os
 import time
 from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
 from ... import hw
 from ...errors import RecipeError
 from ...ir.signature import signature
 from ..base import flat_graph
-from .build import (TVMLowered, TVMModule, build, host_target, load, lower_relax,
-                    make_target, usable_cores)
+from .build import (
+    TVMLowered,
+    TVMModule,
+    build,
+    host_target,
+    load,
+    lower_relax,
+    make_target,
+    usable_cores,
+)
 from .convert import to_relax
 from .target import target_lanes
 from .tune import TuneOptions, cache_root, database_dir, load_database, tune
@@ -48,7 +56,7 @@ from .tune import TuneOptions, cache_root, database_dir, load_database, tune
 # kernel runs (compiling folds weight repacks with TVM kernels and would size the pool).
 os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
 
-__all__ = ["compile_tvm", "TVMLowered", "TVMModule", "TuneOptions", "load", "host_target"]
+__all__ = ["TVMLowered", "TVMModule", "TuneOptions", "compile_tvm", "host_target", "load"]
 
 
 def compile_tvm(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",

@@ -41,7 +41,7 @@ def _x86_intrinsics_only() -> None:
     pkg = types.ModuleType("tvm.s_tir.tensor_intrin")
     pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
     sys.modules.setdefault("tvm.s_tir.tensor_intrin", pkg)
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401
+    import tvm.s_tir.tensor_intrin.x86
 
 
 def _register_intrinsics(target) -> None:
@@ -57,8 +57,8 @@ def _failure_recorder():
     Without it a run whose every candidate fails (build timeout, runner crash) ends with
     0 records and no hint why; the message goes to stats.json and into tune()'s warning.
     """
-    from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class FailureRecorder(ms.measure_callback.PyMeasureCallback):
@@ -97,6 +97,7 @@ def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trial
     Returns (trials measured, {task index: number of candidates}, failures, first error).
     """
     import shutil
+
     from tvm.s_tir import meta_schedule as ms
     trials, done, failed, first = 0, {}, 0, None
     for i in order:

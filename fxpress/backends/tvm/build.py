@@ -12,8 +12,9 @@ import shutil
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -22,8 +23,17 @@ from ...errors import InputError, LoweringError, RecipeError
 from ...utils import atomic_write, atomic_write_text
 from ..base import Lowered, flatten_inputs, unflatten_outputs
 
-__all__ = ["usable_cores", "host_target", "cuda_target", "make_target", "lower_relax", "build", "TVMLowered",
-           "TVMModule", "load"]
+__all__ = [
+    "TVMLowered",
+    "TVMModule",
+    "build",
+    "cuda_target",
+    "host_target",
+    "load",
+    "lower_relax",
+    "make_target",
+    "usable_cores",
+]
 
 
 def usable_cores() -> int:
@@ -215,7 +225,7 @@ class TVMLowered(Lowered):
         cuda = self.target.kind.name == "cuda"
         return _VMRunner(module, _device(self.target), "cuda" if cuda else "cpu"), library, parallel
 
-    def _runner_for(self, flat_inputs) -> "_VMRunner":
+    def _runner_for(self, flat_inputs) -> _VMRunner:
         if self._recompile is None:
             return self._runner  # static graph: Lowered's signature check already fixed the shape
         key = _shape_key(flat_inputs)

@@ -143,7 +143,8 @@ def plan(mod, target) -> dict[str, str]:
             continue
         calls: list = []
         relax.analysis.post_order_visit(
-            func.body, lambda e: calls.append(e) if isinstance(e, relax.Call) and e.op.same_as(call_tir) else None)
+            func.body, lambda e, found=calls: found.append(e)
+            if isinstance(e, relax.Call) and e.op.same_as(call_tir) else None)
         for call in calls:
             gv = call.args[0]
             prim = mod[gv] if gv in mod.functions else None

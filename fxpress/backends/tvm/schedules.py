@@ -23,8 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ConvChoice", "candidates", "default_choice", "schedule", "apply_default_schedules",
-           "vector_lanes", "SCHEDULED_ATTR"]
+__all__ = [
+    "SCHEDULED_ATTR",
+    "ConvChoice",
+    "apply_default_schedules",
+    "candidates",
+    "default_choice",
+    "schedule",
+    "vector_lanes",
+]
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 INT8_LANES, INT8_GROUP = 8, 4   # the 8x4 int8 dot-product intrinsics (intrin.py)

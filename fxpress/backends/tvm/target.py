@@ -19,7 +19,7 @@ from typing import Any
 
 from ... import hw
 
-__all__ = ["target_config", "host_target", "target_features", "target_lanes", "HOST_ISA"]
+__all__ = ["HOST_ISA", "host_target", "target_config", "target_features", "target_lanes"]
 
 # LLVM feature name -> cpuinfo flag, for the features whose absence makes code fault (SIMD,
 # bit-manipulation, crypto vectors, AMX). A name implying one the host lacks is refused.

@@ -31,8 +31,15 @@ from ...errors import LoweringError, RecipeError
 from ...recipe import check_range
 from ...utils import atomic_write_text
 
-__all__ = ["TuneOptions", "tune", "cache_root", "database_dir", "load_database", "tuning_key",
-           "tracker_servers"]
+__all__ = [
+    "TuneOptions",
+    "cache_root",
+    "database_dir",
+    "load_database",
+    "tracker_servers",
+    "tune",
+    "tuning_key",
+]
 
 _FORMAT = "fxpress-tvm-db-1"
 
@@ -178,7 +185,7 @@ def tracker_servers(host: str, port: int, key: str, timeout_s: float = 10.0) -> 
         try:
             from tvm import rpc
             summary = rpc.connect_tracker(host, port).summary()
-        except Exception as e:  # noqa: BLE001 - TVM raises RuntimeError/TVMError/OSError
+        except Exception as e:  # TVM raises RuntimeError, TVMError or OSError here
             raise LoweringError(f"tvm tuning: {where} did not answer a summary request "
                                 f"({type(e).__name__}: {e})") from e
         queue = summary.get("queue_info", {}).get(key, {})
@@ -200,8 +207,8 @@ def tune(mod, target, key: str, opts: TuneOptions, lanes: int | None = None) -> 
     Task extraction and FLOP weighting happen here; the search runs in `_tune_worker.py`
     (a child process with TVM only), and its pruned database is moved into the cache.
     """
-    from tvm.s_tir import meta_schedule as ms
     import tvm
+    from tvm.s_tir import meta_schedule as ms
 
     db_path = database_dir(cache_root(opts.cache_dir), key, target)
     if opts.use_cache:
