@@ -99,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="quantize lm_head too (MatMulNBitsQuantizer quantizes every MatMul)")
     a = ap.parse_args(argv)
     model = llama(a.layers)
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,6 +118,9 @@ def main(argv=None):
     print(f"copy bandwidth: {copy_bandwidth_gbs():.1f} GB/s (box shared with other sessions)")
     shapes = {"decode 1x1": torch.randint(0, 8192, (1, 1)),
               "prefill 1x128": torch.randint(0, 8192, (1, 128))}
+    if a.decode_only:
+        shapes.pop("prefill 1x128")
+    skip = () if a.lm_head else ("lm_head",)
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     results = {}
     for shape, ids in shapes.items():
@@ -128,7 +134,8 @@ def main(argv=None):
         k, n = 768, 768
         level = fastest_accuracy_level(k, n, 4, a.group, int(ids.shape[1]), a.threads)
         for bits in (8, 4):
-            cm = fxpress.compress(model, (ids,), fxpress.WeightOnly(bits=bits, group_size=a.group))
+            cm = fxpress.compress(model, (ids,), fxpress.WeightOnly(bits=bits, group_size=a.group,
+                                                                   skip=skip))
             with torch.no_grad():
                 ref = cm(ids).numpy()
             om = export_nbits(cm.graph_module, (ids,), accuracy_level=level)
