@@ -188,18 +188,6 @@ def _ort_fused_dynamic(w, tmp):
     return ort_callable(ort_session(dst)), os.path.getsize(dst)
 
 
-def _ort_fused_dynamic(w, tmp):
-    """ORT's transformer optimizer (bert fusions) on the fp32 export, then quantize_dynamic."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-    src = export_onnx(w.model, w.example, os.path.join(tmp, f"{w.name}_src.onnx"), _names(w))
-    fused = os.path.join(tmp, f"{w.name}_fused.onnx")
-    optimize_model(src, model_type="bert", opt_level=0).save_model_to_file(fused)
-    dst = os.path.join(tmp, f"{w.name}_fused_dyn.onnx")
-    quantize_dynamic(fused, dst, weight_type=QuantType.QInt8, per_channel=True)
-    return ort_callable(ort_session(dst)), os.path.getsize(dst)
-
-
 def _inductor_fp32(w, tmp):
     import fxpress
     run = fxpress.lower(w.model, "inductor", example_inputs=w.example)
@@ -233,7 +221,6 @@ PEERS = [
     Peer("Inductor fp32", _inductor_fp32, "fp32"),
     Peer("ORT quantize_static (QDQ, per-channel)", _ort_static, "static"),
     Peer("ORT quantize_dynamic", _ort_dynamic, "dynamic"),
-    Peer("ORT optimizer-fused + quantize_dynamic", _ort_fused_dynamic, "dynamic"),
     Peer("ORT optimizer-fused + quantize_dynamic", _ort_fused_dynamic, "dynamic"),
     Peer("torchao PT2E -> Inductor", _torchao_inductor, "int8"),
     # the combined recipe's peer (ResNet-18 only: bench/run.py PRUNED_WORKLOADS)

@@ -51,16 +51,7 @@ def _fxpress_runners(w, tmp):
     else:
         ort_how = how
     ort_how += f", export {ort_run.report.get('export_s', 0):.0f} s"
-    ort_how += f", export {ort_run.report.get('export_s', 0):.0f} s"
     out.append((f"fxpress -> ORT ({ort_how})", ort_run, size, ort_run.report.get("kernels")))
-    if w.kind == "text":  # MiniLM: static int8 beside dynamic, each one .onnx (issue 14)
-        gms, hows = fxpress_quantize(w.model, w.example, w.calibration, dynamic=False, text=True)
-        st = fxpress.lower(gms, "onnxruntime", example_inputs=w.example,
-                           calibration=w.calibration, threads=THREADS)
-        spath = os.path.join(tmp, f"{w.name}_fxpress_static.onnx")
-        st.save(spath)
-        out.append((f"fxpress -> ORT ({hows}, export {st.report['export_s']:.0f} s)", st,
-                    os.path.getsize(spath), st.report.get("kernels")))
     if w.kind == "text":  # MiniLM: static int8 beside dynamic, each one .onnx (issue 14)
         gms, hows = fxpress_quantize(w.model, w.example, w.calibration, dynamic=False, text=True)
         st = fxpress.lower(gms, "onnxruntime", example_inputs=w.example,
