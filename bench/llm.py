@@ -77,8 +77,11 @@ def weight_bytes(model) -> int:
 def ort(model, threads):
     import onnxruntime as rt
     from fxpress.backends.onnxruntime import session_options
-    s = rt.InferenceSession(model.SerializeToString(), session_options(threads),
-                            providers=["CPUExecutionProvider"])
+    so = session_options(threads)
+    # runners share one process: a session's idle pool threads must not spin on the cores
+    # the runner being timed needs (with spinning on, interleaved sessions slow each other)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    s = rt.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
     return lambda ids: s.run(None, {name: ids.numpy()})[0]
 
