@@ -57,7 +57,8 @@ class CompressedModel(torch.nn.Module):
         from .ir.signature import check_ir_call
         gm = self.graph_module
         if not any(h is check_ir_call for h in gm._forward_pre_hooks.values()):
-            check_ir_call(gm, args, kwargs)  # a pass rebuilt the GraphModule: check here instead
+            # a pass rebuilt the GraphModule: check (and normalise the call) here instead
+            args, kwargs = check_ir_call(gm, args, kwargs) or (args, kwargs)
         return gm(*args, **kwargs)
 
 
@@ -80,6 +81,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
     recipe = Recipe.coerce(recipe)
     from .distributed import check_same_recipe
     check_same_recipe(recipe)  # under a process group: every rank's recipe is rank 0's
+    if isinstance(example_inputs, dict) and example_kwargs is None:  # compress(model, enc)
+        example_inputs, example_kwargs = (), example_inputs
     example_inputs = as_input_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
     gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,

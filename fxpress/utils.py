@@ -39,9 +39,7 @@ def as_input_tuple(inputs: Any) -> tuple:
         return tuple(inputs)
     if isinstance(inputs, tuple):
         return inputs
-    if isinstance(inputs, dict):
-        raise TypeError("pass keyword inputs as example_kwargs, not a dict of example inputs")
-    return (inputs,)
+    return (inputs,)  # a dict is one batch of keyword inputs (model(**enc)): the IR takes it whole
 
 
 def split_labels(batch: Any, n_inputs: int | None) -> tuple[tuple, Any]:

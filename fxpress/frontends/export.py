@@ -138,6 +138,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}", frontend="none")
+    if isinstance(example_inputs, dict) and example_kwargs is None:  # capture(model, enc)
+        example_inputs, example_kwargs = (), example_inputs
     example_inputs = as_input_tuple(example_inputs)
     if frontend not in ("export", "fx"):
         from ..errors import RecipeError

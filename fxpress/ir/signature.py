@@ -159,6 +159,13 @@ def flatten_call(in_spec, args: tuple, kwargs: dict, sig: Signature | None = Non
     import torch.utils._pytree as pytree
     if in_spec is None:
         flat = list(args) + list(kwargs.values())
+    elif _kwargs_only(in_spec) and not kwargs and len(args) == 1 and isinstance(args[0], dict):
+        # model(enc) for a model captured with example_kwargs: the dict is its keywords
+        return flatten_call(in_spec, (), dict(args[0]), sig, where=where)
+    elif _kwargs_only(in_spec) and not kwargs and args and \
+            len(pytree.tree_leaves(args)) == in_spec.num_leaves:
+        # positional batches (calibration tuples) for a keyword-captured model: its flat inputs
+        flat = pytree.tree_leaves(args)
     else:
         expected = in_spec.child(1).context if in_spec.num_children == 2 else None
         if kwargs and expected is not None:
@@ -184,13 +191,25 @@ def flatten_call(in_spec, args: tuple, kwargs: dict, sig: Signature | None = Non
     return flat
 
 
+def _kwargs_only(in_spec) -> bool:
+    return in_spec.num_children == 2 and in_spec.child(0).num_children == 0 \
+        and in_spec.child(1).num_children > 0
+
+
 def _takes(sig: Signature | None) -> str:
     return "; ".join(s.describe() for s in sig.inputs) if sig is not None else "other inputs"
 
 
 def check_ir_call(module, args, kwargs):
-    """forward pre-hook on the IR: the signature check in place of export's static-shape one."""
+    """forward pre-hook on the IR: the signature check in place of export's static-shape one.
+
+    Returns the call as the IR's pytree spec has it, so a keyword-captured model also takes its
+    inputs as one dict or as flat positional tensors (calibration batches)."""
+    import torch.utils._pytree as pytree
     info = getattr(module.graph._codegen, "pytree_info", None)
-    flatten_call(info.in_spec if info is not None else None, args, kwargs, signature(module),
-                 where=f"the IR of {type(module).__name__}")
-    return None
+    in_spec = info.in_spec if info is not None else None
+    flat = flatten_call(in_spec, args, kwargs, signature(module),
+                        where=f"the IR of {type(module).__name__}")
+    if in_spec is None:
+        return None
+    return pytree.tree_unflatten(flat, in_spec)

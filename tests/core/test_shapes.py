@@ -112,3 +112,26 @@ def test_hf_bert_kwargs_dynamic_batch_and_sequence_on_ort():
     assert _sqnr(ir.pooler_output, out.pooler_output) >= 25
     with pytest.raises(fxpress.InputError, match="unexpected keyword"):
         run(**other, pixel_values=torch.zeros(1))
+
+
+def test_keyword_model_calibrates_on_dict_batches_and_takes_one_dict():
+    """model(**enc)-style calibration: dict batches (and flat positional ones) at another batch size."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+
+    def enc(b):
+        return {"input_ids": torch.randint(0, 128, (b, 12)),
+                "attention_mask": torch.ones(b, 12, dtype=torch.long)}
+
+    calib = [enc(4) for _ in range(3)] + [tuple(enc(3).values())]
+    cm = fxpress.compress(model, enc(2), fxpress.Quantize(mode="static", ops=("linear",)),
+                          calibration=calib)
+    assert cm.report["quant_calibrate"]["batches"] == 4
+    e = enc(5)
+    with torch.no_grad():
+        ref, out = model(**e), cm(**e)
+    assert _sqnr(ref.last_hidden_state, out.last_hidden_state) >= 20
+    torch.testing.assert_close(cm(e).last_hidden_state, out.last_hidden_state)  # one dict == **dict

@@ -30,10 +30,23 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def _batch_leaves(gm: fx.GraphModule, batch, n: int) -> list:
+    """The batch's tensors in placeholder order (a dict batch of a keyword-captured model by its
+    keys, positional batches as they are)."""
+    from ...ir.signature import flatten_call
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None:
+        try:
+            return flatten_call(info.in_spec, tuple(batch), {})
+        except InputError:
+            pass
+    return torch.utils._pytree.tree_leaves(batch)
+
+
 def check_batch(gm: fx.GraphModule, batch: tuple, index: int) -> list[torch.Tensor]:
     """Flatten one batch and check it against the graph's placeholders; InputError names the input."""
-    flat = torch.utils._pytree.tree_leaves(batch)
     phs = _placeholders(gm)
+    flat = _batch_leaves(gm, batch, len(phs))
     if len(flat) != len(phs):
         raise InputError(f"calibration batch {index} has {len(flat)} input tensor(s); the model "
                          f"takes {len(phs)} ({', '.join(p.name for p in phs)})", index=index)
