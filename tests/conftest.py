@@ -13,6 +13,11 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# Latency-service timings (and other caches) of a test run stay in the run, not in ~/.cache.
+if "FXPRESS_CACHE" not in os.environ:
+    import tempfile
+    os.environ["FXPRESS_CACHE"] = tempfile.mkdtemp(prefix="fxpress-test-cache-")
+
 # Two threads: CI has 2 cores; more threads only add contention between tests' tensors.
 torch.set_num_threads(int(os.environ.get("FXPRESS_TEST_THREADS", "2")))
 

@@ -105,27 +105,45 @@ def digits_demo(out_dir: Path, *, rounds: int, tvm: bool, tvm_trials: int,
     entries = fxpress.Recipe.load(RECIPES / "digits.yaml").entries
     labels = {"channel_pruning": "prune {ratio:.0%} channels", "lowrank": "+ low-rank ({method})",
               "distill": "+ distill ({mode})", "quantize": "+ int8 {mode}"}
+    quant = [e for e in entries if e.name == "quantize"]
+    float_steps = [e for e in entries if e.name != "quantize"]
     steps: list[tuple[str, list]] = [("fp32", [])] + [
-        (labels[e.name].format(**e.to_dict()), [e]) for e in entries]
+        (labels[e.name].format(**e.to_dict()), [e]) for e in float_steps]
     rows: list[Row] = []
     recipe: list = []
     cm = None
-    for i, (step, entries) in enumerate(steps):
-        recipe = recipe + entries
-        cm = fxpress.compress(teacher, example, fxpress.Recipe(recipe), calibration=labelled)
+
+    def measure(cm, step, backend, stem):
+        opts = {"tune": tvm_trials > 0 and _tvm_tune(tvm_trials)} if backend == "tvm" else None
+        if backend == "tvm" and not opts["tune"]:
+            opts = None
+        run, size_kb, ms, note = _lower_and_measure(cm, backend, example, out_dir, stem, rounds, opts)
+        acc = accuracy(run, xte, yte, batch=batch)
+        if backend == "tvm" and tvm_trials == 0:
+            note += ", untuned"
         macs, params = _ir_cost(cm)
-        final = i == len(steps) - 1
-        for backend in (backends if final else backends[:1]):
-            opts = {"tune": tvm_trials > 0 and _tvm_tune(tvm_trials)} if backend == "tvm" else None
-            if backend == "tvm" and not opts["tune"]:
-                opts = None
-            run, size_kb, ms, note = _lower_and_measure(cm, backend, example, out_dir,
-                                                        f"digits_{i}_{backend}", rounds, opts)
-            acc = accuracy(run, xte, yte, batch=batch)
-            if backend == "tvm" and tvm_trials == 0:
-                note += ", untuned"
-            rows.append(Row(step, backend, params, size_kb, macs, ms, {"accuracy": acc}, note))
-            print(f"  {step:24s} {backend:12s} acc={acc:.4f} {ms:.3f} ms", flush=True)
+        print(f"  {step:24s} {backend:12s} acc={acc:.4f} {ms:.3f} ms", flush=True)
+        return Row(step, backend, params, size_kb, macs, ms, {"accuracy": acc}, note)
+
+    for i, (step, new) in enumerate(steps):
+        recipe = recipe + new
+        cm = fxpress.compress(teacher, example, fxpress.Recipe(recipe), calibration=labelled)
+        # fp32 and the last float step on every backend: each int8 row has the float row of
+        # the same model and backend beside it
+        for backend in (backends if i in (0, len(steps) - 1) else backends[:1]):
+            rows.append(measure(cm, step, backend, f"digits_{i}_{backend}"))
+    # int8 per backend: the latency service keeps each layer float where int8 is slower on
+    # that backend (tiny 8x8 convs: requantization can cost more than int8 saves)
+    for q in quant:
+        step = labels["quantize"].format(**q.to_dict())
+        for backend in backends:
+            qb = dataclasses.replace(q, latency_check="auto", latency_backend=backend)
+            cmq = fxpress.compress(cm, example, fxpress.Recipe([qb]), calibration=labelled)
+            row = measure(cmq, step, backend, f"digits_int8_{backend}")
+            layers = cmq.report.sections.get("quant_latency", {}).get("layers", [])
+            n8 = sum(1 for r in layers if r.get("kept") == "int8")
+            row.note += f", {n8}/{len(layers)} layers int8 (latency-checked)" if layers else ""
+            rows.append(row)
     return rows
 
 

@@ -234,9 +234,25 @@ def _global_avg_pool(g: _Graph) -> int:
     return hits
 
 
+def _pairs_fit(g: _Graph, n, q: np.ndarray) -> bool:
+    """Whether full-range s8 weights are still exact on u8 x s8 without VNNI: every adjacent
+    K-pair |w0| + |w1| <= 128 (Quantize's s8_pairs form), checked on the ONNX layout (the
+    output-channel axis: DQ's `axis` when per-channel, 1 for [K, N] MatMul weights)."""
+    import torch
+    from ...passes.quant.weight_form import pairs_fit_int16
+    if n.op_type == "DynamicQuantizeMatMul":
+        axis = 1
+    else:
+        scale = g.const(n.input[1])
+        per_channel = scale is not None and scale.ndim == 1 and scale.size > 1
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1) if per_channel else None
+    return pairs_fit_int16(torch.from_numpy(q.astype(np.int16)).to(torch.int8), axis)
+
+
 def shift_weights(g: _Graph, mode: str) -> int:
-    """Shift int8 weight initializers to uint8 where `mode` says: "u8" all, "auto" those with
-    |q| > 64 (u8 x s8 without VNNI saturates int16 pair sums there, ORT #6004), "s8" none."""
+    """Shift int8 weight initializers to uint8 where `mode` says: "u8" all, "auto" those that
+    could saturate u8 x s8 without VNNI (int16 pair sums, ORT #6004): |q| > 64 and some
+    adjacent K-pair over 128; "s8" none."""
     if mode == "s8":
         return 0
     hits = 0
@@ -250,7 +266,8 @@ def shift_weights(g: _Graph, mode: str) -> int:
         q, z = g.const(n.input[slots[0]]), g.const(n.input[slots[1]])
         if q is None or z is None or q.dtype != np.int8 or q.ndim < 2 or n.input[slots[0]] not in g.inits:
             continue
-        if mode == "auto" and int(np.abs(q.astype(np.int16)).max(initial=0)) <= S8_EXACT_MAX:
+        if mode == "auto" and (int(np.abs(q.astype(np.int16)).max(initial=0)) <= S8_EXACT_MAX
+                               or _pairs_fit(g, n, q)):
             continue
         n.input[slots[0]] = g.add_init((q.astype(np.int16) + 128).astype(np.uint8), "w_u8")
         n.input[slots[1]] = g.add_init((z.astype(np.int16) + 128).astype(np.uint8), "zp_u8")

@@ -106,6 +106,7 @@ def test_bad_input():
     assert r.entries[0] == fxpress.WeightOnly(bits=8, group_size=64, method="awq")
 
 
+@pytest.mark.slow
 def test_perplexity_on_trained_lm():
     """A byte-level LM trained here (150 steps) on stdlib docstrings, int4 g32 with lm_head
     quantized too (its error is what moves this small model's perplexity), 8 calibration
