@@ -182,4 +182,8 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
                                   exported.seconds)
     sess = _Session(model, threads, optimization)
     report.update(kernels=dict(sess.kernels), fallback=[], partitions=1)
-    return OrtLowered(gm, exported, sess, report)
+    lowered = OrtLowered(gm, exported, sess, report)
+    if lowered.signature.is_dynamic and not exported.dynamic:  # exported static (export.py warned)
+        lowered.signature = lowered.signature.fixed(flat)
+        report["shapes"] = "static: a pass fixed a dynamic dim to the example's size"
+    return lowered

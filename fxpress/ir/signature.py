@@ -98,6 +98,13 @@ class Signature:
                                      f"(shape {list(x.shape)}), expected {want} "
                                      f"({spec.describe()}){hint}", input_name=spec.name, index=i)
 
+    def fixed(self, flat: Sequence[Any]) -> "Signature":
+        """This signature with every dynamic dim fixed to its size in `flat` (a static artefact)."""
+        sizes = self.concrete(flat)
+        return Signature(tuple(InputSpec(s.name, s.dtype, tuple(sizes.get(d, d) if isinstance(d, str)
+                                                                 else d for d in s.shape))
+                               for s in self.inputs))
+
     def export_dynamic_shapes(self) -> tuple:
         """torch.export dynamic_shapes for the flat graph (one Dim per dim name, shared)."""
         dims: dict[str, Any] = {}

@@ -81,7 +81,8 @@ def _examples(gm: fx.GraphModule, flat: Sequence[Any]) -> tuple[list[Any], list[
         (s.dtype is None) or (isinstance(x, torch.Tensor) and x.dim() == len(s.shape))
         for s, x in zip(sig.inputs, flat))
     if fits and not any(int(x.shape[i]) < 2 for x, d in zip(flat, dyn) for i in d):
-        examples = list(flat)
+        # clones: export marks the dims of the tensors it is given (the caller's stay unmarked)
+        examples = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
     else:
         sizes = {k: max(2, v) for k, v in (sig.concrete(flat) if fits else {}).items()}
         examples = sig.examples(sizes)
@@ -178,8 +179,22 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(f, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
-    except Exception as e:  # a dim the IR calls dynamic that re-export specialises
-        raise LoweringError(f"re-export of the IR for ONNX failed: {str(e).splitlines()[0][:400]}") from e
+    except Exception as e:  # a dim the IR calls dynamic that a pass baked in (a reshape to the
+        # example's batch): export static at the example's sizes, and say so once
+        if not any(shapes):
+            raise LoweringError(f"re-export of the IR for ONNX failed: {str(e).splitlines()[0][:400]}") from e
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("- ")),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        warnings.warn(f"ONNX export: the IR's dynamic dims cannot stay dynamic ({reason[:300]}); "
+                      "the .onnx is static at the example's sizes", stacklevel=3)
+        examples = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(f, tuple(examples), strict=False)
+        except Exception as e2:
+            raise LoweringError(f"re-export of the IR for ONNX failed: "
+                                f"{str(e2).splitlines()[0][:400]}") from e2
     weight_only = has_weight_only(gm)  # blocked DequantizeLinear needs opset 21 (nbits.py)
     model = _translate(ep, gm, max(opset, 21) if weight_only else opset).model_proto
     _name_dims(model, [signature(gm).inputs[i] for i, x in enumerate(examples)

@@ -96,23 +96,24 @@ def _chain(cores, rows: int, lead: tuple[int, ...], bias: fx.Node | None, dt) ->
     outs, ins = [g.shape[1] for g in cores], [g.shape[2] for g in cores]
     r = [1] + [g.shape[3] for g in cores]
     params, steps = {}, []
+    # -1 for the row count: the batch stays dynamic (the example's `rows` is not baked in)
     a, o_done = math.prod(ins[:-1]), 1
-    steps.append(Step(aten.reshape.default, (PREV, [rows * a, ins[-1], 1, 1])))
+    steps.append(Step(aten.reshape.default, (PREV, [-1, ins[-1], 1, 1])))
     for k in range(d - 1, -1, -1):
         name = f"core{k}"
         # M_k: (i_k r_k) x (r_{k-1} o_k)
         params[name] = cores[k].permute(2, 3, 0, 1).reshape(ins[k] * r[k + 1], r[k] * outs[k]).to(dt)
         if o_done > 1:
             steps.append(Step(aten.permute.default, (PREV, [0, 2, 1, 3])))
-        steps.append(Step(aten.reshape.default, (PREV, [rows * a * o_done, ins[k] * r[k + 1]])))
+        steps.append(Step(aten.reshape.default, (PREV, [-1, ins[k] * r[k + 1]])))
         steps.append(Step(aten.mm.default, (PREV, Param(name)), True))
-        steps.append(Step(aten.reshape.default, (PREV, [rows * a, o_done, r[k], outs[k]])))
+        steps.append(Step(aten.reshape.default, (PREV, [-1, o_done, r[k], outs[k]])))
         steps.append(Step(aten.permute.default, (PREV, [0, 3, 1, 2])))
         o_done *= outs[k]
         if k > 0:
             a //= ins[k - 1]
-            steps.append(Step(aten.reshape.default, (PREV, [rows * a, ins[k - 1], o_done, r[k]])))
-    steps.append(Step(aten.reshape.default, (PREV, [*lead, o_done])))
+            steps.append(Step(aten.reshape.default, (PREV, [-1, ins[k - 1], o_done, r[k]])))
+    steps.append(Step(aten.reshape.default, (PREV, [-1, *lead[1:], o_done] if lead else [o_done])))
     if bias is not None:
         steps.append(Step(aten.add.Tensor, (PREV, Keep(bias))))
     return Chain(params, steps)
