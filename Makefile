@@ -25,9 +25,9 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fxpress demo
 
-# `make test` is what CI runs (2 cores, < 15 min): everything but the minutes-long checks marked
-# slow (the full HF zoo, GPTQ/AWQ quality on real MiniLM, TVM tuning over RPC, ...); `make
-# test-all` runs those too.
+# `make test` is what CI runs (2 cores, < 15 min): everything but the checks marked slow (the
+# rest of the HF zoo beyond its fast cells, the weight-only perplexity run, a few long lowerings:
+# ~8 min more); `make test-all` runs those too.
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 

@@ -136,7 +136,6 @@ def test_inductor_matches_the_ir_on_this_host():
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="oneDNN's AVX2 kernels exist on x86 only")
-@pytest.mark.slow
 def test_avx2_kernels_match_the_ir_with_isa_aware_weight_forms():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
     code = ("import json, sys; from tests.backends.test_inductor_numerics import measure as m; "

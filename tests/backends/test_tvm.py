@@ -264,7 +264,6 @@ def test_corrupt_or_foreign_database_is_ignored_with_warning(tmp_path):
         assert load_database(path, "k" * 24, target) is None
 
 
-@pytest.mark.slow
 def test_tuning_writes_database_and_second_compile_reuses_it(tmp_path):
     model = nn.Sequential(nn.Linear(32, 32)).eval()
     inputs = (torch.randn(4, 32),)

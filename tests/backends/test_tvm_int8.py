@@ -126,7 +126,6 @@ def test_pairs_fit_checks_adjacent_pairs_along_the_axis():
     assert not pairs_fit(np.zeros((3,), dtype=np.int8), axis=0)  # odd length: no pairing
 
 
-@pytest.mark.slow
 def test_tuned_int8_convs_keep_the_intrinsic(tmp_path):
     """Tuning measures the tensorized template candidates; the cached records replay them."""
     from fxpress.backends.tvm import TuneOptions

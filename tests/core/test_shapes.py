@@ -87,13 +87,17 @@ def test_wrong_calls_raise_input_error(cnn_int8, backend):
         run(torch.rand(1, 8, 8))
 
 
-def test_hf_bert_kwargs_dynamic_batch_and_sequence_on_ort():
+def _tiny_bert(layers: int):
     transformers = pytest.importorskip("transformers")
-    from torch.export import Dim
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                   intermediate_size=64, vocab_size=128)
     torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    return transformers.BertModel(cfg).eval()
+
+
+def test_hf_bert_kwargs_dynamic_batch_and_sequence_on_ort():
+    from torch.export import Dim
+    model = _tiny_bert(2)
 
     def enc(b, s):
         return {"input_ids": torch.randint(0, 128, (b, s)),
@@ -116,11 +120,7 @@ def test_hf_bert_kwargs_dynamic_batch_and_sequence_on_ort():
 
 def test_keyword_model_calibrates_on_dict_batches_and_takes_one_dict():
     """model(**enc)-style calibration: dict batches (and flat positional ones) at another batch size."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=64, vocab_size=128)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = _tiny_bert(1)
 
     def enc(b):
         return {"input_ids": torch.randint(0, 128, (b, 12)),

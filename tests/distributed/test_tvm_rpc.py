@@ -80,7 +80,6 @@ def _rpc_cluster(servers: int = 2, start_timeout_s: float = 90.0):
                 p.wait()
 
 
-@pytest.mark.slow
 def test_tuning_through_tracker_writes_records_a_later_compile_reuses(tmp_path):
     model = nn.Sequential(nn.Linear(32, 32)).eval()
     inputs = (torch.randn(4, 32),)

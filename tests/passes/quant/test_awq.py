@@ -2,8 +2,6 @@
 real MiniLM)."""
 from __future__ import annotations
 
-import pytest
-
 import torch
 
 import fxpress
@@ -66,7 +64,6 @@ def test_awq_scale_search_beats_rtn():
     assert awq_err < 0.8 * rtn_err
 
 
-@pytest.mark.slow
 def test_awq_cuts_rtn_error_on_real_minilm():
     """Real MiniLM-L6, int4 g128: >= 25% less mean(1 - cos) than RTN (measured 0.053 -> 0.029)."""
     rtn_err = minilm_rtn_error(4, 128)

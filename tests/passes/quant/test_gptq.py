@@ -1,8 +1,6 @@
 """GPTQ: structure (records, stats, shared Hessians) and numerics (layer error vs RTN; real MiniLM)."""
 from __future__ import annotations
 
-import pytest
-
 import torch
 
 import fxpress
@@ -52,7 +50,6 @@ def test_gptq_beats_rtn_on_layer_output():
         assert err(dequantize_groups(q, s, z, group)) < 0.7 * err(dequantize_groups(rq, rs, rz, group))
 
 
-@pytest.mark.slow
 def test_gptq_cuts_rtn_error_on_real_minilm():
     """Real MiniLM-L6, int4 g128, 128 calibration sentences, 320 held-out: >= 25% less
     mean(1 - cos) than RTN (measured 0.053 -> 0.024)."""
