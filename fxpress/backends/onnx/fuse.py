@@ -44,6 +44,12 @@ class _Graph:
                       if v.type.tensor_type.HasField("shape")}
         self._n = 0
 
+    def swap(self, old, new) -> None:
+        """Put `new` where `old` stands (keeping its doc string: the source location) and drop `old`."""
+        new.doc_string = old.doc_string
+        self.g.node.insert(list(self.g.node).index(old), new)
+        self.g.node.remove(old)
+
     def reindex(self):
         self.prod = {o: n for n in self.g.node for o in n.output}
         self.cons = collections.defaultdict(list)
@@ -125,7 +131,7 @@ def _weight_transpose(g: _Graph) -> int:
         new = helper.make_node("DequantizeLinear", [g.add_init(q.T, "w_t"), dq.input[1], dq.input[2]],
                                [t.output[0]], name=f"{dq.name}_t", **attrs)
         new.doc_string = dq.doc_string
-        g.g.node.insert(list(g.g.node).index(t), new)
+        g.g.node.insert(list(g.g.node).index(t), new)  # dq's source line, not the transpose's
         g.g.node.remove(t)
         hits += 1
     g.reindex()
@@ -225,10 +231,7 @@ def _global_avg_pool(g: _Graph) -> int:
         axes, rank = g.const(n.input[1]), g.ranks.get(n.input[0])
         if axes is None or rank != 4 or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
             continue
-        new = helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name)
-        new.doc_string = n.doc_string
-        g.g.node.insert(list(g.g.node).index(n), new)
-        g.g.node.remove(n)
+        g.swap(n, helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name))
         hits += 1
     g.reindex()
     return hits

@@ -8,18 +8,7 @@ from fxpress.ir.meta import WeightOnlySpec, get_record
 from fxpress.passes.quant.gptq import gptq_quantize
 from fxpress.passes.quant.weight_only import dequantize_groups, rtn
 
-from .wo_helpers import minilm_cos_error, minilm_rtn_error
-
-
-class Pair(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(64, 96)
-        self.b = torch.nn.Linear(64, 96)
-        self.c = torch.nn.Linear(96, 32)
-
-    def forward(self, x):
-        return self.c(self.a(x) * self.b(x))
+from .wo_helpers import Pair, minilm_cos_error, minilm_rtn_error
 
 
 def test_gptq_structure():

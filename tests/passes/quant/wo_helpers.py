@@ -11,6 +11,19 @@ import fxpress
 from fxpress.passes.base import PassContext
 from fxpress.passes.quant.weight_only import WeightOnlyQuant, single_thread
 
+
+class Pair(torch.nn.Module):
+    """Two linears sharing an input (q/k-style), multiplied, then a third: GPTQ/AWQ test net."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 96)
+        self.b = torch.nn.Linear(64, 96)
+        self.c = torch.nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.c(self.a(x) * self.b(x))
+
 L = 32  # tokens per MiniLM sentence: enough for docstring first paragraphs, cheap to run
 
 
