@@ -41,6 +41,6 @@ def torchrun(scenarios: list[str], out: Path, *, nproc: int = 2,
     proc = torchrun_cmd([str(WORKERS), *scenarios], out, nproc=nproc, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {scenarios}: exit {proc.returncode}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-16000:]}")
     return {s: {r: torch.load(out / f"{s}.rank{r}.pt", weights_only=False) for r in range(nproc)}
             for s in scenarios}

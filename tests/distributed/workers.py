@@ -7,6 +7,7 @@ Rank 0 also computes the single-process reference inside ``fxpress.distributed.l
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -168,6 +169,10 @@ SCENARIOS = {f.__name__: f for f in (calibration, qat, distill, recipes, prune)}
 
 
 def main() -> int:
+    # A native abort (CI once saw rank 0 end in "terminate called without an active exception",
+    # with no Python frame) prints the Python and C++ stacks of every thread.
+    faulthandler.enable(all_threads=True)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     w = distributed.world()
@@ -175,10 +180,18 @@ def main() -> int:
     try:
         for name in sys.argv[1:]:
             torch.save(SCENARIOS[name](w, out), out / f"{name}.rank{w.rank}.pt")
+            print(f"rank {w.rank}: {name} saved", flush=True)
+        # No rank tears its gloo pairs down while the other is still inside a collective.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalization: the results are saved and the group destroyed; static
+    # destructors of the native thread pools are not what these tests check.
+    os._exit(code)
