@@ -165,6 +165,17 @@ def _name_dims(model: onnx.ModelProto, specs) -> None:
                 d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
 
 
+def _scalar_qparams(model: onnx.ModelProto) -> None:
+    """Declare DynamicQuantizeLinear's scale and zero point scalars, as the op makes them.
+
+    The exporter gives them the shape torch's choose_qparams.tensor declares ([1]); ORT then
+    warns on every one ("Error merging shape info ... source:{} target:{1}")."""
+    qparams = {o for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" for o in n.output[1:]}
+    for v in model.graph.value_info:
+        if v.name in qparams:
+            v.type.tensor_type.shape.ClearField("dim")
+
+
 def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights: str = "s8",
                 opset: int = 20) -> ExportedOnnx:
     """Export the IR `gm` (called with `flat_inputs`) to ONNX in the QDQ form ORT fuses.
@@ -197,6 +208,7 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
                                 f"{str(e2).splitlines()[0][:400]}") from e2
     weight_only = has_weight_only(gm)  # blocked DequantizeLinear needs opset 21 (nbits.py)
     model = _translate(ep, gm, max(opset, 21) if weight_only else opset).model_proto
+    _scalar_qparams(model)
     _name_dims(model, [signature(gm).inputs[i] for i, x in enumerate(examples)
                        if isinstance(x, torch.Tensor)])
     model, rewrites = optimize_qdq(model, int8_weights)

@@ -124,7 +124,9 @@ def _weight_transpose(g: _Graph) -> int:
         if t.op_type != "Transpose" or list(g.attr(t, "perm", [])) != [1, 0]:
             continue
         found = g.weight_dq(t.input[0])
-        if found is None or not g.only_user(t.input[0], t) or found[1].ndim != 2:
+        # a DQ shared with other readers (a tied lm_head / embedding) stays for them; the
+        # transposed copy feeds the MatMul (prune drops the old DQ when nothing else reads it)
+        if found is None or found[1].ndim != 2:
             continue
         dq, q, s, z, axis = found
         attrs = {} if axis is None else {"axis": 1 - axis}

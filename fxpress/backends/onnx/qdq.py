@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed)
+from onnxscript import ir
 from onnxscript import opset20 as op
 
 qd = torch.ops.quantized_decomposed
@@ -55,18 +56,32 @@ def _range(x, qmin: int, qmax: int):
     return lo, hi
 
 
+def _typed(scale, zp, to: int):
+    """(scale, zp) typed as computed (float32, the `to` integer type) before the exporter
+    types them from torch.
+
+    torch's choose_qparams.tensor declares a float64 scale and an int64 zero point; the
+    exporter stamps the fx node's dtype on every output a translation left untyped (and keeps
+    one already set), so the graph would say tensor(double) where DynamicQuantizeLinear and
+    QuantizeLinear's y_scale hold float32, and ORT refuses it (zoo cell opt-dynamic)."""
+    for v, dtype in ((scale, ir.DataType.FLOAT), (zp, ir.DataType(to))):
+        if getattr(v, "dtype", False) is None:  # an onnx_ir Value the exporter will type
+            v.dtype = dtype
+    return scale, zp
+
+
 def choose_qparams(x, qmin: int, qmax: int, eps: float, dtype):
     """(scale, zero point) of torch's asymmetric choose_qparams.tensor."""
     to = _onnx_int(dtype)
     if to == 2 and (qmin, qmax) == (0, 255):
         _, scale, zp = op.DynamicQuantizeLinear(x)
-        return scale, zp
+        return _typed(scale, zp, to)
     lo, hi = _range(x, qmin, qmax)
     scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax - qmin))),
                    op.Constant(value_float=float(eps)))
     zp = op.Sub(op.Constant(value_float=float(qmin)), op.Round(op.Div(lo, scale)))
     zp = op.Clip(zp, op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
-    return scale, op.Cast(zp, to=to)
+    return _typed(scale, op.Cast(zp, to=to), to)
 
 
 def choose_qparams_symmetric(x, qmin: int, qmax: int, eps: float, dtype):
@@ -77,7 +92,7 @@ def choose_qparams_symmetric(x, qmin: int, qmax: int, eps: float, dtype):
     scale = op.Max(op.Div(amax, op.Constant(value_float=float(qmax - qmin) / 2)),
                    op.Constant(value_float=float(eps)))
     zp = op.Constant(value_int=0 if to != 2 else 128)
-    return scale, op.Cast(zp, to=to)
+    return _typed(scale, op.Cast(zp, to=to), to)
 
 
 def quantize_tensor(x, scale, zero_point, qmin: int, qmax: int, dtype):
