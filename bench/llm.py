@@ -6,8 +6,10 @@
 Runners, all timed in one process in interleaved rounds (fxpress.timing.interleaved_medians):
   ort_fp32              torch.onnx export of the fp32 IR -> ORT
   fxpress_int8/int4_ort WeightOnly(bits, group) -> export_nbits (MatMulNBits, q/k/v and
-                        gate/up fused, accuracy level by measurement) -> ORT
+                        gate/up fused, accuracy level by measurement, RMSNorms fused) -> ORT
   ort_nbits_int4        ORT's own MatMulNBitsQuantizer on the fp32 .onnx (same bits/block)
+  ort_nbits_int4_norms  the same with our RMSNorm fusions (fuse_norms): what the q/k/v and
+                        gate/up fusion adds on its own is fxpress_int4_ort / this row
   inductor_fp32         the fp32 IR through fxpress.lower(backend="inductor")
   fxpress_int8/int4_ind the weight-only IR through fxpress.lower(backend="inductor")
   torchao_int8wo        torchao Int8WeightOnlyConfig -> torch.compile
@@ -30,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxpress  # noqa: E402
-from fxpress.backends.onnx.nbits import export_nbits, fastest_accuracy_level, nbits_nodes  # noqa: E402
+from fxpress.backends.onnx.nbits import (export_nbits, fastest_accuracy_level, fuse_norms,  # noqa: E402
+                                         nbits_nodes)
 from fxpress.timing import interleaved_medians  # noqa: E402
 
 
@@ -129,7 +132,7 @@ def main(argv=None):
     for shape, ids in shapes.items():
         t0 = time.time()
         ir_fp = fxpress.capture(model, (ids,))
-        fp_onnx = export_nbits(ir_fp, (ids,))
+        fp_onnx = export_nbits(ir_fp, (ids,), norms=False)  # the plain export MNQ quantizes
         runners, refs, nbytes = {"ort_fp32": ort(fp_onnx, a.threads)}, {}, {}
         nbytes["ort_fp32"] = weight_bytes(fp_onnx)
         with torch.no_grad():
@@ -162,6 +165,9 @@ def main(argv=None):
             theirs = q.model.model
         runners["ort_nbits_int4"], refs["ort_nbits_int4"] = ort(theirs, a.threads), refs["ort_fp32"]
         nbytes["ort_nbits_int4"] = weight_bytes(theirs)
+        theirs_n = fuse_norms(theirs)[0]
+        runners["ort_nbits_int4_norms"] = ort(theirs_n, a.threads)
+        refs["ort_nbits_int4_norms"], nbytes["ort_nbits_int4_norms"] = refs["ort_fp32"], weight_bytes(theirs_n)
         if not a.no_inductor:
             runners["inductor_fp32"] = fxpress.lower(ir_fp, backend="inductor", example_inputs=(ids,))
             refs["inductor_fp32"], nbytes["inductor_fp32"] = refs["ort_fp32"], nbytes["ort_fp32"]

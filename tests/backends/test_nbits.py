@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxpress
-from fxpress.backends.onnx.nbits import (export_nbits, nbits_nodes, pack_nbits, pack_zero_points,
-                                         unpack_nbits)
+from fxpress.backends.onnx.nbits import (export_nbits, fuse_norms, nbits_nodes, pack_nbits,
+                                         pack_zero_points, unpack_nbits)
 
 
 class Block(torch.nn.Module):
@@ -129,8 +129,36 @@ def test_hf_decoder_end_to_end(tmp_path, family):
     assert nodes and all(a["bits"] == 4 and a["block_size"] == 32 for a in nodes)
     # fused q/k/v (and gate/up for Llama/Qwen2) means fewer nodes than quantized linears
     assert len(nodes) < quantized and "DequantizeLinear" not in {n.op_type for n in model.graph.node}
+    ops = [n.op_type for n in model.graph.node]
+    # RMSNorm families: the first norm alone, every later one with its residual Add
+    rms = family in ("llama", "qwen2")
+    assert (ops.count("SimplifiedLayerNormalization"), ops.count("SkipSimplifiedLayerNormalization")) \
+        == ((1, 4) if rms else (0, 0))
     y = _session(str(path)).run(None, {model.graph.input[0].name: ids.numpy()})[0]
     assert _sqnr(ref, y) > 25.0
+
+
+def test_fuse_norms_keeps_the_answer():
+    """fuse_norms on a tiny Llama's MatMulNBits graph: 5 RMSNorm chains (2 layers x 2 + final)
+    become 5 fused nodes, the ReduceMean/Pow/Sqrt chains are gone, and the output (fp32 compute,
+    accuracy_level 0) is the unfused graph's to 1e-4."""
+    torch.manual_seed(0)
+    lm = _Logits(_decoder("llama").eval())
+    ids = torch.randint(0, 128, (1, 16))
+    cm = fxpress.compress(lm, (ids,), fxpress.WeightOnly(bits=4, group_size=32))
+    plain = export_nbits(cm.graph_module, (ids,), accuracy_level=0, norms=False)
+    fused, n = fuse_norms(plain)
+    assert n == 5
+    before = [x.op_type for x in plain.graph.node]
+    after = [x.op_type for x in fused.graph.node]
+    assert before.count("ReduceMean") == 5 and "ReduceMean" not in after and "Pow" not in after
+    assert after.count("SkipSimplifiedLayerNormalization") == 4 and len(after) < len(before) - 25
+    assert nbits_nodes(fused) == nbits_nodes(plain)
+    name = plain.graph.input[0].name
+    y0 = _session(plain.SerializeToString()).run(None, {name: ids.numpy()})[0]
+    y1 = _session(fused.SerializeToString()).run(None, {name: ids.numpy()})[0]
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)
+    assert fuse_norms(fused)[1] == 0  # nothing left to fuse: returned as is
 
 
 def test_lower_onnxruntime_runs_matmul_nbits(tmp_path):

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 from onnxscript import opset21 as op21
 
 __all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "export_nbits", "has_weight_only", "fuse_shared_input", "pack_nbits",
-           "unpack_nbits", "pack_zero_points", "fastest_accuracy_level", "nbits_nodes"]
+           "unpack_nbits", "pack_zero_points", "fastest_accuracy_level", "nbits_nodes", "fuse_norms"]
 
 DQ_GROUP = torch.ops.quantized_decomposed.dequantize_per_channel_group.default
 MS = "com.microsoft"
@@ -305,15 +305,39 @@ def fastest_accuracy_level(k: int, n: int, bits: int, block: int, m_rows: int = 
     return min(ms, key=ms.get)
 
 
-def export_nbits(gm: torch.nn.Module, example_inputs: tuple, *, accuracy_level: int = 4,
-                 fuse: bool = True, dynamic_shapes=None) -> onnx.ModelProto:
-    """torch.onnx (opset 21, our DQ translation) -> to_matmul_nbits -> fuse_shared_input.
+def fuse_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(copy of `model` with its RMSNorms fused, how many): torch.onnx's RMSNorm chain
+    (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) -> ``SimplifiedLayerNormalization``,
+    and with the residual Add before it -> ``SkipSimplifiedLayerNormalization``.
 
-    Until the ORT backend calls `to_matmul_nbits` itself, this is the weight-only ONNX path:
+    Only onnxscript's two norm fusions, not all of its ORT fusions: at decode the op count is
+    what costs beside the weights (an 8-layer Llama: 481 -> 363 nodes), while its attention
+    fusion (MultiHeadAttention for one token) timed slower than the unfused MatMul/Softmax.
+
+    >>> fused, n = fuse_norms(model)   # n == 2 * layers + 1 on a Llama-style decoder
+    """
+    import onnx_ir as ir
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+    m = ir.serde.deserialize_model(copy.deepcopy(model))
+    count = fuse_rms_normalization(m)
+    if not count:
+        return model, 0
+    fuse_skip_rms_normalization(m)
+    optimize(m)  # drops what the fusions left dead
+    return ir.serde.serialize_model(m), int(count)
+
+
+def export_nbits(gm: torch.nn.Module, example_inputs: tuple, *, accuracy_level: int = 4,
+                 fuse: bool = True, norms: bool = True, dynamic_shapes=None) -> onnx.ModelProto:
+    """torch.onnx (opset 21, our DQ translation) -> to_matmul_nbits -> fuse_shared_input
+    (`fuse`) -> fuse_norms (`norms`): the weight-only ONNX path of bench/llm.py,
     ``onnx.save(export_nbits(cm.graph_module, (ids,)), "model.onnx")``.
     """
     ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     prog = torch.onnx.export(ep, dynamo=True, opset_version=21, custom_translation_table=TRANSLATIONS,
                              verbose=False)
     model = to_matmul_nbits(prog.model_proto, accuracy_level=accuracy_level)
-    return fuse_shared_input(model) if fuse else model
+    model = fuse_shared_input(model) if fuse else model
+    return fuse_norms(model)[0] if norms else model
