@@ -247,6 +247,18 @@ def test_tune_options_validated():
         TuneOptions(trials=0)
     with pytest.raises(fxpress.RecipeError, match="time_budget_s"):
         TuneOptions(time_budget_s=-1)
+    with pytest.raises(fxpress.RecipeError, match="trials_per_task"):
+        TuneOptions(trials_per_task=0)
+
+
+def test_tuning_cache_lives_under_fxpress_cache(tmp_path, monkeypatch):
+    from fxpress.backends.tvm.tune import cache_root
+    monkeypatch.delenv("FXPRESS_TVM_CACHE", raising=False)
+    monkeypatch.setenv("FXPRESS_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path / "tvm"
+    monkeypatch.setenv("FXPRESS_TVM_CACHE", str(tmp_path / "own"))
+    assert cache_root() == tmp_path / "own"
+    assert cache_root(str(tmp_path / "arg")) == tmp_path / "arg"
 
 
 def test_corrupt_or_foreign_database_is_ignored_with_warning(tmp_path):

@@ -130,13 +130,14 @@ def test_tuned_int8_convs_keep_the_intrinsic(tmp_path):
     """Tuning measures the tensorized template candidates; the cached records replay them."""
     from fxpress.backends.tvm import TuneOptions
     q, x = _int8_graph(seven_bit=True)
-    opts = TuneOptions(trials=12, trials_per_round=4, time_budget_s=150, population=16,
+    opts = TuneOptions(trials=12, trials_per_round=4, trials_per_task=2, time_budget_s=150, population=16,
                        cache_dir=str(tmp_path), progress=False)
     with hw.simulate(flags=AVX2, cpu_name="znver3"):
         first = compile_tvm(q, x, tune=opts)
         again = compile_tvm(q, x, tune=opts)
     t = first.report["tuning"]
     assert t["records"] >= N_TENSORIZABLE and t["failed"] < t["measured"], t
+    assert t["trials"] <= 2 * t["tasks"], t  # the per-kernel cap held
     assert again.report["tuning"]["cached"] and again.report["schedules"]["tuned"] >= N_TENSORIZABLE
     asm = again.executable.mod.imports[0].inspect_source("asm")
     assert re.search(r"\bvpmaddubsw\b", asm) and "%zmm" not in asm

@@ -132,6 +132,14 @@ def _measure_templates(S, mods, tiles, order, target, db, builder, runner, trial
     return trials, done, failed, first
 
 
+def _nearest(S, func, tiles, lanes):
+    """`tiles` ordered by distance from the default tile (accumulators, then channel block)."""
+    d = S.default_choice(func, lanes)
+    if d is None:
+        return tiles
+    return sorted(tiles, key=lambda c: (abs(c.wb * c.fb - d.wb * d.fb), abs(c.fb - d.fb), -c.wb))
+
+
 def _best_ms(db, mod) -> str:
     recs = db.get_top_k(db.commit_workload(mod), 1)
     secs = [float(s) for s in recs[0].run_secs] if recs and recs[0].run_secs else []
@@ -183,6 +191,9 @@ def main(job_dir: str) -> None:
     S = _load_schedules()
     lanes = job.get("lanes") or S.vector_lanes(target)  # fxpress.hw's width for the host target
     tiles = [S.candidates(m["main"], lanes) for m in mods]
+    per_task = job.get("per_task")
+    if per_task:  # the tiles nearest the untuned default first: it is the one the others must beat
+        tiles = [_nearest(S, m["main"], t, lanes)[:per_task] for m, t in zip(mods, tiles)]
     intrins = job.get("int8_intrins") or [None] * len(mods)
     if any(intrins):  # int8 conv candidates tensorized as the untuned template would be
         _load_by_path("intrin").register()
@@ -199,7 +210,9 @@ def main(job_dir: str) -> None:
             break
         if i not in searched:  # conv kernels: the template's measured tiles are kept
             continue
-        n = min(job["per_round"], total - trials)
+        n = min(job["per_round"], total - trials, (per_task or total) - done[i])
+        if n <= 0:
+            continue
         r0 = time.perf_counter()
         ms.tune_tasks(tasks=[ctxs[i]], task_weights=[1.0], work_dir=str(work),
                       max_trials_global=done[i] + n, num_trials_per_iter=n, builder=builder,

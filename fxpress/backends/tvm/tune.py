@@ -48,8 +48,10 @@ _FORMAT = "fxpress-tvm-db-1"
 class TuneOptions:
     """MetaSchedule budget. `trials`: total measured candidates; `time_budget_s`: wall clock.
 
-    `trials_per_round` is one search round (the budget's granularity); `cache_dir` overrides
-    the database location; `progress` prints one line per round to stderr.
+    `trials_per_round` is one search round (the budget's granularity); `trials_per_task`,
+    if set, caps what any one kernel gets (template tiles nearest the default first, then
+    search trials), so a whole network tunes in a bounded time on a small shared host;
+    `cache_dir` overrides the database location; `progress` prints one line per round to stderr.
 
     `tracker=(host, port, key)` measures on the RPC servers registered under `key` at a TVM
     tracker (`python -m tvm.exec.rpc_tracker`, `python -m tvm.exec.rpc_server --tracker
@@ -63,6 +65,7 @@ class TuneOptions:
     trials: int = 1000
     time_budget_s: float = 600.0
     trials_per_round: int = 16
+    trials_per_task: int | None = None
     population: int = 256
     build_timeout_s: float = 30.0
     run_timeout_s: float = 30.0
@@ -83,16 +86,22 @@ class TuneOptions:
         check_range("trials", self.trials, 1)
         check_range("time_budget_s", self.time_budget_s, 0, lo_open=True)
         check_range("trials_per_round", self.trials_per_round, 1, 512)
+        if self.trials_per_task is not None:
+            check_range("trials_per_task", self.trials_per_task, 1)
         check_range("population", self.population, 16)
         check_range("build_timeout_s", self.build_timeout_s, 0, lo_open=True)
         check_range("run_timeout_s", self.run_timeout_s, 0, lo_open=True)
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
+    """`cache_dir`, else $FXPRESS_TVM_CACHE, else $FXPRESS_CACHE/tvm (fxpress's cache), else the
+    user cache directory's fxpress/tvm."""
     if cache_dir:
         return Path(cache_dir)
     if os.environ.get("FXPRESS_TVM_CACHE"):
         return Path(os.environ["FXPRESS_TVM_CACHE"])
+    if os.environ.get("FXPRESS_CACHE"):
+        return Path(os.environ["FXPRESS_CACHE"]) / "tvm"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fxpress" / "tvm"
 
@@ -228,7 +237,8 @@ def tune(mod, target, key: str, opts: TuneOptions, lanes: int | None = None) -> 
         (job_dir / "tasks.json").write_text(tvm.ir.save_json([t.dispatched[0] for t in extracted]))
         job = {"target": str(target), "names": [t.task_name for t in extracted],
                "plan": _plan(weights, opts.trials, opts.trials_per_round), "trials": opts.trials,
-               "per_round": opts.trials_per_round, "population": opts.population,
+               "per_round": opts.trials_per_round, "per_task": opts.trials_per_task,
+               "population": opts.population,
                "time_budget_s": opts.time_budget_s, "spent_s": time.perf_counter() - t0,
                "build_timeout_s": opts.build_timeout_s, "run_timeout_s": opts.run_timeout_s,
                "progress": opts.progress, "lanes": lanes,
