@@ -142,3 +142,18 @@ def test_tuned_int8_convs_keep_the_intrinsic(tmp_path):
     asm = again.executable.mod.imports[0].inspect_source("asm")
     assert re.search(r"\bvpmaddubsw\b", asm) and "%zmm" not in asm
     _within_one_step(again, q, x)
+
+
+def test_int8_graph_stays_nhwc_between_convs():
+    """Quantize/pad lowerings ConvertLayout can move through: no NCHW<->NHWC transposes
+    between int8 convs (relax clip and pad have no layout rule; each used to add a pair)."""
+    from fxpress.backends.base import flat_graph
+    from fxpress.backends.tvm.build import host_target, lower_relax
+    from fxpress.backends.tvm.convert import to_relax
+    q, x = _int8_graph(seven_bit=True)
+    mod = lower_relax(to_relax(flat_graph(q), x).mod, host_target())
+    names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    convs = [n for n in names if "conv2d" in n]
+    assert len(convs) == 3 and not any("transpose" in n for n in convs), names
+    # the graph input's quantize + pad + to-NHWC, and the output back to NCHW: nothing else
+    assert len(names) == 5 and sum("transpose" in n for n in names) == 2, names
