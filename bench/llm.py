@@ -31,10 +31,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fxpress  # noqa: E402
-from fxpress.backends.onnx.nbits import (export_nbits, fastest_accuracy_level, fuse_norms,  # noqa: E402
-                                         nbits_nodes)
-from fxpress.timing import interleaved_medians  # noqa: E402
+import fxpress
+from fxpress.backends.onnx.nbits import (
+    export_nbits,
+    fastest_accuracy_level,
+    fuse_norms,
+    nbits_nodes,
+)
+from fxpress.timing import interleaved_medians
 
 
 class Logits(torch.nn.Module):
@@ -79,6 +83,7 @@ def weight_bytes(model) -> int:
 
 def ort(model, threads):
     import onnxruntime as rt
+
     from fxpress.backends.onnxruntime import session_options
     so = session_options(threads)
     # runners share one process: a session's idle pool threads must not spin on the cores
@@ -106,6 +111,7 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--lm-head", action="store_true",
                     help="quantize lm_head too (MatMulNBitsQuantizer quantizes every MatMul)")
     a = ap.parse_args(argv)
@@ -126,6 +132,8 @@ def main(argv=None):
               "prefill 1x128": torch.randint(0, 8192, (1, 128))}
     if a.decode_only:
         shapes.pop("prefill 1x128")
+    if a.prefill_only:
+        shapes.pop("decode 1x1")
     skip = () if a.lm_head else ("lm_head",)
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     results = {}
@@ -186,14 +194,21 @@ def main(argv=None):
             outs = {r: _numpy(f(ids)) for r, f in runners.items()}
             ms = interleaved_medians(runners, (ids,), rounds=a.rounds, warmup=3)
         results[shape] = (ms, nbytes, {r: sqnr(refs[r], outs[r]) for r in runners})
-        print(f"  {shape}: built in {time.time() - t0:.0f} s")
+        print(f"  {shape}: built and timed in {time.time() - t0:.0f} s")
+        _table({shape: results[shape]})  # now: the next shape may take many minutes more
+    print("\nall shapes:")
+    _table(results)
+
+
+def _table(results):
     base = "ort_fp32"
     print("\n| shape | runner | ms | x ORT fp32 | x ORT MatMulNBits int4 | weight GB/s | "
-          "SQNR vs its IR (dB) |\n|---|---|---|---|---|---|---|")
+          "SQNR vs its IR (dB) |\n|---|---|---|---|---|---|---|", flush=True)
     for shape, (ms, nb, db) in results.items():
         for r in ms:
             print(f"| {shape} | {r} | {ms[r]:.2f} | {ms[base] / ms[r]:.2f} | "
-                  f"{ms['ort_nbits_int4'] / ms[r]:.2f} | {nb[r] / ms[r] / 1e6:.1f} | {db[r]:.1f} |")
+                  f"{ms['ort_nbits_int4'] / ms[r]:.2f} | {nb[r] / ms[r] / 1e6:.1f} | {db[r]:.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 import fxpress
-from fxpress.backends.onnx.nbits import (export_nbits, fuse_norms, nbits_nodes, pack_nbits,
-                                         pack_zero_points, unpack_nbits)
+from fxpress.backends.onnx.nbits import (
+    export_nbits,
+    fuse_norms,
+    nbits_nodes,
+    pack_nbits,
+    pack_zero_points,
+    unpack_nbits,
+)
 
 
 class Block(torch.nn.Module):

@@ -24,12 +24,24 @@ import functools
 import numpy as np
 import onnx
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed)
+import torch.ao.quantization.fx._decomposed  # defines torch.ops.quantized_decomposed
 from onnx import helper, numpy_helper
 from onnxscript import opset21 as op21
 
-__all__ = ["TRANSLATIONS", "DQ_GROUP", "to_matmul_nbits", "export_nbits", "has_weight_only", "fuse_shared_input", "pack_nbits",
-           "unpack_nbits", "pack_zero_points", "fastest_accuracy_level", "nbits_nodes", "fuse_norms"]
+__all__ = [
+    "DQ_GROUP",
+    "TRANSLATIONS",
+    "export_nbits",
+    "fastest_accuracy_level",
+    "fuse_norms",
+    "fuse_shared_input",
+    "has_weight_only",
+    "nbits_nodes",
+    "pack_nbits",
+    "pack_zero_points",
+    "to_matmul_nbits",
+    "unpack_nbits",
+]
 
 DQ_GROUP = torch.ops.quantized_decomposed.dequantize_per_channel_group.default
 MS = "com.microsoft"
