@@ -19,7 +19,7 @@ from fxpress import hw
 
 tvm = pytest.importorskip("tvm")
 from fxpress.backends.tvm import compile_tvm
-from fxpress.backends.tvm.intrin import AVX2_DOT_8x4, VNNI_DOT_8x4, pairs_fit
+from fxpress.backends.tvm.intrin import AVX2_DOT_8x4, VNNI_DOT_8x4, VNNI_DOT_16x4, pairs_fit
 
 AVX2 = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "popcnt", "movbe"}
 N_TENSORIZABLE = 3  # every conv: the 3-channel stem is padded to 4 input channels (zero weights)
@@ -96,6 +96,20 @@ def test_avx_vnni_host_uses_vpdpbusd_for_any_weights():
     run, ops, _ = _compile(q, x, AVX2 | {"avx_vnni"})
     assert run.report["schedules"].get(f"int8_intrinsic:{VNNI_DOT_8x4}") == N_TENSORIZABLE
     assert ops["vpdpbusd"] > 0 and ops["vpmaddubsw"] == 0, ops
+    _within_one_step(run, q, x)
+
+
+AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512_vnni"}
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512_vnni"} <= hw.host().flags, reason="needs AVX-512 VNNI to run")
+def test_avx512_vnni_host_uses_zmm_vpdpbusd():
+    q, x = _int8_graph(seven_bit=False)
+    run, ops, asm = _compile(q, x, AVX512_VNNI)
+    kinds = run.report["schedules"]
+    # stem 3->16 and c2 32->16 fit a 16-channel zmm tile; all three have 16 | out channels
+    assert kinds.get(f"int8_intrinsic:{VNNI_DOT_16x4}") == N_TENSORIZABLE, kinds
+    assert re.search(r"vpdpbusd\s+%zmm", asm) and ops["vpmaddubsw"] == 0, ops
     _within_one_step(run, q, x)
 
 

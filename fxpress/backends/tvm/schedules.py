@@ -35,6 +35,11 @@ __all__ = [
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 INT8_LANES, INT8_GROUP = 8, 4   # the 8x4 int8 dot-product intrinsics (intrin.py)
+
+
+def _int8_lanes(intrin: str | None) -> int:
+    """Accumulators per call of one of intrin.py's intrinsics (named fxpress_dot_<lanes>x4_*)."""
+    return 16 if intrin and intrin.startswith("fxpress_dot_16x4") else INT8_LANES
 _MAX_ACC = 14        # vector accumulators a tile may hold (16 ymm registers on AVX2)
 
 
@@ -137,18 +142,18 @@ def default_choice(func, lanes: int = 8) -> ConvChoice | None:
     return None if dims is None else _default_tile(*dims, lanes)
 
 
-def _int8_tensorizable(sch, conv, fb: int) -> bool:
-    """u8 x s8 -> int32 conv whose channel tile and input channels fit the 8x4 intrinsics."""
+def _int8_tensorizable(sch, conv, fb: int, lanes: int = INT8_LANES) -> bool:
+    """u8 x s8 -> int32 conv whose channel tile and input channels fit the lanes x 4 intrinsics."""
     blk = sch.get(conv)
     dtypes = [str(r.source.dtype) for r in blk.reads]
     cin = _ext(sch, sch.get_loops(conv)[6])
     return (dtypes == ["uint8", "int8"] and str(blk.writes[0].source.dtype) == "int32"
-            and cin % INT8_GROUP == 0 and fb % INT8_LANES == 0)
+            and cin % INT8_GROUP == 0 and fb % lanes == 0)
 
 
 def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int, intrin: str | None = None) -> bool:
-    """The conv register-tile template; with `intrin` (an 8x4 u8 x s8 dot-product tensor
-    intrinsic, see intrin.py) an int8 conv's inner (8 channels x 4 input channels) is one
+    """The conv register-tile template; with `intrin` (an 8x4 or 16x4 u8 x s8 dot-product tensor
+    intrinsic, see intrin.py) an int8 conv's inner (8/16 channels x 4 input channels) is one
     intrinsic call. Returns whether the intrinsic was used."""
     choice = choice or _default_tile(*_conv_dims(sch, conv), lanes)
     blocks = _blocks(sch)
@@ -171,9 +176,10 @@ def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int, intrin: str
         last = sch.cache_write(conv, 0, "local")
     n, h, w, f, ry, rx, rc = sch.get_loops(conv)
     fb, wb = choice.fb, choice.wb
-    tensorize = intrin is not None and _int8_tensorizable(sch, conv, fb)
+    il = _int8_lanes(intrin)
+    tensorize = intrin is not None and _int8_tensorizable(sch, conv, fb, il)
     wcache = sch.cache_read(conv, 1, "global")
-    if tensorize:  # weight tile [F/fb, KH, KW, C/4, fb, 4]: one intrinsic reads 8x4 contiguous bytes
+    if tensorize:  # weight tile [F/fb, KH, KW, C/4, fb, 4]: one intrinsic reads lanes x 4 contiguous bytes
         g = INT8_GROUP
         sch.transform_layout(conv, ("read", 1), lambda a, b, c, d: (d // fb, a, b, c // g, d % fb, c % g))
     else:
@@ -183,7 +189,7 @@ def _schedule_conv(sch, conv, choice: ConvChoice | None, lanes: int, intrin: str
     wo, wi = sch.split(w, [None, wb])
     if tensorize:
         rco, rci = sch.split(rc, [None, INT8_GROUP])
-        fio, fii = sch.split(fi, [None, INT8_LANES])
+        fio, fii = sch.split(fi, [None, il])
         sch.reorder(n, fo, h, wo, ry, rx, rco, wi, fio, fii, rci)
     else:
         sch.reorder(n, fo, h, wo, ry, rx, rc, wi, fi)
@@ -288,7 +294,8 @@ def _schedule_dense_int8(sch, mm, intrin: str, lanes: int) -> bool:
     """int8 dense: weight repacked to [N/8, K/4, 8, 4], one 8-lane accumulator per (row, 8
     columns) over all of K, each step one intrinsic call; epilogue on the register."""
     m, n, k = sch.get_loops(mm)
-    if _ext(sch, n) % INT8_LANES or _ext(sch, k) % INT8_GROUP:
+    L, G = _int8_lanes(intrin), INT8_GROUP
+    if _ext(sch, n) % L or _ext(sch, k) % G:
         return False
     blocks = _blocks(sch)
     i = [_name(sch, b) for b in blocks].index(_name(sch, mm))
@@ -306,7 +313,6 @@ def _schedule_dense_int8(sch, mm, intrin: str, lanes: int) -> bool:
     else:
         last = sch.cache_write(mm, 0, "local")
     wcache = sch.cache_read(mm, 1, "global")
-    L, G = INT8_LANES, INT8_GROUP
     sch.transform_layout(mm, ("read", 1), lambda kk, nn: (nn // L, kk // G, nn % L, kk % G))
     sch.annotate(wcache, "meta_schedule.layout_rewrite_preproc", True)
     no, ni = sch.split(n, [None, L])
