@@ -65,9 +65,29 @@ def flat_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[Any, ...]]:
     leaves = pytree.tree_leaves(out.args[0])
     consts = tuple(None if isinstance(v, fx.Node) else v for v in leaves)
     out.args = (tuple(v for v in leaves if isinstance(v, fx.Node)),)
+    _pin_contiguous(f.graph)
     f.graph.eliminate_dead_code()
     f.recompile()
     return f, consts
+
+
+def _pin_contiguous(graph: fx.Graph) -> int:
+    """``aten.contiguous(x)`` -> ``aten.clone(x, memory_format=contiguous)``.
+
+    torch.onnx decomposes the graph on fake tensors, then re-runs it on new ones for type
+    promotion; the two disagree on the strides of scaled_dot_product_attention's output (with
+    a mask), so the first run drops T5's ``transpose(1, 2).contiguous()`` as a no-op, turns
+    the reshape behind it into a view, and the second run cannot view the transposed tensor
+    ("Cannot view a tensor with shape [s, 16, 2, 16]"). A clone is never dropped; it
+    exports as Identity."""
+    n = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default \
+                and node.kwargs.get("memory_format", torch.contiguous_format) is torch.contiguous_format:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
+            n += 1
+    return n
 
 
 def _examples(gm: fx.GraphModule, flat: Sequence[Any]) -> tuple[list[Any], list[dict]]:
