@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["pt2e_quantize", "fxpress_quantize", "ort_session", "ort_callable", "export_onnx",
-           "ort_quantize_static", "torch_pruning", "PEERS", "Peer"]
+           "ort_quantize_static", "torch_pruning", "PEERS", "Peer", "THREADS", "SPINNING"]
 
 
 def pt2e_quantize(model: torch.nn.Module, example: tuple, calibration: Sequence[tuple], *,
@@ -85,12 +85,18 @@ def export_onnx(model: torch.nn.Module, example: tuple, path: str, names: Sequen
 # intra-op threads of every ORT session the bench opens (peers and fxpress); None: one per
 # physical core. bench/run.py sets it from --threads so all runners run alike.
 THREADS: int | None = None
+# ORT intra-op spin-waiting, the same for every ORT session of the bench (peers and fxpress).
+# Off: the runners share one process and a shared 2-core box; spinning pool threads steal the
+# cores the timed runner needs (measured, ResNet-18, load 12: ORT fp32 159 -> 116 ms, ORT
+# quantize_static 65 -> 52 ms with spinning off). bench/run.py sets it from --ort-spinning.
+SPINNING: bool = False
 
 
 def ort_session(path_or_bytes, threads: int | None = None):
     import onnxruntime as ort
     from fxpress.backends.onnxruntime import session_options
-    return ort.InferenceSession(path_or_bytes, session_options(threads or THREADS),
+    return ort.InferenceSession(path_or_bytes, session_options(threads or THREADS,
+                                                               spinning=SPINNING),
                                 providers=["CPUExecutionProvider"])
 
 

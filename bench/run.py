@@ -21,6 +21,13 @@ import time
 import traceback
 from pathlib import Path
 
+# Every runner shares this process and a (possibly shared) 2-core box. torch's OpenMP workers
+# (Inductor's kernels, oneDNN) spin-wait between parallel regions by default and lose their
+# cores to other load: measured here (ResNet-18 int8 -> Inductor, load 9, AMX host) 145 ms
+# median with OMP_WAIT_POLICY=ACTIVE, 15.5 ms with PASSIVE. libgomp reads it once, when torch
+# loads it: set before `import torch`; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +42,14 @@ def _fxpress_runners(w, tmp):
     """fxpress int8: quantized IR lowered to ORT and to Inductor."""
     import fxpress
     from fxpress.errors import LoweringError
-    dynamic = w.kind == "text"
-    gm, how = fxpress_quantize(w.model, w.example, w.calibration, dynamic=dynamic, text=dynamic)
+    if w.kind == "text":  # MiniLM: the shipped dynamic recipe (every linear int8)
+        gm, how = _minilm_ir(w, "minilm_int8_dynamic.yaml")
+    else:
+        gm, how = fxpress_quantize(w.model, w.example, w.calibration)
     out = []
-    from bench.peers import THREADS
+    from bench.peers import SPINNING, THREADS
     ort_run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example, calibration=w.calibration,
-                            threads=THREADS)
+                            threads=THREADS, spinning=SPINNING)
     path = os.path.join(tmp, f"{w.name}_fxpress.onnx")
     try:
         ort_run.save(path)
@@ -53,9 +62,9 @@ def _fxpress_runners(w, tmp):
     ort_how += f", export {ort_run.report.get('export_s', 0):.0f} s"
     out.append((f"fxpress -> ORT ({ort_how})", ort_run, size, ort_run.report.get("kernels")))
     if w.kind == "text":  # MiniLM: static int8 beside dynamic, each one .onnx (issue 14)
-        gms, hows = fxpress_quantize(w.model, w.example, w.calibration, dynamic=False, text=True)
+        gms, hows = _minilm_ir(w, "minilm_int8.yaml")
         st = fxpress.lower(gms, "onnxruntime", example_inputs=w.example,
-                           calibration=w.calibration, threads=THREADS)
+                           calibration=w.calibration, threads=THREADS, spinning=SPINNING)
         spath = os.path.join(tmp, f"{w.name}_fxpress_static.onnx")
         st.save(spath)
         out.append((f"fxpress -> ORT ({hows}, export {st.report['export_s']:.0f} s)", st,
@@ -69,6 +78,16 @@ def _fxpress_runners(w, tmp):
     return out
 
 
+def _minilm_ir(w, recipe: str):
+    """(IR, label) of MiniLM under a shipped recipe (fxpress/recipes/<recipe>): dynamic uses
+    minilm_int8_dynamic.yaml (SmoothQuant 0.75, all 36 linears int8), static minilm_int8.yaml."""
+    import fxpress
+    from fxpress.commands.demo import RECIPES
+    mode = fxpress.Recipe.load(RECIPES / recipe).entries[0].mode
+    cm = fxpress.compress(w.model, w.example, str(RECIPES / recipe), calibration=w.calibration)
+    return cm.graph_module, f"fxpress.Quantize {mode}, {recipe}"
+
+
 # the combined recipe row (issue 15): ChannelPruning(ratio=0.5) + Quantize(mode="static")
 PRUNED_WORKLOADS = ("resnet18",)
 PRUNED_TAG = "ChannelPruning(0.5) + Quantize static"
@@ -76,13 +95,13 @@ PRUNED_TAG = "ChannelPruning(0.5) + Quantize static"
 
 def _fxpress_pruned_runners(w):
     import fxpress
-    from bench.peers import THREADS
+    from bench.peers import SPINNING, THREADS
     cm = fxpress.compress(w.model, w.example, [fxpress.ChannelPruning(ratio=0.5),
                                                fxpress.Quantize(mode="static")],
                           calibration=w.calibration)
     gm = cm.graph_module
     ort_run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example,
-                            calibration=w.calibration, threads=THREADS)
+                            calibration=w.calibration, threads=THREADS, spinning=SPINNING)
     ind = fxpress.lower(gm, "inductor", example_inputs=w.example)
     return [(f"fxpress {PRUNED_TAG} -> ORT", ort_run, _int8_size(gm), ort_run.report.get("kernels")),
             (f"fxpress {PRUNED_TAG} -> Inductor", ind, _int8_size(gm), ind.report.get("kernels"))]
@@ -168,7 +187,10 @@ def _pct(xs, p):
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# fxpress bench ({meta['target']}, {meta['cpu']}, {meta['threads']} threads, "
              f"{meta['rounds']} interleaved rounds, load avg at start {meta['load']})", "",
-             f"Host ISA: {meta.get('isa', '?')}", ""]
+             f"Host ISA: {meta.get('isa', '?')}", "",
+             (f"OMP_WAIT_POLICY={meta.get('omp_wait_policy')}, ORT intra-op spinning "
+              f"{'on' if meta.get('ort_spinning') else 'off'} (every runner alike), "
+              f"load avg at end {meta.get('load_end', '?')}"), ""]
     lines.append("| workload | runner | median ms | p10–p90 ms | × vs ORT fp32 | accuracy | size MB |")
     lines.append("| --- | --- | ---: | ---: | ---: | --- | ---: |")
     for r in rows:
@@ -240,6 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ort-spinning", action="store_true",
+                    help="let ORT's intra-op threads spin-wait (off by default: see bench.peers.SPINNING)")
     ap.add_argument("--out", default=str(_ROOT / "bench" / "out"))
     a = ap.parse_args(argv)
     if a.target == "cuda" and not torch.cuda.is_available():
@@ -253,7 +277,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     import bench.peers
     bench.peers.THREADS = threads
+    bench.peers.SPINNING = a.ort_spinning
     meta = {"target": a.target, "threads": threads, "rounds": a.rounds,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_spinning": a.ort_spinning,
             "cpu": _cpu_name(), "isa": _isa(), "load": f"{os.getloadavg()[0]:.1f}", "torch": torch.__version__}
     from fxpress import hw
     meta["ceiling"] = hw.host().int8_ceiling()  # the bars compare the best int8 row with it
@@ -265,6 +291,7 @@ def main(argv=None) -> int:
         rows += bench_workload(get_workload(name), a.rounds, a.warmup)
         atomic_write_text(out / f"{a.target}.json", json.dumps({"meta": meta, "rows": rows}, indent=1,
                                                                default=str))
+    meta["load_end"] = f"{os.getloadavg()[0]:.1f}"
     table = markdown(rows, meta)
     print(table)
     atomic_write_text(out / f"{a.target}.md", table)

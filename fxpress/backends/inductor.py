@@ -10,10 +10,23 @@ the compiled function (compiles are lazy, so the first call and any recompile ha
 the user's global ``torch._inductor.config`` is never touched. (``torch.compile(options=
 {"freezing": True})`` is not enough: compile_fx decides on the freezing path before it applies
 those options, and the prepack ops then reach fake-tensor propagation unfolded.)
+
+Shapes: a dynamic dim of size 1 in the example (batch 1) compiles *static* at the example's
+sizes: Dynamo specializes size 1 anyway, so a symbolic warm-up graph would never run for it
+(the first real call recompiled; measured: two compiles, ~50 s for ResNet-18 here), and the
+static graph prepacks oneDNN weights for the known input shape. Other sizes compile on first
+use (Dynamo's automatic dynamic shapes); where that compile fails (some oneDNN int8 layouts
+under symbolic sizes) the call falls back to one static compile per shape.
+
+Threads: Inductor's kernels and oneDNN run on torch's OpenMP pool, whose workers spin-wait by
+default. On a loaded machine that costs more than the int8 kernels save (ResNet-18 int8 here,
+load 9: 145 ms median with ``OMP_WAIT_POLICY=ACTIVE``, 15.5 ms with ``PASSIVE``). libgomp reads
+the variable once, when torch is imported, so the process has to set it
+(``report["omp_wait_policy"]`` says what this process runs with).
 """
 from __future__ import annotations
 
-import copy
+import os
 from typing import Any, Sequence
 
 import torch
@@ -67,27 +80,50 @@ class InductorLowered(Lowered):
         super().__init__(gm)
         self.gm, self.compiled, self.example_inputs = gm, compiled, example_inputs
         self.report, self._config = report, config
+        self._flat, self._mode, self._per_shape = None, None, None
 
-    def run_flat(self, flat_inputs: Sequence[torch.Tensor]):
+    def _run(self, flat_inputs: Sequence[torch.Tensor]) -> list:
         with torch.no_grad(), torch._inductor.config.patch(self._config):
             return list(self.compiled(*flat_inputs))
 
+    def run_flat(self, flat_inputs: Sequence[torch.Tensor]):
+        try:
+            return self._run(flat_inputs)
+        except _COMPILE_ERRORS as e:  # a lazy recompile for a new size failed (symbolic
+            if self._per_shape is not None or self._flat is None:  # sizes): static compiles
+                raise                                               # per shape from now on
+            self.report["shapes"] = f"one compile per input shape (a dynamic compile failed: " \
+                                    f"{_first_line(e)[:200]})"
+            self.compiled = self._per_shape = torch.compile(self._flat, backend="inductor",
+                                                            mode=self._mode, dynamic=False)
+            return self._run(flat_inputs)
 
-def _warmup_inputs(lowered: Lowered, example_inputs: tuple, device) -> list:
-    """Flat example inputs with every dynamic dim marked for Dynamo (a size-1 dim doubled first:
-    Dynamo specializes size 1)."""
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# what a failed (re)compile raises out of the compiled callable (InductorError subclasses it)
+_COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed,)
+
+
+def _warmup_inputs(lowered: Lowered, example_inputs: tuple, device) -> tuple[list, str]:
+    """(flat example inputs, "static" | "dynamic"): the example as it is where a dynamic dim
+    has size 1 (static compile: Dynamo specializes size 1, see the module docstring), else
+    clones with every dynamic dim marked for Dynamo (one compile serves every size >= 2)."""
     flat = [x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    dyn = lowered.signature.dynamic_dims()
+    if any(isinstance(x, torch.Tensor) and any(x.shape[d] == 1 for d in dims)
+           for x, dims in zip(flat, dyn)):
+        return flat, "static"
     out = []
-    for x, dims in zip(flat, lowered.signature.dynamic_dims()):
+    for x, dims in zip(flat, dyn):
         if isinstance(x, torch.Tensor) and dims:
-            for d in dims:
-                if x.shape[d] == 1:
-                    x = torch.cat([x, x], dim=d)
             x = x.clone()
             for d in dims:
                 torch._dynamo.mark_dynamic(x, d)
         out.append(x)
-    return out
+    return out, "dynamic"
 
 
 def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
@@ -114,36 +150,39 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
             pass  # validates the option names now, as a RecipeError below
     except (AttributeError, KeyError) as e:
         raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
-    # dynamic dims (the IR's signature) are marked on the warm-up inputs: one compile serves
-    # every size; a static IR compiles static
-    report: dict[str, Any] = {"config": dict(config)}
-    compiled = torch.compile(flat, backend="inductor", mode=None if mode == "default" else mode,
-                             dynamic=None)
+    report: dict[str, Any] = {"config": dict(config), "threads": torch.get_num_threads(),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    mode_arg = None if mode == "default" else mode
+    compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)
+    lowered._flat, lowered._mode = flat, mode_arg
     report["dynamic_dims"] = {s.name: [d for d in s.shape if isinstance(d, str)]
                               for s in lowered.signature.inputs if any(isinstance(d, str) for d in s.shape)}
     report["shapes"] = "dynamic" if report["dynamic_dims"] else "static"
     if not warmup:
         return lowered
+    inputs, how = _warmup_inputs(lowered, example_inputs, device)
+    if report["dynamic_dims"] and how == "static":
+        report["shapes"] = ("static at the example's sizes (a size-1 dynamic dim); other sizes "
+                            "compile on first use")
     before = dict(counters["inductor"])
     try:
-        lowered.run_flat(_warmup_inputs(lowered, example_inputs, device))
+        lowered._run(inputs)
     except Exception as e:  # Inductor raises many types; name the backend and keep the cause
-        if not report["dynamic_dims"]:
+        if how == "static" or not report["dynamic_dims"]:
             raise LoweringError(f"Inductor could not compile the IR: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                                f"{_first_line(e)}") from e
         # some int8 kernels (oneDNN qconv layouts) fail under symbolic sizes: compile per
         # shape instead (Dynamo recompiles on each new size and caches the compiled graphs)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        report["shapes"] = f"one compile per input shape (dynamic compile failed: {first[:200]})"
-        lowered.compiled = torch.compile(flat, backend="inductor",
-                                         mode=None if mode == "default" else mode, dynamic=False)
+        report["shapes"] = f"one compile per input shape (dynamic compile failed: {_first_line(e)[:200]})"
+        lowered.compiled = lowered._per_shape = torch.compile(flat, backend="inductor",
+                                                              mode=mode_arg, dynamic=False)
         before = dict(counters["inductor"])
         try:
-            lowered.run_flat([x.to(device) if isinstance(x, torch.Tensor) else x
-                              for x in example_inputs])
+            lowered._run([x.to(device) if isinstance(x, torch.Tensor) else x
+                          for x in example_inputs])
         except Exception as e2:
             raise LoweringError(f"Inductor could not compile the IR: {type(e2).__name__}: "
-                                f"{str(e2).splitlines()[0] if str(e2) else ''}") from e2
+                                f"{_first_line(e2)}") from e2
     report["kernels"] = inductor_kernel_counts(before)
     return lowered

@@ -52,8 +52,10 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None, optimization: str = "all",
-                    optimized_path: str | None = None):
-    """ORT options we use: all graph optimizations, one intra-op thread per physical core."""
+                    optimized_path: str | None = None, spinning: bool = True):
+    """ORT options we use: all graph optimizations, one intra-op thread per physical core.
+    `spinning=False`: idle pool threads sleep instead of spin-waiting (on a loaded or shared
+    machine spinning threads steal the cores the running op needs)."""
     import onnxruntime as ort
     check_choice("optimization", optimization, _LEVELS)
     so = ort.SessionOptions()
@@ -66,6 +68,8 @@ def session_options(threads: int | None = None, optimization: str = "all",
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     return so
@@ -74,12 +78,12 @@ def session_options(threads: int | None = None, optimization: str = "all",
 class _Session:
     """One ORT session over one ONNX model; torch tensors in, torch tensors out."""
 
-    def __init__(self, model: onnx.ModelProto, threads, optimization):
+    def __init__(self, model: onnx.ModelProto, threads, optimization, spinning: bool = True):
         import onnxruntime as ort
         self.model = model
         with tempfile.TemporaryDirectory() as tmp:
             opt = os.path.join(tmp, "optimized.onnx")
-            so = session_options(threads, optimization, opt)
+            so = session_options(threads, optimization, opt, spinning)
             try:
                 self.session = ort.InferenceSession(model.SerializeToString(), so,
                                                     providers=["CPUExecutionProvider"])
@@ -135,7 +139,8 @@ def _flat(gm: fx.GraphModule, inputs) -> list:
 def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
                         calibration: Iterable | None = None, threads: int | None = None,
                         optimization: str = "all", requantize: bool = True,
-                        int8_weights: str = "auto", transformer_fusion: str = "auto", **options: Any) -> OrtLowered:
+                        int8_weights: str = "auto", transformer_fusion: str = "auto",
+                        spinning: bool = True, **options: Any) -> OrtLowered:
     """Export `gm` to ONNX and open an ORT CPU session on it.
 
     `example_inputs` (and each `calibration` batch) are the IR's flat inputs (placeholder
@@ -148,13 +153,14 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
     `transformer_fusion`: "auto" | "on" | "off": ORT's transformer optimizer (Attention,
     SkipLayerNorm, BiasGelu fusions) on transformer graphs; "auto" keeps it only when it times
     faster here (``report["transformer_fusion"]`` has both timings and the decision).
+    `spinning`: ORT's intra-op spin-waiting (False on shared machines: see session_options).
     ``run.graph_module`` is the IR that was exported (after requantization).
     """
     if options:
         name = next(iter(options))
         raise RecipeError("unknown onnxruntime backend option", field=name, value=options[name],
                           accepted=["calibration", "threads", "optimization", "requantize",
-                                    "int8_weights", "transformer_fusion"])
+                                    "int8_weights", "transformer_fusion", "spinning"])
     check_choice("device", device, ["cpu"])
     check_choice("optimization", optimization, _LEVELS)
     check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
@@ -180,7 +186,7 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
         exported = type(exported)(model, exported.input_index, exported.input_names,
                                   exported.outputs, exported.dynamic, exported.rewrites,
                                   exported.seconds)
-    sess = _Session(model, threads, optimization)
+    sess = _Session(model, threads, optimization, spinning)
     report.update(kernels=dict(sess.kernels), fallback=[], partitions=1)
     lowered = OrtLowered(gm, exported, sess, report)
     if lowered.signature.is_dynamic and not exported.dynamic:  # exported static (export.py warned)

@@ -1,6 +1,8 @@
 """Inductor backend: oneDNN int8 patterns fire (pattern counters), numerics, scoped config."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
@@ -78,3 +80,37 @@ def test_inspect_text_has_both_tables(case):
     from fxpress.backends.lowerability import inspect_text
     text = inspect_text(gm, "onnxruntime", reference=fxpress.capture(model, (x,)), inputs=(x,))
     assert "QLinearConv" in text and "SQNR dB" in text and "conv2" in text
+
+
+def test_batch1_example_compiles_static_once_and_serves_other_batches():
+    """A size-1 dynamic dim compiles static at the example's sizes (Dynamo specializes size 1:
+    a symbolic warm-up graph would never run for batch 1 and the first call recompiled);
+    other batch sizes compile on first use and still match the IR."""
+    import fxpress
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    cm = fxpress.compress(model, (x,), fxpress.Quantize(mode="static", observer="minmax"),
+                          calibration=[(torch.randn(4, 3, 12, 12),) for _ in range(4)])
+    run = compile_inductor(cm.graph_module, (x,))
+    assert run.report["shapes"].startswith("static at the example's sizes"), run.report["shapes"]
+    assert run.report["dynamic_dims"]            # the IR's batch stays dynamic for the caller
+    assert run.report["kernels"].get("qconv") == 2
+    graphs = counters["stats"]["unique_graphs"]
+    run(x)
+    assert counters["stats"]["unique_graphs"] == graphs   # no recompile for the example's shape
+    x3 = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        ref = cm(x3)
+    y = run(x3)
+    assert y.shape == ref.shape == (3, 8, 8, 8)
+    # int8 tolerance: oneDNN may round an inner requantization the other way (>= 25 dB)
+    assert 10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean()) >= 25
+
+
+def test_report_names_threads_and_openmp_wait_policy(case):
+    r = case[3].report
+    assert r["threads"] == torch.get_num_threads()
+    assert r["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "default")

@@ -136,3 +136,13 @@ def test_simulated_avx2_host_shifts_saturating_weights_to_u8(net):
     assert run.report["kernels"]["QLinearConv"] == N_CONV
     ref = compile_onnxruntime(gm8, data[0], calibration=data, threads=1, int8_weights="u8")
     assert torch.equal(run(data[1][0]), ref(data[1][0]))
+
+
+def test_ort_spinning_off_reaches_the_session(net):
+    """bench/run.py opens every ORT session (peers and fxpress) with intra-op spinning off."""
+    _, data, gm = net
+    run = compile_onnxruntime(gm, data[0], calibration=data, threads=1, spinning=False)
+    opts = run.session.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # by default no entry: ORT's own
+        session_options(1).get_session_config_entry("session.intra_op.allow_spinning")  # (on)
