@@ -10,7 +10,7 @@ from fxpress.errors import CalibrationError, RecipeError
 from fxpress.ir.meta import QuantSpec, WeightOnlySpec, get_record
 from fxpress.passes.quant.weight_only import dequantize_groups, quantize_groups, rtn
 
-from .wo_helpers import perplexity, run_pass, tiny_lm
+from .wo_helpers import mean_kl, perplexity, run_pass, tiny_lm
 
 qd = torch.ops.quantized_decomposed
 
@@ -108,21 +108,33 @@ def test_bad_input():
 
 @pytest.mark.slow
 def test_perplexity_on_trained_lm():
-    """A byte-level LM trained here (150 steps) on stdlib docstrings, int4 g32 with lm_head
-    quantized too (its error is what moves this small model's perplexity), 8 calibration
-    batches. Measured: fp32 12.22, RTN 12.29, GPTQ 12.22, AWQ 12.27."""
+    """fp32 <= GPTQ, AWQ < RTN on a byte-level LM trained here (300 one-cycle steps) on stdlib
+    docstrings: int4 per channel (group -1), lm_head quantized too, 8 calibration batches of 16.
+
+    On held-out text int4 moves this small model's perplexity by 0.0-0.4 %, and which way is
+    chance: the trained model is not at a minimum of the held-out loss, so a small weight
+    perturbation moves it to first order, either way (measured with the training seed varied:
+    RTN once 0.06 % *below* fp32 at g32, GPTQ once above RTN, AWQ once below fp32). So "fp32 <=
+    each method" and "each method <= RTN" are asserted in perplexity up to 0.3 %, and "GPTQ, AWQ
+    < RTN" strictly in how far each moved fp32's next-byte distributions (mean KL per token,
+    second order, >= 0). Measured (seed 0 / 2): perplexity fp32 11.221 / 11.071, RTN 11.264 /
+    11.075, GPTQ 11.228 / 11.082, AWQ 11.251 / 11.071; KL x 1e3 RTN 3.29 / 3.43, GPTQ 0.43 /
+    0.45, AWQ 2.28 / 2.65."""
     model, train, held = tiny_lm()
     held = held[:128]
     ex = (train[:16, :-1],)
     cal = [(train[i:i + 16, :-1],) for i in range(0, 128, 16)]
     gm = fxpress.capture(model, ex)
-    ppl = {"fp32": perplexity(model, held)}
+    ppl, kl = {"fp32": perplexity(model, held)}, {}
     for method in ("rtn", "gptq", "awq"):
-        q = run_pass(gm, fxpress.WeightOnly(bits=4, group_size=32, method=method, skip=()), ex, cal)
+        q = run_pass(gm, fxpress.WeightOnly(bits=4, group_size=-1, method=method, skip=()), ex, cal)
         ppl[method] = perplexity(q.graph_module, held)
-    print(ppl)
+        kl[method] = mean_kl(model, q.graph_module, held)
+    print(ppl, kl)
     assert ppl["fp32"] < 16.0  # beyond a byte-unigram model (~17 on English text; uniform 256)
-    assert ppl["rtn"] > ppl["fp32"]
-    # GPTQ recovers RTN's loss up to noise: fp32 <= GPTQ within 0.2%
-    assert ppl["fp32"] <= 1.002 * ppl["gptq"] and ppl["gptq"] < ppl["rtn"]
-    assert ppl["awq"] < ppl["rtn"]
+    for method in ("rtn", "gptq", "awq"):
+        assert ppl[method] >= 0.997 * ppl["fp32"], method  # fp32 <= each, up to seed noise
+    for method in ("gptq", "awq"):
+        assert ppl[method] <= 1.003 * ppl["rtn"], method
+    assert kl["gptq"] < 0.5 * kl["rtn"]  # measured 0.13x
+    assert kl["awq"] < kl["rtn"]  # measured 0.69x / 0.77x
