@@ -4,13 +4,13 @@
     model, kwargs, dynamic = case.build()     # the HF model, one example call, its dynamic dims
     out = model(**kwargs)
 
-Swin is not here: torch.onnx's decomposition re-trace fails on its window merge with a
-symbolic batch ("Cannot view a tensor with shape [s, 16, 2, 16] ..."). MobileViT is not
-either: 126 s for one fp32 cell on the shared box (35 convs, 27 matmuls), and random
-weights drive its output to zero. ViT covers the vision transformers.
-
 Each case is a real transformers class, passed to fxpress unmodified; configs are the
-smallest that keep the architecture's structure (1-2 layers, hidden 16-64, 32x32 images).
+smallest that keep the architecture's structure (1-2 layers, hidden 16-64, 32x32 images;
+MobileViT 64x64, so its last transformer stage still has 2x2 patches to unfold). Swin has
+two stages (window attention, a shifted-window block, a patch merge). The CNNs whose HF init
+is degenerate at random weights (MobileNetV2: chaotic; MobileViT: BN gammas ~ 0.02, output
+1e-30) take `_fan_in_init` weights so that numerics can tell a faithful lowering from a
+broken one.
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def _fan_in_init(model: torch.nn.Module, gain: float = 1.2) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.normal_(m.weight, std=gain / math.sqrt(m.weight[0].numel()))
+        elif isinstance(m, torch.nn.BatchNorm2d):  # MobileViT draws BN gammas ~ N(0, 0.02^2):
+            m.reset_parameters()                   # its output was 1e-30 (torch's 1 / 0 here)
     return model
 
 
