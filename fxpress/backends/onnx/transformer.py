@@ -15,7 +15,8 @@ import contextlib
 import copy
 import io
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import onnx
 
