@@ -28,6 +28,10 @@ import tempfile
 import time
 
 import numpy as np
+
+# before torch loads: idle OpenMP threads sleep instead of spinning on the cores the next
+# (ORT) runner needs, as bench/run.py does
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
