@@ -233,3 +233,31 @@ def test_inspect_reports_the_real_lowering(static_case):
               if ln.startswith("  ") and len(ln.split()) >= 2 and ln.split()[1].isdigit()}
     assert counts == run.report["kernels"]          # ORT's optimized graph, counted, not predicted
     assert any(ln.split()[:3] == ["QLinearConv", "3", "int8"] for ln in text.splitlines())
+
+
+def test_conv_add_separate_lowers_to_ort_exactly():
+    """Quantize(conv_add="separate") gives the residual conv its own Q/DQ in the IR, so the ORT
+    lowering adds no requantization (QLinearConv -> QLinearAdd) and runs the IR's numerics;
+    the default "fuse" form (Inductor's conv+add kernel) is requantized at lowering."""
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    data = batches((2, 3, 16, 16))
+    x = data[0][0]
+    runs = {}
+    for form in ("fuse", "separate"):
+        cm = fxpress.compress(model, (x,), fxpress.Quantize(mode="static", conv_add=form),
+                              calibration=data)
+        run = fxpress.lower(cm, "onnxruntime", calibration=data)
+        with torch.no_grad():
+            runs[form] = (run.report, sqnr(cm(x), run(x)))
+    fuse, separate = runs["fuse"], runs["separate"]
+    assert fuse[0]["requantized_outputs"] == ["conv2"]
+    assert separate[0]["requantized_outputs"] == []
+    k = separate[0]["kernels"]
+    assert k.get("QLinearConv") == 3 and k.get("QLinearAdd") == 1 and "Conv" not in k
+    assert separate[1] > 60, separate[1]     # only ORT's own rounding differs from the IR
+
+
+def test_conv_add_is_a_checked_choice():
+    with pytest.raises(fxpress.RecipeError, match="conv_add"):
+        fxpress.Quantize(conv_add="fused")

@@ -10,7 +10,8 @@ Policy (what the int8 kernels of Inductor / ORT / TVM consume):
   input is quantized, as torchao's X86InductorQuantizer does: Inductor fuses the add (and relu)
   into the int8 conv (``qconv2d_pointwise.binary``); the ORT backend requantizes the conv output
   for QLinearConv -> QLinearAdd (backends/onnx/requant.py). Each add takes the first such conv
-  in graph order whose only user it is;
+  in graph order whose only user it is. ``Quantize(conv_add="separate")`` instead quantizes the
+  conv output like any other (ORT's form: the ORT lowering is then exact);
 - cat: inputs and output share one range; max-pool, avg-pool: input and output share one
   range (int8 in, int8 out with the same qparams, so the pool needs no requantization);
 - embedding: weight only (per row); its output stays float;
@@ -92,7 +93,8 @@ class AnnotateQuant(Pass):
         dynamic, qat = cfg.mode == "dynamic", cfg.mode == "qat"
         counts: dict[str, int] = {}
         skipped: list[str] = []
-        residual = {} if dynamic else _residual_convs(gm, cfg, qat)
+        separate = cfg.conv_add == "separate"
+        residual = {} if dynamic or separate else _residual_convs(gm, cfg, qat)
         fused_convs = {_conv_of(v) for v in residual.values()}
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in OP_TABLE:

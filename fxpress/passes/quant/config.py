@@ -65,6 +65,13 @@ class Quantize(RecipeEntry):
     skip: module-path patterns (fnmatch, e.g. "classifier", "encoder.*.attention.*") left in float.
     overrides: {pattern: {"weights": spec, "activations": spec}} (a bare string sets weights).
     ops: which op kinds to quantize. quantize_outputs: also quantize conv/linear/matmul outputs.
+    conv_add: a conv whose output feeds a residual add. "fuse" (default): the conv output stays
+      float into the add, as torchao's X86InductorQuantizer does; Inductor runs conv + add (+ relu)
+      as one oneDNN int8 kernel; the ORT backend, which has no such kernel, requantizes the conv
+      output at lowering (an extra rounding the IR does not have: ~23 dB vs the IR on a random
+      MobileNetV2). "separate": the conv output gets its own observed Q/DQ and the add its
+      inputs' ranges (ORT's QLinearConv -> QLinearAdd, XNNPACK's form): the ORT lowering is then
+      the IR's numerics exactly, at one extra requantization per residual on Inductor.
     reduce_range: int8 weights in [-64, 64] (7 bits and a sign) instead of [-127, 127]. On x86
       CPUs without VNNI (AVX2), the u8 x s8 int8 kernels of ORT/oneDNN/fbgemm add products in
       int16 pairs that saturate on full-range weights; with this the ORT backend runs them at
@@ -101,6 +108,7 @@ class Quantize(RecipeEntry):
     overrides: dict = field(default_factory=dict)
     ops: tuple = OP_KINDS
     quantize_outputs: bool = True
+    conv_add: str = "fuse"
     reduce_range: bool = False
     weight_range: str = "auto"
     latency_check: str = "off"
@@ -143,6 +151,7 @@ class Quantize(RecipeEntry):
                                   "'full' asks for full range", field="weight_range",
                                   value=self.weight_range, accepted=["auto", "reduced"])
             object.__setattr__(self, "weight_range", "reduced")
+        check_choice("conv_add", self.conv_add, ("fuse", "separate"))
         check_choice("latency_check", self.latency_check, ("auto", "off"))
         from ...latency import BACKENDS
         check_choice("latency_backend", self.latency_backend, BACKENDS)
