@@ -184,13 +184,13 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int, backends: list[
         cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
         return {"min cos": float(cos.min()), "mean cos": float(cos.mean())}
 
-    int8 = fxpress.Recipe.load(RECIPES / "minilm_int8.yaml").entries[0]
+    dyn = fxpress.Recipe.load(RECIPES / "minilm_int8_dynamic.yaml").entries
     steps = [
         ("fp32", [], backends),
         ("low-rank FFN (SVD, energy .95)",
          [fxpress.LowRank(method="svd", energy=0.95, include=("*intermediate.dense", "*output.dense"))],
          backends[:1]),
-        ("int8 dynamic (minilm_int8.yaml)", [dataclasses.replace(int8, mode="dynamic")], backends[:1]),
+        ("int8 dynamic (minilm_int8_dynamic.yaml)", list(dyn), backends[:1]),
     ]
     rows = []
     for i, (step, recipe, bks) in enumerate(steps):
