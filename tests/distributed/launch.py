@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,11 @@ def torchrun_cmd(args: list[str], out: Path, *, nproc: int = 2, timeout: float =
                           check=False)
 
 
+def _native_abort(stderr: str) -> bool:
+    """A rank killed by SIGABRT while no worker printed a Python traceback of its own."""
+    return "Signal 6 (SIGABRT)" in stderr and 'workers.py", line' not in stderr
+
+
 def torchrun(scenarios: list[str], out: Path, *, nproc: int = 2,
              timeout: float = 180) -> dict[str, dict[int, dict]]:
     """Run worker `scenarios` in one launch; {scenario: {rank: what that rank saved}}."""
@@ -39,6 +45,13 @@ def torchrun(scenarios: list[str], out: Path, *, nproc: int = 2,
     out.mkdir(parents=True, exist_ok=True)
     torch.save(trained_digits_cnn().state_dict(), out / "model.pt")
     proc = torchrun_cmd([str(WORKERS), *scenarios], out, nproc=nproc, timeout=timeout)
+    if proc.returncode != 0 and _native_abort(proc.stderr):
+        # One CI run saw a rank end in a native SIGABRT ("terminate called without an active
+        # exception") with no Python frame; a deterministic failure fails the second launch too,
+        # and the assertions below read only that launch's results.
+        warnings.warn(f"torchrun {scenarios}: a rank aborted natively; launching once more\n"
+                      f"{proc.stderr[-4000:]}", stacklevel=2)
+        proc = torchrun_cmd([str(WORKERS), *scenarios], out, nproc=nproc, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {scenarios}: exit {proc.returncode}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-16000:]}")
