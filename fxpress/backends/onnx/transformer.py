@@ -29,17 +29,24 @@ def is_transformer(model: onnx.ModelProto) -> bool:
     return bool(ops["Softmax"] and ops["MatMul"] + ops["DynamicQuantizeMatMul"] >= 2)
 
 
-def _ort_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.transformers.optimizer import optimize_model
-    log = logging.getLogger("onnxruntime.transformers")  # its fusion chatter, scoped to this call
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Only errors from `logger` while the block runs."""
+    log = logging.getLogger(logger)
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            # opt_level=0: only its Python fusions; ORT's own optimizer runs when the session opens
-            return optimize_model(model, model_type="bert", opt_level=0).model
+        yield
     finally:
         log.setLevel(level)
+
+
+def _ort_optimizer(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.optimizer import optimize_model
+    # its fusion chatter, scoped to this call
+    with _quiet("onnxruntime.transformers"), contextlib.redirect_stdout(io.StringIO()):
+        # opt_level=0: only its Python fusions; ORT's own optimizer runs when the session opens
+        return optimize_model(model, model_type="bert", opt_level=0).model
 
 
 def _ort_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -51,13 +58,8 @@ def _ort_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
     m = ir.serde.deserialize_model(model)
     # its constant folder logs a warning per Reshape it cannot evaluate on symbolic shapes
     # ("Evaluation failed: cannot reshape array ..."): chatter, scoped to this call
-    log = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with _quiet("onnxscript.optimizer._constant_folding"):
         optimize_for_ort(m)
-    finally:
-        log.setLevel(level)
     return ir.serde.serialize_model(m)
 
 
