@@ -7,7 +7,9 @@ Runners, all in one process, timed in interleaved rounds (fxpress.timing.interle
 the ORT runners in one pass and the torch ones (Inductor, torchao) in a second:
   ort_fp32              torch.onnx export of the fp32 IR -> ORT
   fxpress_int8/int4_ort WeightOnly(bits, group) -> export_nbits (MatMulNBits, q/k/v and
-                        gate/up fused, accuracy level by measurement, RMSNorms fused) -> ORT
+                        gate/up fused, accuracy level by measurement, RMSNorms fused, each
+                        layer's attention one GroupQueryAttention) -> ORT
+  fxpress_int4_nogqa_ort  the same without the GroupQueryAttention fusion
   ort_nbits_int4        ORT's own MatMulNBitsQuantizer on the fp32 .onnx (same bits/block)
   ort_nbits_int4_norms  the same with our RMSNorm fusions (fuse_norms): what the q/k/v and
                         gate/up fusion adds on its own is fxpress_int4_ort / this row
@@ -117,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--no-inductor", action="store_true")
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--save", metavar="DIR", default=None,
+                    help="write every ORT runner's .onnx here (<shape>_<runner>.onnx), e.g. to profile")
     ap.add_argument("--lm-head", action="store_true",
                     help="quantize lm_head too (MatMulNBitsQuantizer quantizes every MatMul)")
     a = ap.parse_args(argv)
@@ -145,8 +149,10 @@ def main(argv=None):
     for shape, ids in shapes.items():
         t0 = time.time()
         ir_fp = fxpress.capture(model, (ids,))
-        fp_onnx = export_nbits(ir_fp, (ids,), norms=False)  # the plain export MNQ quantizes
+        # the plain torch.onnx export, as a user would hand it to ORT and MatMulNBitsQuantizer
+        fp_onnx = export_nbits(ir_fp, (ids,), norms=False, attention=False)
         runners, refs, nbytes = {"ort_fp32": ort(fp_onnx, a.threads)}, {}, {}
+        models = {"ort_fp32": fp_onnx}
         nbytes["ort_fp32"] = weight_bytes(fp_onnx)
         with torch.no_grad():
             refs["ort_fp32"] = ir_fp(ids).numpy()
@@ -157,12 +163,18 @@ def main(argv=None):
                                                                    skip=skip))
             with torch.no_grad():
                 ref = cm(ids).numpy()
-            om = export_nbits(cm.graph_module, (ids,), accuracy_level=level)
+            rewrites = {}
+            om = export_nbits(cm.graph_module, (ids,), accuracy_level=level, report=rewrites)
             name = f"fxpress_int{bits}_ort"
             runners[name], refs[name], nbytes[name] = ort(om, a.threads), ref, weight_bytes(om)
-            if shape.startswith("decode"):
-                print(f"  int{bits}: {len(nbits_nodes(om))} MatMulNBits "
-                      f"(block {a.group}, accuracy_level {level})")
+            models[name] = om
+            print(f"  {shape} int{bits}: {len(nbits_nodes(om))} MatMulNBits (block {a.group}, "
+                  f"accuracy_level {level}), {len(om.graph.node)} nodes, rewrites {rewrites}")
+            if bits == 4:  # what the attention fusion adds on its own: this row / the one above
+                plain = export_nbits(cm.graph_module, (ids,), accuracy_level=level, attention=False)
+                name = "fxpress_int4_nogqa_ort"
+                runners[name], refs[name], nbytes[name] = ort(plain, a.threads), ref, weight_bytes(plain)
+                models[name] = plain
             if not a.no_inductor:
                 name = f"fxpress_int{bits}_ind"
                 runners[name] = fxpress.lower(cm, backend="inductor", example_inputs=(ids,))
@@ -179,6 +191,7 @@ def main(argv=None):
         runners["ort_nbits_int4"], refs["ort_nbits_int4"] = ort(theirs, a.threads), refs["ort_fp32"]
         nbytes["ort_nbits_int4"] = weight_bytes(theirs)
         theirs_n = fuse_norms(theirs)[0]
+        models["ort_nbits_int4"], models["ort_nbits_int4_norms"] = theirs, theirs_n
         runners["ort_nbits_int4_norms"] = ort(theirs_n, a.threads)
         refs["ort_nbits_int4_norms"], nbytes["ort_nbits_int4_norms"] = refs["ort_fp32"], weight_bytes(theirs_n)
         if not a.no_inductor:
@@ -195,6 +208,8 @@ def main(argv=None):
                 nbytes["torchao_int8wo"] = nbytes["fxpress_int8_ort"]
             except Exception as e:  # noqa: BLE001  (a peer that does not build is reported)
                 print(f"  torchao int8 weight-only: not run ({type(e).__name__}: {e})")
+        if a.save:
+            _save(a.save, shape, models)
         with torch.no_grad():
             outs = {r: _numpy(f(ids)) for r, f in runners.items()}
             # ORT and torch runners are timed in two interleaved passes: torch's OpenMP threads
@@ -213,6 +228,14 @@ def main(argv=None):
         _table({shape: results[shape]})  # now: the next shape may take many minutes more
     print("\nall shapes:")
     _table(results)
+
+
+def _save(folder: str, shape: str, models: dict) -> None:
+    import onnx
+    os.makedirs(folder, exist_ok=True)
+    tag = shape.split()[0]
+    for name, m in models.items():
+        onnx.save(m, os.path.join(folder, f"{tag}_{name}.onnx"))
 
 
 def _table(results):

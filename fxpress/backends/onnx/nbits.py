@@ -13,6 +13,10 @@ activation is read once and one kernel launch streams all their weights.
     model = to_matmul_nbits(model, accuracy_level=4)     # onnx.ModelProto -> onnx.ModelProto
     model = fuse_shared_input(model)
 
+`export_nbits` adds the RMSNorm fusions (`fuse_norms`) and one GroupQueryAttention per
+decoder layer (`nbits_attention.fuse_gqa`): at batch-1 decode the per-node cost of the ~40
+small ops a layer is what separates a 4-bit decoder from its weight bytes.
+
 accuracy_level 4 runs int8 compute on the activations (MLAS's fastest path where the CPU has
 VNNI/AVX2 int8 dot products); `fastest_accuracy_level` times 0 vs 4 on this host.
 """
@@ -324,7 +328,8 @@ def fuse_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     Only onnxscript's two norm fusions, not all of its ORT fusions: at decode the op count is
     what costs beside the weights (an 8-layer Llama: 481 -> 363 nodes), while its attention
-    fusion (MultiHeadAttention for one token) timed slower than the unfused MatMul/Softmax.
+    fusion (MultiHeadAttention for one token) timed slower than the unfused MatMul/Softmax;
+    export_nbits fuses attention with `nbits_attention.fuse_gqa` (GroupQueryAttention) instead.
 
     >>> fused, n = fuse_norms(model)   # n == 2 * layers + 1 on a Llama-style decoder
     """
