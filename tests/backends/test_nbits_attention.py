@@ -108,3 +108,25 @@ def test_gqa_declines_what_it_does_not_match():
     probe.graph.output.append(onnx.helper.make_tensor_value_info(sm.output[0], onnx.TensorProto.FLOAT,
                                                                  None))
     assert fuse_gqa(probe)[1] == 1  # only the other layer
+
+
+def test_gqa_takes_the_graphs_scale():
+    """Scores not scaled at all (the scale Mul removed from every layer): GQA gets scale 1,
+    not its 1/sqrt(head size) default, and still computes what the edited graph computes."""
+    cm, ids = _compressed("llama", 16)
+    edited = export_nbits(cm.graph_module, (ids,), accuracy_level=0, attention=False)
+    prod = {o: n for n in edited.graph.node for o in n.output}
+    drop = []
+    for sm in (n for n in edited.graph.node if n.op_type == "Softmax"):
+        add = prod[sm.input[0]]
+        mul = next(prod[i] for i in add.input if i in prod and prod[i].op_type == "Mul")
+        add.input[list(add.input).index(mul.output[0])] = mul.input[0]  # MatMul -> Add directly
+        drop.append(mul)
+    for mul in drop:
+        edited.graph.node.remove(mul)
+    fused, n = fuse_gqa(edited)
+    assert n == 2
+    scales = [onnx.helper.get_attribute_value(a) for x in fused.graph.node
+              if x.op_type == "GroupQueryAttention" for a in x.attribute if a.name == "scale"]
+    assert scales == [1.0, 1.0]
+    np.testing.assert_allclose(_run(fused, ids), _run(edited, ids), rtol=1e-4, atol=1e-4)

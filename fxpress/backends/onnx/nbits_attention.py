@@ -12,10 +12,11 @@ goes too and GQA reads the packed projection.
     model, n = fuse_gqa(model)      # n == layers on a Llama-style decoder, 0: returned as is
 
 The match is checked, not assumed: static shapes (batch and sequence length read from the
-graph), a constant mask that is exactly causal (none at all only for one token), constant
-cos/sin tables in HF's rotate-half layout (two equal halves, one row per position 0..S-1),
-the same tables for q and k, and no intermediate read outside the region. Anything else is
-left as it was. GQA takes positions 0..S-1 (no KV cache: ``seqlens_k = S - 1``), which is
+graph), heads split from the last axis, a constant mask that is exactly causal (none at all
+only for one token), the graph's own score scale (1 where it has none), constant cos/sin
+tables in HF's rotate-half layout (two equal halves, one row per position 0..S-1), the same
+tables for q and k, and no intermediate read outside the region. Anything else is left as
+it was. GQA takes positions 0..S-1 (no KV cache: ``seqlens_k = S - 1``), which is
 what the constant tables hold.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _to_heads(g: _Graph, name: str):
     shape = None if rs is None else g.const(rs.input[1])
     if shape is None or shape.size != 4 or int(shape[3]) <= 0:
         return None
-    return rs.input[0], int(shape[3]), [tr, rs]
+    return rs.input[0], int(shape[3]), [tr, rs]  # rs last: its output's shape is checked
 
 
 def _slice(g: _Graph, node, src: str):
@@ -142,7 +143,8 @@ def _repeat_kv(g: _Graph, name: str):
 def _table(t: np.ndarray, s: int, d: int):
     """A rotary table broadcast as [.., S, D] with equal halves -> its [S, D/2] cache, else None."""
     t = np.asarray(t, np.float32)
-    if t.shape[-1] != d or t.size != s * d:
+    # [.., S, D] with leading ones: one row per query position, the same for every head
+    if t.ndim < 2 or t.shape[-2:] != (s, d) or t.size != s * d:
         return None
     t = t.reshape(s, d)
     return t[:, : d // 2].copy() if np.array_equal(t[:, : d // 2], t[:, d // 2:]) else None
@@ -176,7 +178,7 @@ def _match(g: _Graph, sm):
         mask, score = consts[k], add.input[1 - k]
         region.append(add)
     mul, div = g.prod(score, "Mul"), g.prod(score, "Div")
-    scale = None
+    scale = 1.0  # no Mul / Div: the scores are not scaled
     if mul is not None:
         c = [g.const(i) for i in mul.input]
         k = 1 if c[1] is not None and c[1].size == 1 else 0 if c[0] is not None and c[0].size == 1 else None
@@ -222,7 +224,7 @@ def _match(g: _Graph, sm):
         if src is None:
             return None
         region += src[2]
-        heads[role] = (src[0], src[1], rot)
+        heads[role] = (src[0], src[1], rot, src[2][-1])
     d = heads["q"][1]
     if {heads["k"][1], heads["v"][1]} != {d} or rep_k != rep_v:
         return None
@@ -235,6 +237,10 @@ def _match(g: _Graph, sm):
     (b, s, wq), (_, _, wk), (_, _, wv) = shapes
     if wq % d or wk % d or wk != wv or wq // d != (wk // d) * rep_k or out_shape != [b, s, wq]:
         return None
+    # each Reshape splits the last axis into heads x head size ([B, S, H, D], not [B, H, S, D])
+    for r, w in (("q", wq), ("k", wk), ("v", wv)):
+        if g.shapes.get(heads[r][3].output[0]) != [b, s, w // d, d]:
+            return None
     if not _is_causal(mask, s):
         return None
     rotary = None
@@ -246,8 +252,6 @@ def _match(g: _Graph, sm):
         if cos is None or sin is None:
             return None
         rotary = (cos, sin)
-    if scale is None:
-        scale = 1.0 / float(np.sqrt(d))
     return dict(region=region, q=heads["q"][0], k=heads["k"][0], v=heads["v"][0], out=out[0],
                 b=b, s=s, d=d, heads=wq // d, kv_heads=wk // d, scale=scale, rotary=rotary)
 
