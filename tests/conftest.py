@@ -18,6 +18,11 @@ if "FXPRESS_CACHE" not in os.environ:
     import tempfile
     os.environ["FXPRESS_CACHE"] = tempfile.mkdtemp(prefix="fxpress-test-cache-")
 
+# Inductor's C++ wrapper (the default for static CPU compiles) costs ~8 s of C++ compile per
+# model; the suite compiles dozens, so it runs the Python wrapper unless a test asks for C++
+# (tests/backends/test_inductor.py::test_cpp_wrapper_*). An explicit setting wins.
+os.environ.setdefault("FXPRESS_INDUCTOR_WRAPPER", "python")
+
 # Two threads: CI has 2 cores; more threads only add contention between tests' tensors.
 torch.set_num_threads(int(os.environ.get("FXPRESS_TEST_THREADS", "2")))
 

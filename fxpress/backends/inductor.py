@@ -18,6 +18,14 @@ static graph prepacks oneDNN weights for the known input shape. Other sizes comp
 use (Dynamo's automatic dynamic shapes); where that compile fails (some oneDNN int8 layouts
 under symbolic sizes) the call falls back to one static compile per shape.
 
+Wrapper: Inductor's generated Python wrapper costs ~25 us per int8 kernel call in a batch-1 CNN
+(ResNet-18 int8, AMX host: 7.5 -> 6.7 ms median with the C++ wrapper, same kernels, bit-equal
+outputs) but compiles a C++ file (ResNet-18: 3 s -> 11.5 s). ``wrapper="auto"`` takes the C++
+wrapper on CPU for static compiles (batch 1: latency-bound, compiled once), the Python one
+for dynamic shapes, and falls back to Python if the C++ compile fails (``report["wrapper"]``).
+``FXPRESS_INDUCTOR_WRAPPER=python|cpp`` overrides "auto" for a process (the test suite uses
+it to keep compiles short).
+
 Threads: Inductor's kernels and oneDNN run on torch's OpenMP pool, whose workers spin-wait by
 default. On a loaded machine that costs more than the int8 kernels save (ResNet-18 int8 here,
 load 9: 145 ms median with ``OMP_WAIT_POLICY=ACTIVE``, 15.5 ms with ``PASSIVE``). libgomp reads
@@ -35,6 +43,7 @@ import torch.fx as fx
 from ..errors import LoweringError, RecipeError
 from ..recipe import check_choice
 from .base import Lowered, flat_graph
+from .stem import space_to_depth_stems
 
 __all__ = ["compile_inductor", "InductorLowered", "inductor_kernel_counts"]
 
@@ -99,6 +108,17 @@ class InductorLowered(Lowered):
             return self._run(flat_inputs)
 
 
+def _cpp_wrapper(wrapper: str, device, *, static: bool, user_set: bool) -> bool:
+    """Whether this compile takes Inductor's C++ wrapper (see the module docstring)."""
+    if user_set:  # an explicit cpp_wrapper Inductor option wins
+        return False
+    if wrapper == "auto":
+        wrapper = os.environ.get("FXPRESS_INDUCTOR_WRAPPER", "auto")
+        if wrapper not in ("python", "cpp"):
+            wrapper = "cpp" if str(device) == "cpu" and static else "python"
+    return wrapper == "cpp"
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -128,20 +148,25 @@ def _warmup_inputs(lowered: Lowered, example_inputs: tuple, device) -> tuple[lis
 
 def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
                      freezing: bool = True, mode: str = "default", warmup: bool = True,
+                     space_to_depth: bool = True, wrapper: str = "auto",
                      **options: Any) -> InductorLowered:
     """Compile `gm` with Inductor (freezing on by default, scoped to this compile).
 
     Extra keyword options are Inductor config entries (``{"cpp.simdlen": 512}``) applied to
     this compile only. With `warmup` the compile happens now (on `example_inputs`) and
-    ``report["kernels"]`` lists the int8 patterns Inductor lowered.
+    ``report["kernels"]`` lists the int8 patterns Inductor lowered. `space_to_depth`: int8
+    strided stems on <= 3 input channels run as unshuffle + a stride-1 qconv (exact;
+    backends/stem.py).
     """
     check_choice("mode", mode, _MODES)
+    check_choice("wrapper", wrapper, ("auto", "python", "cpp"))
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda"):
         raise RecipeError("unknown device", field="device", value=device, accepted=["cpu", "cuda"])
     from torch._dynamo.utils import counters
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     flat = flat_graph(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
+    stems = space_to_depth_stems(flat) if space_to_depth else 0
     for p in flat.parameters():
         p.requires_grad_(False)
     config = {"freezing": bool(freezing), **options}
@@ -152,6 +177,8 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
         raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
     report: dict[str, Any] = {"config": dict(config), "threads": torch.get_num_threads(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    if stems:
+        report["rewrites"] = {"space_to_depth_stem": stems}
     mode_arg = None if mode == "default" else mode
     compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)
@@ -159,13 +186,27 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     report["dynamic_dims"] = {s.name: [d for d in s.shape if isinstance(d, str)]
                               for s in lowered.signature.inputs if any(isinstance(d, str) for d in s.shape)}
     report["shapes"] = "dynamic" if report["dynamic_dims"] else "static"
+    inputs, how = _warmup_inputs(lowered, example_inputs, device)
+    use_cpp = _cpp_wrapper(wrapper, device, static=how == "static" or not report["dynamic_dims"],
+                           user_set="cpp_wrapper" in options)
+    if use_cpp:
+        config["cpp_wrapper"] = True
+        report["config"]["cpp_wrapper"] = True
+    report["wrapper"] = "cpp" if config.get("cpp_wrapper") else "python"
     if not warmup:
         return lowered
-    inputs, how = _warmup_inputs(lowered, example_inputs, device)
     if report["dynamic_dims"] and how == "static":
         report["shapes"] = ("static at the example's sizes (a size-1 dynamic dim); other sizes "
                             "compile on first use")
     before = dict(counters["inductor"])
+    if use_cpp:  # a C++ wrapper that does not compile here: the Python one, said in the report
+        try:
+            lowered._run(inputs)
+        except Exception as e:  # noqa: BLE001  (Inductor raises many types)
+            config["cpp_wrapper"] = report["config"]["cpp_wrapper"] = False
+            report["wrapper"] = f"python (the C++ wrapper failed: {_first_line(e)[:200]})"
+            lowered.compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
+            before = dict(counters["inductor"])
     try:
         lowered._run(inputs)
     except Exception as e:  # Inductor raises many types; name the backend and keep the cause

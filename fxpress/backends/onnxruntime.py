@@ -140,7 +140,8 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
                         calibration: Iterable | None = None, threads: int | None = None,
                         optimization: str = "all", requantize: bool = True,
                         int8_weights: str = "auto", transformer_fusion: str = "auto",
-                        spinning: bool = True, **options: Any) -> OrtLowered:
+                        spinning: bool = True, space_to_depth: bool = True,
+                        **options: Any) -> OrtLowered:
     """Export `gm` to ONNX and open an ORT CPU session on it.
 
     `example_inputs` (and each `calibration` batch) are the IR's flat inputs (placeholder
@@ -154,13 +155,16 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
     SkipLayerNorm, BiasGelu fusions) on transformer graphs; "auto" keeps it only when it times
     faster here (``report["transformer_fusion"]`` has both timings and the decision).
     `spinning`: ORT's intra-op spin-waiting (False on shared machines: see session_options).
+    `space_to_depth`: run int8 strided stems on <= 3 input channels as SpaceToDepth + a
+    stride-1 conv (exact; backends/stem.py); ``report["rewrites"]["space_to_depth_stem"]``.
     ``run.graph_module`` is the IR that was exported (after requantization).
     """
     if options:
         name = next(iter(options))
         raise RecipeError("unknown onnxruntime backend option", field=name, value=options[name],
                           accepted=["calibration", "threads", "optimization", "requantize",
-                                    "int8_weights", "transformer_fusion", "spinning"])
+                                    "int8_weights", "transformer_fusion", "spinning",
+                                    "space_to_depth"])
     check_choice("device", device, ["cpu"])
     check_choice("optimization", optimization, _LEVELS)
     check_choice("int8_weights", int8_weights, ["auto", "s8", "u8"])
@@ -174,7 +178,7 @@ def compile_onnxruntime(gm: fx.GraphModule, example_inputs: tuple, *, device: st
         report["requantized_outputs"] = done
     else:
         gm = copy.copy(gm)
-    exported = export_onnx(gm, flat, int8_weights=mode)
+    exported = export_onnx(gm, flat, int8_weights=mode, space_to_depth=space_to_depth)
     model = exported.model
     report.update(export_s=round(exported.seconds, 2), rewrites=exported.rewrites,
                   dynamic_dims=exported.dynamic, int8_weights=weight_forms(model),

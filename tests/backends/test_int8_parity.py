@@ -30,7 +30,8 @@ from tests.models import resnet
 SHAPE = (2, 3, 32, 32)
 N_CONV, N_ADD = 6, 2   # stem, 2 + 2 block convs, 1 downsample; two residual adds
 ORT_INT8_OK = {"QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool", "NhwcMaxPool",
-               "QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose"}
+               "QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose",
+               "SpaceToDepth"}  # u8 data movement of the space-to-depth stem (backends/stem.py)
 
 
 def _data(n=4, seed=0):

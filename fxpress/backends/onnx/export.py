@@ -29,6 +29,7 @@ import torch.utils._pytree as pytree
 from ...errors import LoweringError, UnsupportedOpError
 from ...ir.meta import lineage
 from ...ir.signature import signature
+from ..stem import space_to_depth_stems
 from .fuse import optimize_qdq
 from .nbits import TRANSLATIONS as NBITS_TRANSLATIONS
 from .nbits import fuse_shared_input, has_weight_only, nbits_nodes, to_matmul_nbits
@@ -197,14 +198,16 @@ def _scalar_qparams(model: onnx.ModelProto) -> None:
 
 
 def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights: str = "s8",
-                opset: int = 20) -> ExportedOnnx:
+                opset: int = 20, space_to_depth: bool = True) -> ExportedOnnx:
     """Export the IR `gm` (called with `flat_inputs`) to ONNX in the QDQ form ORT fuses.
 
     `int8_weights`: "s8" keeps int8 weights, "u8" shifts them to uint8, "auto" shifts only the
     tensors u8 x s8 kernels without VNNI would saturate on (see fuse.shift_weights).
+    `space_to_depth`: int8 strided stems become SpaceToDepth + a stride-1 conv (backends/stem.py).
     """
     t0 = time.perf_counter()
     f, consts = flat_module(gm)
+    stems = space_to_depth_stems(f) if space_to_depth else 0  # exact; Pad(zp) -> DQ -> Conv folds below (fuse.py)
     examples, shapes = _examples(gm, flat_inputs)
     try:
         with warnings.catch_warnings():
@@ -232,6 +235,8 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
     _name_dims(model, [signature(gm).inputs[i] for i, x in enumerate(examples)
                        if isinstance(x, torch.Tensor)])
     model, rewrites = optimize_qdq(model, int8_weights)
+    if stems:
+        rewrites["space_to_depth_stem"] = stems
     if weight_only:  # DQ -> MatMul of WeightOnly linears => MatMulNBits, q/k/v siblings fused
         model = fuse_shared_input(to_matmul_nbits(model))
         rewrites["matmul_nbits"] = len(nbits_nodes(model))
