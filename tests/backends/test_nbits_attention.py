@@ -65,11 +65,19 @@ def test_gqa_replaces_each_layers_attention(tmp_path, family):
     assert 10 * np.log10((ref ** 2).mean() / ((ref - y) ** 2).mean()) > 25.0
 
 
-def test_gqa_decode_one_token():
-    """One token: attention over one key; the fused graph still equals the IR."""
-    cm, ids = _compressed("llama", 1)
-    fused, n = fuse_gqa(export_nbits(cm.graph_module, (ids,), accuracy_level=0, attention=False))
+@pytest.mark.parametrize("seq", [1, 128])
+def test_gqa_decode_and_long_prefill(seq):
+    """One token (attention over one key), and 128 tokens, where torch.onnx leaves the causal
+    mask as Where(And(..)) over constants (past its folder's size limit): fuse_gqa evaluates
+    it, checks it is causal, and drops the dead chain. The fused graph still equals the IR."""
+    cm, ids = _compressed("llama", seq)
+    plain = export_nbits(cm.graph_module, (ids,), accuracy_level=0, attention=False)
+    fused, n = fuse_gqa(plain)
     assert n == 2
+    ops = [x.op_type for x in fused.graph.node]
+    assert "Where" not in ops and "And" not in ops and "Softmax" not in ops
+    if seq == 128:
+        assert "Where" in [x.op_type for x in plain.graph.node]  # the unfolded mask, as said
     with torch.no_grad():
         np.testing.assert_allclose(_run(fused, ids), cm(ids).numpy(), rtol=1e-4, atol=1e-4)
 

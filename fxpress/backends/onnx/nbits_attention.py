@@ -45,6 +45,8 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in g.output}
+        self.order = list(g.node)
+        self.opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes = {}
         for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -59,6 +61,36 @@ class _Graph:
         if p is not None and p.op_type == "Constant" and p.attribute:
             return numpy_helper.to_array(p.attribute[0].t) if p.attribute[0].name == "value" else None
         return None
+
+    def folded(self, name: str, max_nodes: int = 24):
+        """`name`'s value where it is a small subgraph of constants only, evaluated (torch.onnx
+        leaves a 128 x 128 causal mask as Where(And(..)) over constants: past its constant
+        folder's size limit), else None."""
+        value = self.const(name)
+        if value is not None or name not in self.producer:
+            return value
+        nodes, todo, seen = [], [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen or t in self.inits or not t:
+                continue
+            seen.add(t)
+            p = self.producer.get(t)
+            if p is None or p.domain not in ("", "ai.onnx") or len(nodes) >= max_nodes:
+                return None  # reads a graph input, or not a small standard-op subgraph
+            if p not in nodes:
+                nodes.append(p)
+            todo += list(p.input)
+        from onnx.reference import ReferenceEvaluator
+        order = [n for n in self.order if n in nodes]  # the graph's topological order
+        used = {i for n in order for i in n.input}
+        graph = helper.make_graph(order, "folded", [], [helper.make_empty_tensor_value_info(name)],
+                                  [t for k, t in self.inits.items() if k in used])
+        try:
+            model = helper.make_model(graph, opset_imports=self.opsets)
+            return ReferenceEvaluator(model).run(None, {})[0]
+        except Exception:  # an op the reference evaluator lacks: not a constant we can read
+            return None
 
     def prod(self, name: str, op: str):
         n = self.producer.get(name)
@@ -171,7 +203,7 @@ def _match(g: _Graph, sm):
     mask = None
     add = g.prod(score, "Add")
     if add is not None:
-        consts = [g.const(i) for i in add.input]
+        consts = [g.folded(i) for i in add.input]
         k = 1 if consts[1] is not None else 0 if consts[0] is not None else None
         if k is None:
             return None
@@ -265,6 +297,20 @@ def _packed(g: _Graph, q: str, k: str, v: str):
     return sp
 
 
+def _live(nodes: list, outputs: set) -> list:
+    """`nodes` less those whose every output is unread (the mask's Where / And chain, once
+    its Add is gone), walked backwards so a chain goes at once."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in nodes for a in n.attribute):
+        return nodes  # a subgraph may read outer names its node does not list as inputs
+    read, keep = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in read for o in n.output):
+            keep.append(n)
+            read.update(n.input)
+    return keep[::-1]
+
+
 def fuse_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """(copy of `model` with each matched attention region one GroupQueryAttention, how many).
 
@@ -323,7 +369,7 @@ def fuse_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         drop |= {id(n) for n in hit["region"]}
     nodes = [replace.get(id(n), n) for n in m.graph.node if id(n) not in drop or id(n) in replace]
     del m.graph.node[:]
-    m.graph.node.extend(nodes)
+    m.graph.node.extend(_live(nodes, g.outputs))
     # equal rotary tables (every layer's, usually) are stored once, keyed by their bytes
     used = {i for n in m.graph.node for i in n.input} | g.outputs
     keep = [t for t in m.graph.initializer if t.name in used]
