@@ -2,9 +2,12 @@
 
     python bench/run.py --target cpu [--workloads resnet18,minilm] [--rounds 20]
 
-Every runner of a workload is built first, then timed in interleaved rounds (each round runs
+Every runner of a workload is built first, then timed in interleaved rounds (each round visits
 every runner once, in a rotated order), so load changes on a shared machine hit all runners
-alike. Reported: median latency over rounds, ratio vs ORT fp32, accuracy (top-1 agreement with
+alike. On each visit a runner is called once untimed, then `--per-round` times timed: the
+steady-state latency of a model called repeatedly, not the cost of waking the other runtime's
+thread pool (every ORT and torch runner shares this process; the first call after a switch
+was 1.2-3x slower for ORT and Inductor rows alike, as tvm_bench.py and llm.py found). Reported: median latency over rounds, ratio vs ORT fp32, accuracy (top-1 agreement with
 fp32 for CNNs; cosine of sentence embeddings for MiniLM: mean and min over all sentences),
 artefact size. Writes bench/out/<target>.json, .md and a latency-vs-accuracy Pareto PNG.
 """
@@ -125,7 +128,7 @@ def _accuracy(w, fn, ref_outputs):
             "cos_min": float(cos.min())}
 
 
-def bench_workload(w, rounds: int, warmup: int) -> list[dict]:
+def bench_workload(w, rounds: int, warmup: int, per_round: int = 2) -> list[dict]:
     with torch.no_grad():
         ref = [w.model(*b) for b in w.evaluation]
     runners = []
@@ -162,9 +165,11 @@ def bench_workload(w, rounds: int, warmup: int) -> list[dict]:
         for i in range(rounds):  # interleaved, rotated: contention is shared by every runner
             order = runners[i % len(runners):] + runners[:i % len(runners)]
             for r in order:
-                t = time.perf_counter()
-                r["fn"](*w.example)
-                times[r["runner"]].append(time.perf_counter() - t)
+                r["fn"](*w.example)  # re-warm: the previous runner had the cores and caches
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    r["fn"](*w.example)
+                    times[r["runner"]].append(time.perf_counter() - t)
     base = None
     rows = []
     for r in runners:
@@ -173,7 +178,8 @@ def bench_workload(w, rounds: int, warmup: int) -> list[dict]:
             base = med
         rows.append({k: v for k, v in r.items() if k != "fn"} | {
             "workload": w.name, "median_ms": med, "p10_ms": 1e3 * _pct(times[r["runner"]], 10),
-            "p90_ms": 1e3 * _pct(times[r["runner"]], 90), "rounds": rounds})
+            "p90_ms": 1e3 * _pct(times[r["runner"]], 90), "rounds": rounds,
+            "per_round": per_round})
     for row in rows:
         row["speedup_vs_ort_fp32"] = (base / row["median_ms"]) if base else None
     return rows
@@ -186,7 +192,8 @@ def _pct(xs, p):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# fxpress bench ({meta['target']}, {meta['cpu']}, {meta['threads']} threads, "
-             f"{meta['rounds']} interleaved rounds, load avg at start {meta['load']})", "",
+             f"{meta['rounds']} interleaved rounds x {meta.get('per_round', 1)} timed calls after a "
+             f"re-warm call, load avg at start {meta['load']})", "",
              f"Host ISA: {meta.get('isa', '?')}", "",
              (f"OMP_WAIT_POLICY={meta.get('omp_wait_policy')}, ORT intra-op spinning "
               f"{'on' if meta.get('ort_spinning') else 'off'} (every runner alike), "
@@ -261,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--per-round", type=int, default=2,
+                    help="timed calls per runner per round, after one untimed re-warm call")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ort-spinning", action="store_true",
                     help="let ORT's intra-op threads spin-wait (off by default: see bench.peers.SPINNING)")
@@ -278,7 +287,7 @@ def main(argv=None) -> int:
     import bench.peers
     bench.peers.THREADS = threads
     bench.peers.SPINNING = a.ort_spinning
-    meta = {"target": a.target, "threads": threads, "rounds": a.rounds,
+    meta = {"target": a.target, "threads": threads, "rounds": a.rounds, "per_round": a.per_round,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "ort_spinning": a.ort_spinning,
             "cpu": _cpu_name(), "isa": _isa(), "load": f"{os.getloadavg()[0]:.1f}", "torch": torch.__version__}
     from fxpress import hw
@@ -288,7 +297,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     for name in [n.strip() for n in a.workloads.split(",") if n.strip()]:
         print(f"== {name}", flush=True)
-        rows += bench_workload(get_workload(name), a.rounds, a.warmup)
+        rows += bench_workload(get_workload(name), a.rounds, a.warmup, a.per_round)
         atomic_write_text(out / f"{a.target}.json", json.dumps({"meta": meta, "rows": rows}, indent=1,
                                                                default=str))
     meta["load_end"] = f"{os.getloadavg()[0]:.1f}"
