@@ -97,7 +97,12 @@ def space_to_depth_stems(gm: fx.GraphModule, max_in_channels: int = MAX_IN_CHANN
     """Rewrite, in place, every int8 conv (per-tensor u8/s8 input DQ, int8 weight DQ of a
     constant) with stride s >= 2 in both dims, no dilation, one group, at most
     `max_in_channels` input channels and static spatial sizes divisible by s. Returns the
-    number rewritten; a conv outside that pattern is left as it was."""
+    number rewritten; a conv outside that pattern is left as it was. An IR whose signature has
+    a dynamic dim past the batch (image sizes that vary: divisibility by s unknown) is left
+    whole (node.meta["val"] holds the example's sizes only)."""
+    from ..ir.signature import signature
+    if any(isinstance(d, str) for spec in signature(gm).inputs for d in spec.shape[1:]):
+        return 0
     g, hits = gm.graph, 0
     for conv in list(g.nodes):
         if conv.op != "call_function" or conv.target not in _CONVS:

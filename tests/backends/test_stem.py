@@ -129,3 +129,13 @@ def test_cpp_wrapper_compiles_and_matches_python(stem_ir):
     assert cpp.report["wrapper"] == "cpp" and py.report["wrapper"] == "python"
     assert cpp.report["kernels"]["qconv"] == 2
     torch.testing.assert_close(cpp(data[1][0][:1]), py(data[1][0][:1]), atol=0, rtol=0)
+
+
+def test_dynamic_image_sizes_are_left_alone(stem_ir):
+    """Divisibility by the stride is known only for static H, W."""
+    from fxpress.ir.signature import InputSpec, Signature, set_signature, signature
+    gm, _ = stem_ir
+    f = flat_graph(gm)
+    spec = signature(f).inputs[0]
+    set_signature(f, Signature((InputSpec(spec.name, spec.dtype, ("batch", 3, "h", "w")),)))
+    assert space_to_depth_stems(f) == 0
