@@ -89,7 +89,7 @@ class _Graph:
         try:
             model = helper.make_model(graph, opset_imports=self.opsets)
             return ReferenceEvaluator(model).run(None, {})[0]
-        except Exception:  # an op the reference evaluator lacks: not a constant we can read
+        except Exception:  # noqa: BLE001  (an op the reference evaluator lacks, or fails on: not a constant we can read)
             return None
 
     def prod(self, name: str, op: str):
@@ -284,8 +284,9 @@ def _match(g: _Graph, sm):
         if cos is None or sin is None:
             return None
         rotary = (cos, sin)
-    return dict(region=region, q=heads["q"][0], k=heads["k"][0], v=heads["v"][0], out=out[0],
-                b=b, s=s, d=d, heads=wq // d, kv_heads=wk // d, scale=scale, rotary=rotary)
+    return {"region": region, "q": heads["q"][0], "k": heads["k"][0], "v": heads["v"][0],
+            "out": out[0], "b": b, "s": s, "d": d, "heads": wq // d, "kv_heads": wk // d,
+            "scale": scale, "rotary": rotary}
 
 
 def _packed(g: _Graph, q: str, k: str, v: str):
@@ -355,7 +356,7 @@ def fuse_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         else:
             qkv = [hit["q"], hit["k"], hit["v"]]
         ins = [*qkv, "", "", lens, total]
-        attrs = dict(num_heads=hit["heads"], kv_num_heads=hit["kv_heads"], scale=hit["scale"])
+        attrs = {"num_heads": hit["heads"], "kv_num_heads": hit["kv_heads"], "scale": hit["scale"]}
         if hit["rotary"] is not None:
             key = zlib.crc32(hit["rotary"][0].tobytes() + hit["rotary"][1].tobytes())
             cos_n, sin_n = f"gqa_cos_cache_{key:08x}", f"gqa_sin_cache_{key:08x}"
