@@ -261,3 +261,23 @@ def test_conv_add_separate_lowers_to_ort_exactly():
 def test_conv_add_is_a_checked_choice():
     with pytest.raises(fxpress.RecipeError, match="conv_add"):
         fxpress.Quantize(conv_add="fused")
+
+
+def test_batch_baked_in_by_a_pass_exports_static_with_a_warning():
+    """An IR whose signature says the batch is dynamic but whose graph reshapes to the
+    example's batch (what a careless pass does) exports static at the example's sizes, with
+    one warning naming why, and serves that size."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    gm = fxpress.capture(model, (x,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    last = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    with gm.graph.inserting_after(last):
+        baked = gm.graph.call_function(torch.ops.aten.reshape.default, (last, [2, 4]))
+    last.replace_all_uses_with(baked, delete_user_cb=lambda n: n is not baked)
+    gm.recompile()
+    with pytest.warns(UserWarning, match="cannot stay dynamic"):
+        run = compile_onnxruntime(gm, (x,), threads=1)
+    assert run.report["dynamic_dims"] == {}
+    torch.testing.assert_close(run(x), model(x), atol=1e-5, rtol=1e-5)

@@ -197,6 +197,19 @@ def _scalar_qparams(model: onnx.ModelProto) -> None:
             v.type.tensor_type.shape.ClearField("dim")
 
 
+def _reexport(f: fx.GraphModule, examples: Sequence[Any], shapes) -> torch.export.ExportedProgram:
+    """torch.export of the flat IR (`shapes`: dynamic_shapes, or None for static); a failure is
+    a LoweringError carrying the exporter's first line, its exception as the cause."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(f, tuple(examples), strict=False,
+                                       dynamic_shapes=tuple(shapes) if shapes else None)
+    except Exception as e:  # torch.export raises many types; name the step, keep the cause
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoweringError(f"re-export of the IR for ONNX failed: {first[:400]}") from e
+
+
 def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights: str = "s8",
                 opset: int = 20, space_to_depth: bool = True) -> ExportedOnnx:
     """Export the IR `gm` (called with `flat_inputs`) to ONNX in the QDQ form ORT fuses.
@@ -210,25 +223,18 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
     stems = space_to_depth_stems(f) if space_to_depth else 0  # exact; Pad(zp) -> DQ -> Conv folds below (fuse.py)
     examples, shapes = _examples(gm, flat_inputs)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(f, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
-    except Exception as e:  # a dim the IR calls dynamic that a pass baked in (a reshape to the
-        # example's batch): export static at the example's sizes, and say so once
+        ep = _reexport(f, examples, shapes)
+    except LoweringError as e:  # a dim the IR calls dynamic that a pass baked in (a reshape to
+        # the example's batch): export static at the example's sizes, and say so once
         if not any(shapes):
-            raise LoweringError(f"re-export of the IR for ONNX failed: {str(e).splitlines()[0][:400]}") from e
-        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("- ")),
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        cause = e.__cause__
+        reason = next((ln.strip() for ln in str(cause).splitlines() if ln.strip().startswith("- ")),
+                      str(e))
         warnings.warn(f"ONNX export: the IR's dynamic dims cannot stay dynamic ({reason[:300]}); "
                       "the .onnx is static at the example's sizes", stacklevel=3)
         examples = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat_inputs]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ep = torch.export.export(f, tuple(examples), strict=False)
-        except Exception as e2:
-            raise LoweringError(f"re-export of the IR for ONNX failed: "
-                                f"{str(e2).splitlines()[0][:400]}") from e2
+        ep = _reexport(f, examples, None)
     weight_only = has_weight_only(gm)  # blocked DequantizeLinear needs opset 21 (nbits.py)
     model = _translate(ep, gm, max(opset, 21) if weight_only else opset).model_proto
     _scalar_qparams(model)
