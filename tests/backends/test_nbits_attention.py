@@ -58,11 +58,11 @@ def test_gqa_replaces_each_layers_attention(tmp_path, family):
     np.testing.assert_allclose(y_fused, y_plain, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y_fused, ref, rtol=1e-4, atol=1e-4)
     path = tmp_path / "gqa.onnx"
-    onnx.save(export_nbits(cm.graph_module, (ids,), accuracy_level=4), str(path))
+    onnx.save(fused, str(path))
     # (no onnx.checker: it rejects ORT's SimplifiedLayerNormalization, which ORT registers in the
     # default domain and fuse_norms writes there; the plain ORT session below is the check)
     y = _session(str(path)).run(None, {"input_ids": ids.numpy()})[0]  # a plain session on the file
-    assert 10 * np.log10((ref ** 2).mean() / ((ref - y) ** 2).mean()) > 25.0
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("seq", [1, 128])
