@@ -138,3 +138,20 @@ def test_gqa_takes_the_graphs_scale():
               if x.op_type == "GroupQueryAttention" for a in x.attribute if a.name == "scale"]
     assert scales == [1.0, 1.0]
     np.testing.assert_allclose(_run(fused, ids), _run(edited, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_lower_onnxruntime_fuses_norms_and_attention():
+    """fxpress.lower(backend="onnxruntime") of a WeightOnly HF decoder runs the same rewrites
+    as export_nbits (MatMulNBits, shared-input fusion, RMSNorms, GQA where the export is
+    static: this decoder's IR exports static at the example's sizes) and counts them."""
+    cm, ids = _compressed("llama", 8)
+    with pytest.warns(UserWarning, match="static at the example's sizes"):
+        run = fxpress.lower(cm, backend="onnxruntime", example_inputs=(ids,))
+    rw = run.report["rewrites"]
+    assert rw["matmul_nbits"] > 0 and rw["norms"] == 5 and rw["gqa"] == 2
+    assert run.report["kernels"].get("GroupQueryAttention") == 2
+    ids2 = torch.randint(0, 128, ids.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = cm(ids2).numpy()
+    y = run(ids2).numpy()
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - y) ** 2).sum()) > 25

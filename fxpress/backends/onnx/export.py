@@ -243,9 +243,16 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
     model, rewrites = optimize_qdq(model, int8_weights)
     if stems:
         rewrites["space_to_depth_stem"] = stems
-    if weight_only:  # DQ -> MatMul of WeightOnly linears => MatMulNBits, q/k/v siblings fused
+    if weight_only:  # DQ -> MatMul of WeightOnly linears => MatMulNBits, q/k/v siblings fused,
+        # RMSNorms and (static shapes only: it proves the mask causal) attention fused, as
+        # export_nbits does for bench/llm.py
+        from .nbits import fuse_norms
+        from .nbits_attention import fuse_gqa
         model = fuse_shared_input(to_matmul_nbits(model))
         rewrites["matmul_nbits"] = len(nbits_nodes(model))
+        model, rewrites["norms"] = fuse_norms(model)
+        model, rewrites["gqa"] = fuse_gqa(model)
+        rewrites = {k: v for k, v in rewrites.items() if v}
     names = tuple(i.name for i in model.graph.input)
     index = tuple(i for i, x in enumerate(examples) if isinstance(x, torch.Tensor))
     if len(index) != len(names):
