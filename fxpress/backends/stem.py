@@ -134,26 +134,27 @@ def space_to_depth_stems(gm: fx.GraphModule, max_in_channels: int = MAX_IN_CHANN
         if None in plans:
             continue
         (offh, k2h, bh, ah), (offw, k2w, bw, aw) = plans
-        _rewrite(gm, conv, x, w, wsrc, b, s, (offh, offw), (k2h, k2w), (bh, ah, bw, aw))
-        hits += 1
+        hits += _rewrite(gm, conv, x, w, wsrc, b, s, (offh, offw), (k2h, k2w), (bh, ah, bw, aw))
     if hits:
         g.eliminate_dead_code()
         gm.recompile()
     return hits
 
 
-def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> None:
+def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> bool:
+    """Replace `conv` (False, graph untouched, where the weight's qparams are not per output
+    channel on axis 0 from constants)."""
     g = gm.graph
     qw = _get_attr(gm, wsrc.target)
     wargs = list(w.args)
     fill = None
     if w.target == _Q.dequantize_per_channel.default:
         if wargs[3] != 0:  # output channels must be the weight's axis 0
-            return
+            return False
         zp = wargs[2]
         fill = _get_attr(gm, zp.target) if isinstance(zp, fx.Node) and zp.op == "get_attr" else None
         if fill is None:
-            return
+            return False
     else:
         fill = torch.full((qw.shape[0],), int(wargs[2]))
     new_w = s2d_weight(qw, s, off, k2, fill)
@@ -178,6 +179,7 @@ def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> None:
         new.meta["val"] = conv.meta["val"]
     conv.replace_all_uses_with(new)
     g.erase_node(conv)
+    return True
 
 
 def _pairs_safe(q: torch.Tensor) -> bool:
