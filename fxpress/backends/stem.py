@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..passes.quant.convert import fetch_attr, register_tensor
+
 __all__ = ["MAX_IN_CHANNELS", "MAX_STRIDE", "s2d_weight", "space_to_depth_stems"]
 
 # rewrite when the conv reads at most this many input channels (the waste is in channels < 4
@@ -128,7 +130,7 @@ def space_to_depth_stems(gm: fx.GraphModule, max_in_channels: int = MAX_IN_CHANN
             continue
         wsrc = w.args[0]
         if not (isinstance(wsrc, fx.Node) and wsrc.op == "get_attr") \
-                or not _pairs_safe(_get_attr(gm, wsrc.target)):
+                or not _pairs_safe(fetch_attr(gm, wsrc.target)):
             continue
         plans = [_plan(d, k, s, p, o) for d, k, p, o in zip((h, wd), ws[2:], padding, ys[2:])]
         if None in plans:
@@ -145,21 +147,19 @@ def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> bool:
     """Replace `conv` (False, graph untouched, where the weight's qparams are not per output
     channel on axis 0 from constants)."""
     g = gm.graph
-    qw = _get_attr(gm, wsrc.target)
+    qw = fetch_attr(gm, wsrc.target)
     wargs = list(w.args)
     fill = None
     if w.target == _Q.dequantize_per_channel.default:
         if wargs[3] != 0:  # output channels must be the weight's axis 0
             return False
         zp = wargs[2]
-        fill = _get_attr(gm, zp.target) if isinstance(zp, fx.Node) and zp.op == "get_attr" else None
+        fill = fetch_attr(gm, zp.target) if isinstance(zp, fx.Node) and zp.op == "get_attr" else None
         if fill is None:
             return False
     else:
         fill = torch.full((qw.shape[0],), int(wargs[2]))
-    new_w = s2d_weight(qw, s, off, k2, fill)
-    name = _fresh(gm, str(wsrc.target).replace(".", "_") + "_s2d")
-    gm.register_buffer(name, new_w)
+    name = register_tensor(gm, f"{wsrc.target}_s2d", s2d_weight(qw, s, off, k2, fill))
     dq_args = list(x.args)
     zp_in = dq_args[2]
     with g.inserting_before(conv):
@@ -190,18 +190,3 @@ def _pairs_safe(q: torch.Tensor) -> bool:
     if has_fast_s8(host_features()) or q.dtype != torch.int8:
         return q.dtype in (torch.int8, torch.uint8)
     return int(q.to(torch.int32).abs().max()) * 2 <= PAIR_LIMIT
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()
-
-
-def _fresh(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
