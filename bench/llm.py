@@ -224,31 +224,15 @@ def main(argv=None):
             ms = {}
             for group in (ort_rows, [r for r in runners if r not in ort_rows]):
                 if group:
-                    ms.update(_medians({r: runners[r] for r in group}, ids, a.rounds, a.per_round))
+                    ms.update(interleaved_medians({r: runners[r] for r in group}, (ids,),
+                                                  rounds=a.rounds, warmup=3,
+                                                  per_round=a.per_round))
             ms = {r: ms[r] for r in runners}
         results[shape] = (ms, nbytes, {r: sqnr(refs[r], outs[r]) for r in runners})
         print(f"  {shape}: built and timed in {time.time() - t0:.0f} s")
         _table({shape: results[shape]})  # now: the next shape may take many minutes more
     print("\nall shapes:")
     _table(results)
-
-
-def _medians(fns: dict, ids, rounds: int, per_round: int) -> dict:
-    """Median ms per runner over interleaved, rotated rounds (see --per-round)."""
-    if per_round <= 0:
-        return interleaved_medians(fns, (ids,), rounds=rounds, warmup=3)
-    names, times = list(fns), {n: [] for n in fns}
-    for n in names:
-        for _ in range(3):
-            fns[n](ids)
-    for i in range(rounds):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            fns[n](ids)  # re-warm: the previous runner had the caches
-            for _ in range(per_round):
-                t = time.perf_counter()
-                fns[n](ids)
-                times[n].append(time.perf_counter() - t)
-    return {n: 1e3 * float(np.median(v)) for n, v in times.items()}
 
 
 def _save(folder: str, shape: str, models: dict) -> None:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(_ROOT))
 
 from bench.models import WORKLOADS, get_workload  # noqa: E402
 from bench.peers import PEERS, fxpress_quantize  # noqa: E402
+from fxpress.timing import interleaved_times  # noqa: E402
 from fxpress.utils import atomic_write, atomic_write_text  # noqa: E402
 
 
@@ -159,17 +160,8 @@ def bench_workload(w, rounds: int, warmup: int, per_round: int = 2) -> list[dict
     with torch.no_grad():
         for r in runners:
             r.update(_accuracy(w, r["fn"], ref))
-            for _ in range(warmup):
-                r["fn"](*w.example)
-        times = {r["runner"]: [] for r in runners}
-        for i in range(rounds):  # interleaved, rotated: contention is shared by every runner
-            order = runners[i % len(runners):] + runners[:i % len(runners)]
-            for r in order:
-                r["fn"](*w.example)  # re-warm: the previous runner had the cores and caches
-                for _ in range(per_round):
-                    t = time.perf_counter()
-                    r["fn"](*w.example)
-                    times[r["runner"]].append(time.perf_counter() - t)
+    times = interleaved_times({r["runner"]: r["fn"] for r in runners}, w.example, rounds=rounds,
+                              warmup=warmup, per_round=per_round)
     base = None
     rows = []
     for r in runners:

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["median_ms", "interleaved_medians"]
+__all__ = ["median_ms", "interleaved_medians", "interleaved_times"]
 
 
 def median_ms(fn: Callable, args: Sequence, *, runs: int = 20, warmup: int = 3) -> float:
@@ -23,9 +23,12 @@ def median_ms(fn: Callable, args: Sequence, *, runs: int = 20, warmup: int = 3) 
     return 1e3 * statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable], args: Sequence, *, rounds: int = 20,
-                        warmup: int = 3) -> dict[str, float]:
-    """Median ms per runner, timed in interleaved, rotated rounds so load hits every runner alike."""
+def interleaved_times(fns: dict[str, Callable], args: Sequence, *, rounds: int = 20,
+                      warmup: int = 3, per_round: int = 0) -> dict[str, list[float]]:
+    """Seconds per timed call of each runner, in interleaved, rotated rounds so load hits every
+    runner alike. `per_round` 0: each visit is one timed call (right after another runner:
+    its caches and thread pool cold); N: one untimed re-warm call, then N timed (steady state,
+    as a model called repeatedly; bench/run.py's and bench/llm.py's --per-round)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
@@ -34,7 +37,17 @@ def interleaved_medians(fns: dict[str, Callable], args: Sequence, *, rounds: int
                 fns[n](*args)
         for i in range(rounds):
             for n in names[i % len(names):] + names[:i % len(names)]:
-                t = time.perf_counter()
-                fns[n](*args)
-                times[n].append(time.perf_counter() - t)
+                if per_round > 0:
+                    fns[n](*args)  # re-warm: the previous runner had the cores and caches
+                for _ in range(max(per_round, 1)):
+                    t = time.perf_counter()
+                    fns[n](*args)
+                    times[n].append(time.perf_counter() - t)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable], args: Sequence, *, rounds: int = 20,
+                        warmup: int = 3, per_round: int = 0) -> dict[str, float]:
+    """Median ms per runner over `interleaved_times`."""
+    times = interleaved_times(fns, args, rounds=rounds, warmup=warmup, per_round=per_round)
     return {n: 1e3 * statistics.median(v) for n, v in times.items()}
