@@ -32,7 +32,7 @@ from ...ir.signature import signature
 from ..stem import space_to_depth_stems
 from .fuse import optimize_qdq
 from .nbits import TRANSLATIONS as NBITS_TRANSLATIONS
-from .nbits import fuse_shared_input, has_weight_only, nbits_nodes, to_matmul_nbits
+from .nbits import has_weight_only, nbits_nodes, nbits_rewrites
 from .qdq import TRANSLATIONS
 
 __all__ = ["ExportedOnnx", "export_onnx", "flat_module", "has_vnni"]
@@ -244,14 +244,10 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
     if stems:
         rewrites["space_to_depth_stem"] = stems
     if weight_only:  # DQ -> MatMul of WeightOnly linears => MatMulNBits, q/k/v siblings fused,
-        # RMSNorms and (static shapes only: it proves the mask causal) attention fused, as
-        # export_nbits does for bench/llm.py
-        from .nbits import fuse_norms
-        from .nbits_attention import fuse_gqa
-        model = fuse_shared_input(to_matmul_nbits(model))
-        rewrites["matmul_nbits"] = len(nbits_nodes(model))
-        model, rewrites["norms"] = fuse_norms(model)
-        model, rewrites["gqa"] = fuse_gqa(model)
+        # RMSNorms and (static shapes only: it proves the mask causal) attention fused
+        model, counts = nbits_rewrites(model)
+        rewrites.update(matmul_nbits=len(nbits_nodes(model)), norms=counts["norms"],
+                        gqa=counts["gqa"])
         rewrites = {k: v for k, v in rewrites.items() if v}
     names = tuple(i.name for i in model.graph.input)
     index = tuple(i for i, x in enumerate(examples) if isinstance(x, torch.Tensor))

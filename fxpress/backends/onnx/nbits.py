@@ -41,6 +41,7 @@ __all__ = [
     "fuse_shared_input",
     "has_weight_only",
     "nbits_nodes",
+    "nbits_rewrites",
     "pack_nbits",
     "pack_zero_points",
     "to_matmul_nbits",
@@ -358,11 +359,24 @@ def export_nbits(gm: torch.nn.Module, example_inputs: tuple, *, accuracy_level: 
     (shared_input: MatMulNBits nodes merged away). The GQA fusion needs static shapes (it reads
     batch and sequence length from the graph); with dynamic_shapes it matches nothing.
     """
-    from .nbits_attention import fuse_gqa
     ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     prog = torch.onnx.export(ep, dynamo=True, opset_version=21, custom_translation_table=TRANSLATIONS,
                              verbose=False)
-    model = to_matmul_nbits(prog.model_proto, accuracy_level=accuracy_level)
+    model, counts = nbits_rewrites(prog.model_proto, accuracy_level=accuracy_level, fuse=fuse,
+                                   norms=norms, attention=attention)
+    if report is not None:
+        report.update(counts)
+    return model
+
+
+def nbits_rewrites(model: onnx.ModelProto, *, accuracy_level: int = 4, fuse: bool = True,
+                   norms: bool = True, attention: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """to_matmul_nbits -> fuse_shared_input (`fuse`) -> fuse_norms (`norms`) ->
+    nbits_attention.fuse_gqa (`attention`) on an exported weight-only graph: (model, how many
+    rewrites each step made, as `export_nbits`'s report). export_nbits and the ORT lowering
+    (export.export_onnx) both run this."""
+    from .nbits_attention import fuse_gqa
+    model = to_matmul_nbits(model, accuracy_level=accuracy_level)
     counts = {"matmul_nbits": len(nbits_nodes(model)), "shared_input": 0, "norms": 0, "gqa": 0}
     if fuse:
         model = fuse_shared_input(model)
@@ -371,6 +385,4 @@ def export_nbits(gm: torch.nn.Module, example_inputs: tuple, *, accuracy_level: 
         model, counts["norms"] = fuse_norms(model)
     if attention:
         model, counts["gqa"] = fuse_gqa(model)
-    if report is not None:
-        report.update(counts)
-    return model
+    return model, counts
