@@ -39,6 +39,12 @@ __all__ = ["optimize_qdq", "shift_weights"]
 _MS = "com.microsoft"
 
 
+def node_attr(node, name: str, default=None):
+    """The value of attribute `name` of an ONNX node, or `default`."""
+    a = next((a for a in node.attribute if a.name == name), None)
+    return default if a is None else helper.get_attribute_value(a)
+
+
 class _Graph:
     """Producer/consumer index over a GraphProto; constants from initializers or Constant nodes."""
 
@@ -102,8 +108,7 @@ class _Graph:
             self.g.value_info.remove(v)
 
     def attr(self, node, name, default=None):
-        a = next((a for a in node.attribute if a.name == name), None)
-        return default if a is None else helper.get_attribute_value(a)
+        return node_attr(node, name, default)
 
     def replace_uses(self, old: str, new: str):
         for n in self.g.node:

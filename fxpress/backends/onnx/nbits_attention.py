@@ -28,24 +28,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .fuse import _Graph as _Index
+from .fuse import node_attr as _attr
+
 __all__ = ["fuse_gqa"]
 
 MS = "com.microsoft"
 
 
-class _Graph:
-    """Producer / consumer / constant look-ups over one onnx graph."""
+class _Graph(_Index):
+    """fuse._Graph's producer (`prod`) / consumer (`cons`) / constant index, plus the graph's
+    inferred static shapes and the evaluation of small constant subgraphs."""
 
     def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in g.output}
-        self.order = list(g.node)
+        super().__init__(model)
+        self.order = list(self.g.node)
         self.opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes = {}
@@ -54,20 +51,12 @@ class _Graph:
             if all(d.HasField("dim_value") for d in dims):
                 self.shapes[vi.name] = [d.dim_value for d in dims]
 
-    def const(self, name: str):
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        p = self.producer.get(name)
-        if p is not None and p.op_type == "Constant" and p.attribute:
-            return numpy_helper.to_array(p.attribute[0].t) if p.attribute[0].name == "value" else None
-        return None
-
     def folded(self, name: str, max_nodes: int = 24):
         """`name`'s value where it is a small subgraph of constants only, evaluated (torch.onnx
         leaves a 128 x 128 causal mask as Where(And(..)) over constants: past its constant
         folder's size limit), else None."""
         value = self.const(name)
-        if value is not None or name not in self.producer:
+        if value is not None or name not in self.prod:
             return value
         nodes, todo, seen = [], [name], set()
         while todo:
@@ -75,7 +64,7 @@ class _Graph:
             if t in seen or t in self.inits or not t:
                 continue
             seen.add(t)
-            p = self.producer.get(t)
+            p = self.prod.get(t)
             if p is None or p.domain not in ("", "ai.onnx") or len(nodes) >= max_nodes:
                 return None  # reads a graph input, or not a small standard-op subgraph
             if p not in nodes:
@@ -92,24 +81,18 @@ class _Graph:
         except Exception:  # noqa: BLE001  (an op the reference evaluator lacks, or fails on: not a constant we can read)
             return None
 
-    def prod(self, name: str, op: str):
-        n = self.producer.get(name)
+    def made_by(self, name: str, op: str):
+        """The standard-domain `op` node producing `name`, else None."""
+        n = self.prod.get(name)
         return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _to_heads(g: _Graph, name: str):
     """name = Transpose(0,2,1,3)(Reshape(x, [B, S, H, D])) -> (x, D, nodes) or None."""
-    tr = g.prod(name, "Transpose")
+    tr = g.made_by(name, "Transpose")
     if tr is None or list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
         return None
-    rs = g.prod(tr.input[0], "Reshape")
+    rs = g.made_by(tr.input[0], "Reshape")
     shape = None if rs is None else g.const(rs.input[1])
     if shape is None or shape.size != 4 or int(shape[3]) <= 0:
         return None
@@ -132,20 +115,20 @@ def _slice(g: _Graph, node, src: str):
 def _rotary(g: _Graph, name: str):
     """name = x * cos + rotate_half(x) * sin -> (x, cos, sin, nodes, half) or None; rotate_half
     is Concat(Neg(x[..., half:]), x[..., :half]) (HF's non-interleaved form)."""
-    add = g.prod(name, "Add")
+    add = g.made_by(name, "Add")
     if add is None:
         return None
     for a, b in (add.input, add.input[::-1]):
-        m1, m2 = g.prod(a, "Mul"), g.prod(b, "Mul")
+        m1, m2 = g.made_by(a, "Mul"), g.made_by(b, "Mul")
         if m1 is None or m2 is None:
             continue
         for cat_in, sin_in in (m2.input, m2.input[::-1]):
-            cat, sin = g.prod(cat_in, "Concat"), g.const(sin_in)
+            cat, sin = g.made_by(cat_in, "Concat"), g.const(sin_in)
             if cat is None or sin is None or _attr(cat, "axis") not in (3, -1) or len(cat.input) != 2:
                 continue
-            neg = g.prod(cat.input[0], "Neg")
-            hi = None if neg is None else g.producer.get(neg.input[0])
-            lo = g.producer.get(cat.input[1])
+            neg = g.made_by(cat.input[0], "Neg")
+            hi = None if neg is None else g.prod.get(neg.input[0])
+            lo = g.prod.get(cat.input[1])
             x = None if hi is None else hi.input[0]
             r_hi, r_lo = _slice(g, hi, x), _slice(g, lo, x)
             if r_hi is None or r_lo is None or r_lo[0] != 0 or r_hi[0] != r_lo[1] or x not in m1.input:
@@ -160,9 +143,9 @@ def _rotary(g: _Graph, name: str):
 def _repeat_kv(g: _Graph, name: str):
     """name = Reshape(Expand(Unsqueeze(x, [2]), [B, kvh, rep, S, D]), [B, kvh*rep, S, D])
     -> (x, rep, nodes); anything else -> (name, 1, []) (no grouping)."""
-    rs = g.prod(name, "Reshape")
-    ex = None if rs is None else g.prod(rs.input[0], "Expand")
-    un = None if ex is None else g.prod(ex.input[0], "Unsqueeze")
+    rs = g.made_by(name, "Reshape")
+    ex = None if rs is None else g.made_by(rs.input[0], "Expand")
+    un = None if ex is None else g.made_by(ex.input[0], "Unsqueeze")
     if un is None:
         return name, 1, []
     axes = g.const(un.input[1]) if len(un.input) > 1 else np.array(_attr(un, "axes", []))
@@ -201,7 +184,7 @@ def _match(g: _Graph, sm):
         return None
     region, score = [sm], sm.input[0]
     mask = None
-    add = g.prod(score, "Add")
+    add = g.made_by(score, "Add")
     if add is not None:
         consts = [g.folded(i) for i in add.input]
         k = 1 if consts[1] is not None else 0 if consts[0] is not None else None
@@ -209,7 +192,7 @@ def _match(g: _Graph, sm):
             return None
         mask, score = consts[k], add.input[1 - k]
         region.append(add)
-    mul, div = g.prod(score, "Mul"), g.prod(score, "Div")
+    mul, div = g.made_by(score, "Mul"), g.made_by(score, "Div")
     scale = 1.0  # no Mul / Div: the scores are not scaled
     if mul is not None:
         c = [g.const(i) for i in mul.input]
@@ -221,24 +204,24 @@ def _match(g: _Graph, sm):
     elif div is not None and g.const(div.input[1]) is not None and g.const(div.input[1]).size == 1:
         scale, score = 1.0 / float(g.const(div.input[1]).item()), div.input[0]
         region.append(div)
-    qk = g.prod(score, "MatMul")
-    kt = None if qk is None else g.prod(qk.input[1], "Transpose")
+    qk = g.made_by(score, "MatMul")
+    kt = None if qk is None else g.made_by(qk.input[1], "Transpose")
     if kt is None or list(_attr(kt, "perm", [])) != [0, 1, 3, 2]:
         return None
     region += [qk, kt]
     k_rot, rep_k, nodes = _repeat_kv(g, kt.input[0])
     region += nodes
     # after the softmax: probs @ v -> Transpose(0,2,1,3) -> Reshape [B, S, H*D]
-    users = g.consumers.get(sm.output[0], [])
+    users = g.cons.get(sm.output[0], [])
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != sm.output[0]:
         return None
     pv = users[0]
     v_heads, rep_v, nodes = _repeat_kv(g, pv.input[1])
     region += [pv, *nodes]
-    tr = g.consumers.get(pv.output[0], [])
+    tr = g.cons.get(pv.output[0], [])
     if len(tr) != 1 or tr[0].op_type != "Transpose" or list(_attr(tr[0], "perm", [])) != [0, 2, 1, 3]:
         return None
-    out = g.consumers.get(tr[0].output[0], [])
+    out = g.cons.get(tr[0].output[0], [])
     if len(out) != 1 or out[0].op_type != "Reshape":
         return None
     region += [tr[0], out[0]]
@@ -291,7 +274,7 @@ def _match(g: _Graph, sm):
 
 def _packed(g: _Graph, q: str, k: str, v: str):
     """The Split whose three outputs are exactly q, k, v (a fused q/k/v projection), or None."""
-    sp = g.producer.get(q)
+    sp = g.prod.get(q)
     if sp is None or sp.op_type != "Split" or list(sp.output) != [q, k, v] or \
             _attr(sp, "axis", 0) not in (-1, 2):
         return None
@@ -333,11 +316,11 @@ def fuse_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         final = hit["out"]
         # every intermediate stays inside the region (so removing the region changes nothing else)
         inner = [o for n in hit["region"] if n is not final for o in n.output]
-        if any(o in g.outputs or any(id(c) not in ids for c in g.consumers.get(o, []))
+        if any(o in g.outputs or any(id(c) not in ids for c in g.cons.get(o, []))
                for o in inner):
             continue
         sp = _packed(g, hit["q"], hit["k"], hit["v"])
-        if sp is not None and all(id(c) in ids for o in sp.output for c in g.consumers.get(o, [])):
+        if sp is not None and all(id(c) in ids for o in sp.output for c in g.cons.get(o, [])):
             hit["region"].append(sp)
             ids.add(id(sp))
             hit["packed"] = sp.input[0]
