@@ -42,6 +42,7 @@ import torch.fx as fx
 
 from ..errors import LoweringError, RecipeError
 from ..recipe import check_choice
+from . import onednn_conv
 from .base import Lowered, flat_graph
 from .stem import space_to_depth_stems
 
@@ -149,16 +150,19 @@ def _warmup_inputs(lowered: Lowered, example_inputs: tuple, device) -> tuple[lis
 def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str = "cpu",
                      freezing: bool = True, mode: str = "default", warmup: bool = True,
                      space_to_depth: bool = True, wrapper: str = "auto",
-                     **options: Any) -> InductorLowered:
+                     packed_convs: str = "auto", **options: Any) -> InductorLowered:
     """Compile `gm` with Inductor (freezing on by default, scoped to this compile).
 
     Extra keyword options are Inductor config entries (``{"cpp.simdlen": 512}``) applied to
     this compile only. With `warmup` the compile happens now (on `example_inputs`) and
     ``report["kernels"]`` lists the int8 patterns Inductor lowered. `space_to_depth`: int8
-    strided stems on <= 3 input channels run as unshuffle + a stride-1 qconv (exact;
-    backends/stem.py).
+    strided stems on <= 3 input channels left to Inductor's qconv lowering run as unshuffle +
+    a stride-1 qconv (exact; backends/stem.py). `packed_convs` "auto": on CPU hosts with
+    VNNI/AMX, int8 convs whose result is requantized run as ATen's prepacked oneDNN convs
+    (backends/onednn_conv.py); "off": all on Inductor's own qconv lowering. ``report["packed_convs"]`` says which.
     """
     check_choice("mode", mode, _MODES)
+    check_choice("packed_convs", packed_convs, ("auto", "off"))
     check_choice("wrapper", wrapper, ("auto", "python", "cpp"))
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda"):
         raise RecipeError("unknown device", field="device", value=device, accepted=["cpu", "cuda"])
@@ -166,6 +170,14 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     flat = flat_graph(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
+    # packed convs first: a stem they take runs as one oneDNN conv on the NCHW input (2.87 vs
+    # 3.39 ms for ResNet-18 with the stem unshuffled: Inductor's u8 pixel_unshuffle kernel alone
+    # is 0.23-0.69 ms); the stem rewrite takes the int8 convs left to Inductor's qconv lowering
+    handles, packed_how = [], "off"
+    if packed_convs == "auto":
+        ok, why = onednn_conv.available() if str(device) == "cpu" else (False, "not on CPU")
+        handles = onednn_conv.packed_onednn_convs(flat) if ok else []
+        packed_how = f"{len(handles)} convs" if ok else f"off ({why})"
     stems = space_to_depth_stems(flat) if space_to_depth else 0
     for p in flat.parameters():
         p.requires_grad_(False)
@@ -177,11 +189,14 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
         raise RecipeError("unknown Inductor option", field=str(e), value=options) from e
     report: dict[str, Any] = {"config": dict(config), "threads": torch.get_num_threads(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
-    if stems:
-        report["rewrites"] = {"space_to_depth_stem": stems}
+    report["packed_convs"] = packed_how
+    if stems or handles:
+        report["rewrites"] = {k: v for k, v in (("space_to_depth_stem", stems),
+                                                ("onednn_packed_conv", len(handles))) if v}
     mode_arg = None if mode == "default" else mode
     compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)
+    onednn_conv.release_when_collected(lowered, handles)
     lowered._flat, lowered._mode = flat, mode_arg
     report["dynamic_dims"] = {s.name: [d for d in s.shape if isinstance(d, str)]
                               for s in lowered.signature.inputs if any(isinstance(d, str) for d in s.shape)}
@@ -225,5 +240,18 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
         except Exception as e2:
             raise LoweringError(f"Inductor could not compile the IR: {type(e2).__name__}: "
                                 f"{_first_line(e2)}") from e2
-    report["kernels"] = inductor_kernel_counts(before)
+    report["kernels"] = _with_packed(inductor_kernel_counts(before), flat)
     return lowered
+
+
+def _with_packed(kernels: dict, flat: fx.GraphModule) -> dict:
+    """Inductor's int8 pattern counts plus the packed oneDNN convs of the graph it compiled
+    (they are int8 convs too: "qconv", with add in "qconv_binary", and "qconv_packed")."""
+    unary, binary = onednn_conv.packed_counts(flat)
+    if unary + binary:
+        kernels = dict(kernels)
+        kernels["qconv"] = kernels.get("qconv", 0) + unary + binary
+        kernels["qconv_packed"] = unary + binary
+        if binary:
+            kernels["qconv_binary"] = kernels.get("qconv_binary", 0) + binary
+    return kernels

@@ -1,0 +1,126 @@
+"""Int8 convs on ATen's prepacked oneDNN conv inside the Inductor graph (backends/onednn_conv.py):
+which convs it takes, numerics against the IR and Inductor's own qconv path, other batch
+sizes, the host guard, handle lifetime, bad input."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import fxpress
+from fxpress import hw
+from fxpress.backends import onednn_conv
+from fxpress.backends.base import flat_graph
+from fxpress.backends.inductor import compile_inductor
+from fxpress.errors import InputError, RecipeError
+from tests.models import resnet18
+
+OK, WHY = onednn_conv.available()
+needs_packed = pytest.mark.skipif(not OK, reason=f"packed oneDNN convs unavailable here: {WHY}")
+AVX2 = ("avx", "avx2", "fma", "sse4_2")
+
+
+@pytest.fixture(scope="module")
+def resnet_ir():
+    """ResNet-18 (width 8) under fxpress.Quantize static: 20 convs, 8 of them with the residual
+    add (+ relu) fused, each requantized."""
+    torch.manual_seed(0)
+    model = resnet18(width=8, num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(1, 3, 64, 64, generator=g),) for _ in range(4)]
+    cm = fxpress.compress(model, data[0], [fxpress.Quantize(mode="static")], calibration=data)
+    return cm.graph_module, data
+
+
+def _sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum().clamp_min(1e-30)))
+
+
+@needs_packed
+def test_every_requantized_conv_runs_packed(resnet_ir):
+    gm, data = resnet_ir
+    nodes_before = len(gm.graph.nodes)
+    run = compile_inductor(gm, data[0], wrapper="python")
+    assert run.report["packed_convs"] == "20 convs"
+    assert run.report["rewrites"] == {"onednn_packed_conv": 20}  # the stem is packed as it is
+    k = run.report["kernels"]
+    assert k["qconv_packed"] == 20 and k["qconv"] == 20 and k["qconv_binary"] == 8
+    assert "qconv_prepack" not in k  # no conv left to Inductor's qconv lowering
+    ops = [n.target for n in run._flat.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.conv2d.default not in ops
+    assert ops.count(torch.ops.fxpress.qconv2d_add.default) == 8
+    assert len(gm.graph.nodes) == nodes_before  # the user's IR is untouched
+    assert any("weight_int8" in name for name, _ in gm.named_buffers())
+
+
+@needs_packed
+@pytest.mark.parametrize("wrapper", ["python", "cpp"])
+def test_matches_the_ir_and_inductors_own_qconvs(resnet_ir, wrapper):
+    gm, data = resnet_ir
+    packed = compile_inductor(gm, data[0], wrapper=wrapper)
+    own = compile_inductor(gm, data[0], wrapper="python", packed_convs="off")
+    assert packed.report["wrapper"] == wrapper and own.report["packed_convs"] == "off"
+    for (x,) in data[1:3]:
+        ref, y, y_own = gm(x), packed(x), own(x)
+        # the same int32 sums; requantization rounds in fp32 in both: > 30 dB from the IR,
+        # as close as Inductor's own kernels are
+        assert _sqnr(ref, y) > 30 and _sqnr(ref, y) > _sqnr(ref, y_own) - 3, (_sqnr(ref, y), _sqnr(ref, y_own))
+        assert (y.argmax(-1) == ref.argmax(-1)).all()
+
+
+@needs_packed
+def test_another_batch_size(resnet_ir):
+    gm, data = resnet_ir
+    run = compile_inductor(gm, data[0], wrapper="python")
+    x3 = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    assert _sqnr(gm(x3), run(x3)) > 30
+    x5 = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    assert _sqnr(gm(x5), run(x5)) > 30
+    assert run.report["kernels"]["qconv_packed"] == 20
+
+
+def test_hosts_without_vnni_keep_inductors_qconvs(resnet_ir):
+    gm, data = resnet_ir
+    with hw.simulate(AVX2):
+        ok, why = onednn_conv.available()
+        assert not ok and "VNNI" in why
+        run = compile_inductor(gm, data[0], wrapper="python")
+        assert onednn_conv.packed_onednn_convs(flat_graph(gm)) == []
+    assert run.report["packed_convs"].startswith("off (no VNNI/AMX")
+    assert "qconv_packed" not in run.report["kernels"] and run.report["kernels"]["qconv"] >= 19
+    off = compile_inductor(gm, data[0], wrapper="python", packed_convs="off")
+    assert off.report["packed_convs"] == "off"
+    with pytest.raises(RecipeError, match="packed_convs"):
+        compile_inductor(gm, data[0], packed_convs="on")
+
+
+@needs_packed
+def test_packed_weights_are_released_with_the_lowered_model(resnet_ir):
+    gm, data = resnet_ir
+    flat = flat_graph(gm)
+    handles = onednn_conv.packed_onednn_convs(flat)
+    assert len(handles) == 20
+    x = data[0][0]
+    assert _sqnr(gm(x), flat(x)[0]) > 30  # the rewritten graph runs as plain fx too
+
+    class Owner:
+        pass
+    owner = Owner()
+    onednn_conv.release_when_collected(owner, handles)
+    del owner
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no packed convolution with handle {handles[0]}"):
+        flat(x)
+
+
+@needs_packed
+def test_bad_input_names_the_operand(resnet_ir):
+    gm, data = resnet_ir
+    flat = flat_graph(gm)
+    (h, *_) = onednn_conv.packed_onednn_convs(flat)
+    with pytest.raises(RuntimeError, match="input must be a 4-D uint8 CPU tensor, got Float"):
+        torch.ops.fxpress.qconv2d(torch.rand(1, 3, 8, 8), h, 0.1, 0, 0.1, 0, False)
+    run = compile_inductor(gm, data[0], wrapper="python")
+    with pytest.raises(InputError, match="x"):
+        run(torch.rand(1, 4, 64, 64))  # the lowered model checks its inputs first
