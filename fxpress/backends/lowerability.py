@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from ..ir.meta import lineage
 from ..recipe import check_choice
+from . import onednn_conv
 from .onnx.qdq import CHOOSE, DQ_CHANNEL, DQ_DYN, DQ_TENSOR, Q_DYN, Q_TENSOR, QUANT_OPS
 
 aten = torch.ops.aten
@@ -124,11 +125,15 @@ def _inductor_row(n: fx.Node) -> LowerRow | None:
             return LowerRow(_name(n), _op(n), "fp32", False, "fp32 activation: weight-only DQ")
         fam = "qconv" if n.target in _CONV else "qlinear"
         quant_out, relu = _out_quantized(n)
+        # int8 convs requantized (through add / relu) run as packed oneDNN convs on VNNI/AMX
+        # hosts (onednn_conv.py; its pattern check decides at lowering time)
+        packed = fam == "qconv" and onednn_conv.host_reason() is None
         if _feeds_add(n) and not quant_out:
-            return LowerRow(_name(n), _op(n), f"onednn.{fam}_pointwise.binary", True,
-                            "add (+relu) fused as post-op")
+            kernel = "fxpress.qconv2d_add (packed oneDNN)" if packed else f"onednn.{fam}_pointwise.binary"
+            return LowerRow(_name(n), _op(n), kernel, True, "add (+relu) fused as post-op")
         note = ("relu post-op, " if relu else "") + ("int8 output" if quant_out else "fp32 output")
-        return LowerRow(_name(n), _op(n), f"onednn.{fam}_pointwise", True, note)
+        kernel = "fxpress.qconv2d (packed oneDNN)" if packed and quant_out else f"onednn.{fam}_pointwise"
+        return LowerRow(_name(n), _op(n), kernel, True, note)
     if n.target in _POOL and a and _is_dq(a[0]):
         quant_out, _ = _out_quantized(n)
         if n.target is aten.max_pool2d.default and quant_out:

@@ -44,7 +44,7 @@ import torch.fx as fx
 from ..passes.quant.convert import fetch_attr
 from .stem import _conv_args
 
-__all__ = ["available", "packed_counts", "packed_onednn_convs", "release_when_collected"]
+__all__ = ["available", "host_reason", "packed_counts", "packed_onednn_convs", "release_when_collected"]
 
 _Q = torch.ops.quantized_decomposed
 _CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
@@ -55,7 +55,8 @@ _SRC = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cpp")
 _GEOMETRY: dict[int, tuple] = {}
 
 
-def _host_reason() -> str | None:
+def host_reason() -> str | None:
+    """Why this host cannot run the packed convs (None: it can; the extension is not built)."""
     from .. import hw
     h = hw.host()
     if not h.x86:
@@ -83,7 +84,7 @@ def _build() -> str | None:
 
 def available() -> tuple[bool, str]:
     """(usable on this host, why not): the host check, then the (cached) extension build."""
-    why = _host_reason() or _build()
+    why = host_reason() or _build()
     return why is None, why or ""
 
 

@@ -124,3 +124,16 @@ def test_bad_input_names_the_operand(resnet_ir):
     run = compile_inductor(gm, data[0], wrapper="python")
     with pytest.raises(InputError, match="x"):
         run(torch.rand(1, 4, 64, 64))  # the lowered model checks its inputs first
+
+
+def test_static_compile_is_called_without_dynamo(resnet_ir):
+    """At the example's shapes the lowered model calls Inductor's compiled graph directly
+    (torch._inductor.compile: no guard check); another layout or size goes through Dynamo."""
+    gm, data = resnet_ir
+    run = compile_inductor(gm, data[0], wrapper="python")
+    assert run.report["call"].startswith("direct") and run._direct is not None
+    x = data[1][0]
+    y = run(x)
+    assert _sqnr(gm(x), y) > 30
+    xc = x.contiguous(memory_format=torch.channels_last)  # other strides: not the direct graph
+    torch.testing.assert_close(run(xc), y, atol=1e-5, rtol=0)
