@@ -139,6 +139,20 @@ def _packed_weight(gm: fx.GraphModule, wdq: fx.Node):
     return None
 
 
+def _channels_last(g: fx.Graph, xq: fx.Node, made: dict) -> fx.Node:
+    """A packed conv's u8 input as Inductor should write it: a quantize of a float tensor
+    (Inductor's kernel, NCHW) gets a channels-last clone that Inductor fuses into that kernel
+    (ResNet-18's 3 x 224 x 224 input: 151 us, vs 193 us for the kernel then the op's own
+    copy). Packed convs' outputs and pools of them are channels-last already."""
+    if not (isinstance(xq, fx.Node) and xq.target == _Q.quantize_per_tensor.default):
+        return xq
+    if xq not in made:
+        with g.inserting_after(xq):
+            made[xq] = g.call_function(torch.ops.aten.clone.default, (xq,),
+                                       {"memory_format": torch.channels_last})
+    return made[xq]
+
+
 def _match(gm: fx.GraphModule, conv: fx.Node):
     """(weight q-tensor, bias, conv args, add's other dq or None, relu, the q node, the nodes
     the rewrite replaces) of one fusable int8 conv, or None."""
@@ -179,7 +193,7 @@ def packed_onednn_convs(gm: fx.GraphModule) -> list[int]:
     ``release_when_collected``). Nothing is rewritten where ``available()`` is False."""
     if not available()[0]:
         return []
-    g, handles = gm.graph, []
+    g, handles, layouts = gm.graph, [], {}
     for conv in [n for n in g.nodes if n.op == "call_function" and n.target in _CONVS]:
         m = _match(gm, conv)
         if m is None:
@@ -196,14 +210,15 @@ def packed_onednn_convs(gm: fx.GraphModule) -> list[int]:
         handles.append(h)
         xdq = conv.args[0]
         xs, xz = float(xdq.args[1]), int(xdq.args[2])
+        xq = _channels_last(g, xdq.args[0], layouts)
         ys, yz = float(q.args[1]), int(q.args[2])
         with g.inserting_before(q):
             if acc is None:
                 new = g.call_function(torch.ops.fxpress.qconv2d.default,
-                                      (xdq.args[0], h, xs, xz, ys, yz, relu))
+                                      (xq, h, xs, xz, ys, yz, relu))
             else:
                 new = g.call_function(torch.ops.fxpress.qconv2d_add.default,
-                                      (xdq.args[0], acc.args[0], h, xs, xz, float(acc.args[1]),
+                                      (xq, acc.args[0], h, xs, xz, float(acc.args[1]),
                                        int(acc.args[2]), ys, yz, relu))
         new.meta.update({k: v for k, v in q.meta.items() if k in ("stack_trace", "nn_module_stack")})
         q.replace_all_uses_with(new)
