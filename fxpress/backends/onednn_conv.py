@@ -11,8 +11,9 @@ C++ ops on plain uint8 tensors (``fxpress::qconv2d``, ``fxpress::qconv2d_add``):
 viewed as quint8 and outputs as uint8 without copies, and Inductor calls them as extern
 kernels beside its own fused kernels for everything else.
 
-The rewrite runs on the flat copy a backend compiles (never the user's IR), after the stem
-rewrite; each matched conv is prepacked once at lowering time and called by handle (a packed
+The rewrite runs on the flat copy a backend compiles (never the user's IR), before the stem
+rewrite: a 3-channel stem runs packed as it is (2.72 ms for ResNet-18 against 2.90 ms with the
+unshuffle, one run), the unshuffle serves Inductor's own qconvs. Each matched conv is prepacked once at lowering time and called by handle (a packed
 conv is a TorchScript custom class, which an Inductor graph cannot hold as a constant). It
 applies where:
 
