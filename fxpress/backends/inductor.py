@@ -144,9 +144,8 @@ def _compile_direct(lowered: InductorLowered, flat: fx.GraphModule, inputs: list
                 fn = torch._inductor.compile(flat, list(inputs))
                 fn(*inputs)
         except Exception as e:  # noqa: BLE001  (Inductor raises many types)
-            if cpp and use_cpp:  # the C++ wrapper does not compile here: the Python one
-                config["cpp_wrapper"] = report["config"]["cpp_wrapper"] = False
-                report["wrapper"] = f"python (the C++ wrapper failed: {_first_line(e)[:200]})"
+            if cpp and use_cpp:
+                _python_wrapper_instead(e, config, report)
                 continue
             report["call"] = f"through Dynamo (a direct compile failed: {_first_line(e)[:200]})"
             return False
@@ -155,6 +154,12 @@ def _compile_direct(lowered: InductorLowered, flat: fx.GraphModule, inputs: list
         report["kernels"] = _with_packed(inductor_kernel_counts(before), flat)
         return True
     return False
+
+
+def _python_wrapper_instead(e: BaseException, config: dict, report: dict) -> None:
+    """The C++ wrapper did not compile here: the Python one from now on, said in the report."""
+    config["cpp_wrapper"] = report["config"]["cpp_wrapper"] = False
+    report["wrapper"] = f"python (the C++ wrapper failed: {_first_line(e)[:200]})"
 
 
 def _cpp_wrapper(wrapper: str, device, *, static: bool, user_set: bool) -> bool:
@@ -207,7 +212,8 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     strided stems on <= 3 input channels left to Inductor's qconv lowering run as unshuffle +
     a stride-1 qconv (exact; backends/stem.py). `packed_convs` "auto": on CPU hosts with
     VNNI/AMX, int8 convs whose result is requantized run as ATen's prepacked oneDNN convs
-    (backends/onednn_conv.py); "off": all on Inductor's own qconv lowering. ``report["packed_convs"]`` says which.
+    (backends/onednn_conv.py); "off": all on Inductor's own qconv lowering.
+    ``report["packed_convs"]`` says which.
     """
     check_choice("mode", mode, _MODES)
     check_choice("packed_convs", packed_convs, ("auto", "off"))
@@ -269,8 +275,7 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
         try:
             lowered._run(inputs)
         except Exception as e:  # noqa: BLE001  (Inductor raises many types)
-            config["cpp_wrapper"] = report["config"]["cpp_wrapper"] = False
-            report["wrapper"] = f"python (the C++ wrapper failed: {_first_line(e)[:200]})"
+            _python_wrapper_instead(e, config, report)
             lowered.compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
             before = dict(counters["inductor"])
     try:

@@ -42,6 +42,7 @@ import weakref
 import torch
 import torch.fx as fx
 
+from ..passes.cleanup.dce import remove_unused_attributes
 from ..passes.quant.convert import fetch_attr
 from .stem import _conv_args
 
@@ -228,27 +229,15 @@ def packed_onednn_convs(gm: fx.GraphModule) -> list[int]:
             g.erase_node(n)
     if handles:
         g.eliminate_dead_code()
-        _drop_unused_constants(gm)
+        remove_unused_attributes(gm)  # the int8 weights the packed convs now hold (our copy)
         gm.recompile()
     return handles
 
 
 def packed_counts(gm: fx.GraphModule) -> tuple[int, int]:
-    """(qconv2d, qconv2d_add) calls in `gm`."""
-    if _GEOMETRY == {}:  # nothing packed in this process: the ops may not even be loaded
-        return 0, 0
-    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    return (sum(t == torch.ops.fxpress.qconv2d.default for t in ops),
-            sum(t == torch.ops.fxpress.qconv2d_add.default for t in ops))
-
-
-def _drop_unused_constants(gm: fx.GraphModule) -> None:
-    """Delete the int8 weights the packed convs now hold (the flat copy is ours)."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    """(qconv2d, qconv2d_add) calls in `gm` (by name: the ops need not be loaded)."""
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return ops.count("fxpress.qconv2d.default"), ops.count("fxpress.qconv2d_add.default")
 
 
 def _release(handles: list[int]) -> None:
