@@ -6,8 +6,8 @@
 """
 from .api import CompressedModel, compress, lower
 from .configs import *  # noqa: F401,F403  (registers recipe entries)
-from .errors import (CalibrationError, CaptureError, FxpressError, InputError, LoweringError,
-                     PassError, RecipeError, UnsupportedOpError, VerificationError)
+from .errors import (CalibrationError, CaptureError, CoverageWarning, FxpressError, InputError,
+                     LoweringError, PassError, RecipeError, UnsupportedOpError, VerificationError)
 from .frontends import capture
 from .passes.base import Pass, PassContext, PassResult
 from .passes.cleanup import ConstantFold, DeadCodeElimination, FoldBatchNorm
@@ -29,6 +29,6 @@ __all__ = [
     "capture", "compress", "lower", "CompressedModel", "Recipe", "Pass", "PassContext",
     "PassResult", "PassManager", "FoldBatchNorm", "DeadCodeElimination", "ConstantFold",
     "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",
-    "PassError", "VerificationError", "CalibrationError", "LoweringError",
+    "PassError", "VerificationError", "CalibrationError", "LoweringError", "CoverageWarning",
     "LowRank",
 ]

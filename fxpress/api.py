@@ -53,6 +53,13 @@ class CompressedModel(torch.nn.Module):
             m.training = mode
         return self
 
+    def summary(self) -> str:
+        """Print (and return) size, MACs by dtype and SQNR vs fp32 before/after the recipe."""
+        from .coverage import summary_text
+        text = summary_text(self)
+        print(text)
+        return text
+
     def forward(self, *args, **kwargs):
         from .ir.signature import check_ir_call
         gm = self.graph_module
@@ -89,8 +96,10 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
                  dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
                       original=model, debug=debug)
+    from .coverage import after_compress, snapshot
+    before = snapshot(gm, example_inputs, example_kwargs)  # fp32 cost, weight shapes, outputs
     gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)
-    return CompressedModel(gm, report, recipe, example_inputs, example_kwargs)
+    return after_compress(CompressedModel(gm, report, recipe, example_inputs, example_kwargs), before)
 
 
 def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
@@ -122,8 +131,9 @@ def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
                           field="model", value=type(model).__name__)
     kwargs = model.example_kwargs if isinstance(model, CompressedModel) and example_kwargs is None \
         else (example_kwargs or {})
-    return get_backend(backend)(gm, flat_example_inputs(gm, example_inputs, kwargs), device=device,
-                                **options)
+    from .backends.check import lower_checked  # runs the example through IR and artefact
+    return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
+                         device=device, **options)
 
 
 def flat_example_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",
-    "PassError", "VerificationError", "CalibrationError", "LoweringError",
+    "PassError", "VerificationError", "CalibrationError", "LoweringError", "CoverageWarning",
 ]
 
 
@@ -94,3 +94,8 @@ class CalibrationError(FxpressError, ValueError):
 
 class LoweringError(FxpressError):
     """A backend could not build or run the artefact."""
+
+
+class CoverageWarning(UserWarning):
+    """A recipe changed nothing, or left more than 10 % of the weight-bearing MACs untouched;
+    the message names the op kinds left float and why (no rule, policy, sensitivity, latency)."""

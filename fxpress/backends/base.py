@@ -52,6 +52,13 @@ class Lowered:
     def __call__(self, *args, **kwargs):
         return unflatten_outputs(self._out_spec, list(self.run_flat(self.flatten(args, kwargs))))
 
+    def summary(self) -> str:
+        """Print (and return) the compressed model's summary, the lowering check and latency."""
+        from .check import lowered_summary
+        text = lowered_summary(self)
+        print(text)
+        return text
+
     def save(self, path) -> Any:
         raise NotImplementedError(f"backend {self.backend!r} has no deployable artefact format")
 

@@ -57,8 +57,20 @@ class Report:
             stats = ", ".join(f"{k}={_short(v)}" for k, v in r.stats.items())
             rows.append(f"| {r.name} | {'yes' if r.modified else 'no'} | {r.seconds * 1e3:.1f} | {stats} |")
         for k, v in self.sections.items():
-            rows.append(f"\n{k}:\n{v}")
+            rows.append(f"\n{k}:\n{_section_text(v)}")
         return "\n".join(rows)
+
+
+def _section_text(v: Any) -> str:
+    """A section as text: a list of dicts as a table, a dict as one `key: value` line per key."""
+    if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+        cols = list(dict.fromkeys(k for r in v for k in r))
+        lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        lines += ["| " + " | ".join(_short(r.get(c, "")) for c in cols) + " |" for r in v]
+        return "\n".join(lines)
+    if type(v) is dict:
+        return "\n".join(f"  {k}: {_short(x)}" for k, x in v.items())
+    return str(v)
 
 
 def _short(v: Any) -> str:
