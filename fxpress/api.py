@@ -62,7 +62,9 @@ class CompressedModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         from .ir.signature import check_ir_call
+        from .llm.capture import complete_call
         gm = self.graph_module
+        args, kwargs = complete_call(gm, args, kwargs)  # a causal LM called with input_ids only
         if not any(h is check_ir_call for h in gm._forward_pre_hooks.values()):
             # a pass rebuilt the GraphModule: check (and normalise the call) here instead
             args, kwargs = check_ir_call(gm, args, kwargs) or (args, kwargs)
@@ -94,6 +96,8 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
     work = copy.deepcopy(model).eval()
     gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
                  dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
+    from .llm.capture import complete_call
+    example_inputs, example_kwargs = complete_call(gm, example_inputs, example_kwargs or {})
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
                       original=model, debug=debug)
     from .coverage import after_compress, snapshot
@@ -131,6 +135,10 @@ def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
                           field="model", value=type(model).__name__)
     kwargs = model.example_kwargs if isinstance(model, CompressedModel) and example_kwargs is None \
         else (example_kwargs or {})
+    from .llm.capture import causal_lm_spec
+    if causal_lm_spec(gm) is not None:  # a KV-explicit causal LM: a lowered model that generates
+        from .llm.lowering import lower_causal_lm
+        return lower_causal_lm(gm, backend, example_inputs, kwargs, device=device, **options)
     from .backends.check import lower_checked  # runs the example through IR and artefact
     return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
                          device=device, **options)

@@ -144,6 +144,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict
     if frontend not in ("export", "fx"):
         from ..errors import RecipeError
         raise RecipeError("unknown frontend", field="frontend", value=frontend, accepted=["export", "fx"])
+    from ..llm.capture import capture_causal_lm, wants_kv_capture
+    if frontend == "export" and wants_kv_capture(model, example_kwargs, dynamic_shapes):
+        return capture_causal_lm(model, example_inputs, example_kwargs, static_shapes=static_shapes)
     from .hf import hf_capture_conventions
     with hf_capture_conventions(model, example_kwargs):
         if check:
