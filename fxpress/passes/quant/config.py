@@ -92,6 +92,9 @@ class Quantize(RecipeEntry):
     guard_metric / guard_budget / guard_max_float: accuracy-guarded mode: keep the most sensitive
       layers in float, one by one, until ``fp32_metric - metric(module) <= guard_budget``
       (metric higher is better) or guard_max_float layers are float.
+    pads: "int8" (default): a constant pad before a conv becomes the conv's padding where
+      symmetric and a pad of the uint8 tensor (the zero point) otherwise, so no float pad sits
+      between two int8 convs (passes/quant/pad_fold.py); "float": leave pads as captured.
     freeze_bn_after / freeze_observer_after: QAT training steps after which BN statistics /
       observed ranges stop updating.
     """
@@ -121,6 +124,7 @@ class Quantize(RecipeEntry):
     guard_max_float: int = 8
     freeze_bn_after: int = 200
     freeze_observer_after: int = 400
+    pads: str = "int8"
 
     def __post_init__(self):
         check_choice("mode", self.mode, ("static", "dynamic", "qat"))
@@ -200,6 +204,7 @@ class Quantize(RecipeEntry):
                               value=self.guard_metric or self.keep_float)
         check_range("freeze_bn_after", self.freeze_bn_after, 0)
         check_range("freeze_observer_after", self.freeze_observer_after, 0)
+        check_choice("pads", self.pads, ("int8", "float"))
 
     # -- what the passes read ---------------------------------------------------------
     def specs_for(self, module: str) -> tuple[QuantSpec | None, QuantSpec | None]:
@@ -235,7 +240,12 @@ class Quantize(RecipeEntry):
             # BN stays: PrepareQAT turns conv+BN into a module that trains BN (folded at convert)
             return [AnnotateQuant(self), PrepareQAT(self), InsertObservers(self), Calibrate(self),
                     QATFinetune()]
-        passes: list[Pass] = [FoldBatchNorm()]
+        from .pad_fold import FoldPadIntoConv, PadInInt8
+        from .weight_ops import WeightOps
+        # addmm / matmul / einsum on a constant -> linear; computed (weight_norm) weights folded
+        passes: list[Pass] = [WeightOps(), FoldBatchNorm()]
+        if self.pads == "int8":
+            passes.append(FoldPadIntoConv())
         if self.smooth is not None:
             passes.append(SmoothQuant(self))
         passes.append(AnnotateQuant(self))
@@ -247,5 +257,8 @@ class Quantize(RecipeEntry):
             passes.append(Calibrate(self))
             if self.sensitivity or self.keep_float or self.guard_metric is not None:
                 passes.append(Sensitivity(self))
-        return passes + [ConvertToQDQ(weight_range=self.weight_range), FoldQDQ(),
+        passes.append(ConvertToQDQ(weight_range=self.weight_range))
+        if self.pads == "int8":
+            passes.append(PadInInt8())
+        return passes + [FoldQDQ(),
                          DeadCodeElimination()]
