@@ -10,7 +10,8 @@ from typing import ClassVar, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           FakeTensorMode)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..base import Pass, PassContext, PassResult
@@ -58,11 +59,40 @@ class _NamingProp(FakeTensorProp):
     def run_node(self, n: fx.Node):
         try:
             return super().run_node(n)
+        except (DynamicOutputShapeException, DataDependentOutputException) as e:
+            raise _dynamic_output_error(n, e) from e
         except Exception as e:
             from ...ir.meta import module_path
             first = str(e).splitlines()[0] if str(e) else ""
             raise RuntimeError(f"at node {n.name!r} ({module_path(n)}, {n.target}): "
                                f"{type(e).__name__}: {first}") from e
+
+
+def _user_line(n: fx.Node) -> str | None:
+    """The user's `file:line` (and the line's text) that produced `n`, from its stack trace."""
+    import re
+    from ...ir.meta import lineage
+    rec = lineage(n)
+    trace = n.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    if frames:
+        f, line, text = frames[-1]
+        return f"{f}:{line}: {text.strip()}"
+    return getattr(rec, "source", None) or None
+
+
+def _dynamic_output_error(n: fx.Node, e: Exception):
+    """A CaptureError for an op whose output shape depends on the data (nonzero, boolean masks)."""
+    from ...errors import CaptureError
+    from ...ir.meta import module_path
+    inner = str(e).splitlines()[0].strip() if str(e) else str(n.target)
+    op = inner if inner.startswith("aten.") else str(n.target)
+    what = " (boolean-mask indexing x[mask])" if n.target is torch.ops.aten.index.Tensor else ""
+    return CaptureError(
+        f"node {n.name!r} ({module_path(n) or '<top>'}, {n.target}){what} has an output whose size "
+        f"depends on the input values; the IR needs shapes known from the input shapes. Use a "
+        f"fixed-size form instead: torch.where(mask, x, 0), or masked_fill", op=op,
+        source=_user_line(n), frontend="fxpress")
 
 
 @dataclass(frozen=True)
