@@ -115,6 +115,24 @@ def _block_for(k: int) -> int | None:
     return min(b, 256) if b >= 16 else None
 
 
+def _k_slice(sl, inits, k: int) -> int | None:
+    """K' when `sl` is ``Slice(x, [0], [K'], axes=[1 or -1], steps=[1])`` with constant inputs and
+    0 < K' < k (a weight-only weight padded to whole blocks, cut back to its K); else None."""
+    vals = []
+    for name in list(sl.input[1:]) + [""] * (5 - len(sl.input)):
+        if not name:
+            vals.append(None)
+        elif name in inits:
+            vals.append(numpy_helper.to_array(inits[name]).reshape(-1).tolist())
+        else:
+            return None
+    starts, ends, axes, steps = vals
+    if starts != [0] or ends is None or len(ends) != 1 or axes not in ([1], [-1]) or \
+            steps not in (None, [1]):
+        return None
+    return ends[0] if 0 < ends[0] < k else None
+
+
 def _zero_point(dq, inits, producer):
     """The DQ's zero point as an array (None: absent; False: not a constant we can read)."""
     if len(dq.input) < 3 or not dq.input[2]:
@@ -180,11 +198,21 @@ def to_matmul_nbits(model: onnx.ModelProto, *, accuracy_level: int = 4, bits: in
             continue
         if block < 16 or block & (block - 1) or k % block:
             continue
-        # the chain DQ -> Transpose(1, 0) -> MatMul(x, .) (torchlib's linear), or DQ -> Gemm(transB)
+        # the chain DQ [-> Slice(K)] -> Transpose(1, 0) -> MatMul(x, .) (torchlib's linear), or
+        # DQ [-> Slice(K)] -> Gemm(transB); the Slice cuts a weight padded to whole blocks back to
+        # its K: MatMulNBits takes that K with the last block padded, as stored
         users = consumers.get(dq.output[0], [])
         if len(users) != 1:
             continue
         t = users[0]
+        k_cut = _k_slice(t, inits, k) if t.op_type == "Slice" else None
+        if k_cut is not None:
+            if len(consumers.get(t.output[0], [])) != 1 or "block_size" not in at or \
+                    -(-k_cut // block) * block != k:
+                continue
+            sl, t = t, consumers[t.output[0]][0]
+        else:
+            sl = None
         if t.op_type == "Transpose" and _attrs(t).get("perm") == [1, 0] and \
                 len(consumers.get(t.output[0], [])) == 1:
             mm = consumers[t.output[0]][0]
@@ -197,6 +225,8 @@ def to_matmul_nbits(model: onnx.ModelProto, *, accuracy_level: int = 4, bits: in
             chain = [dq, t]
         else:
             continue
+        if sl is not None:
+            chain.append(sl)
         a_prod = producer.get(mm.input[0])
         if names is None and "block_size" not in at and a_prod is not None and \
                 a_prod.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
@@ -218,9 +248,12 @@ def to_matmul_nbits(model: onnx.ModelProto, *, accuracy_level: int = 4, bits: in
         g.initializer.extend(new_inits)
         add_nodes.append((mm, helper.make_node(
             "MatMulNBits", ins, [out], name=(mm.name or out) + "_nbits", domain=MS,
-            K=k, N=n_, bits=nb, block_size=block, accuracy_level=int(accuracy_level))))
+            K=k if sl is None else k_cut, N=n_, bits=nb, block_size=block,
+            accuracy_level=int(accuracy_level))))
         drop.update(id(x) for x in chain)
         drop_inits.update(x for x in dq.input if x in inits)
+        if sl is not None:
+            drop_inits.update(x for x in sl.input[1:] if x in inits)
     if not add_nodes:
         return m
     replaced = {id(mm): new for mm, new in add_nodes}

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ...ir.meta import lineage, set_record
 from .convert import fetch_attr, register_tensor
-from .weight_only import (collect_linear_inputs, dequantize_groups, group_qparams,
+from .weight_only import (collect_linear_inputs, dequantize_groups, group_qparams, grouped,
                           quantize_groups, rtn, single_thread)
 
 __all__ = ["awq_scales", "awq_clip", "awq_targets"]
@@ -39,8 +39,8 @@ def awq_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor
     w = torch.cat(weights, 0)
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    wg = w.abs().reshape(n, k // g, g)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-10)).reshape(n, k).mean(0)
+    wg = grouped(w.abs(), g)
+    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-10)).reshape(n, -1)[:, :k].mean(0)
     ref = x @ w.T
     best, best_r, best_s = float("inf"), 0.0, torch.ones(k)
     for i in range(grid):
@@ -60,23 +60,24 @@ def awq_clip(x: torch.Tensor, w: torch.Tensor, *, bits: int, group_size: int, sy
     that minimises that group's partial output error on x [T, K]; returns (q, scale, zp)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    wg = w.reshape(n, k // g, g)
-    xg = x.reshape(-1, k // g, g)                                 # [T, G, g]
+    wg = grouped(w, g)                                            # [N, G, g], last group 0-padded
+    xg = grouped(x, g)                                            # [T, G, g]
+    kp = wg.shape[1] * g
     ref = torch.einsum("tgc,ngc->ngt", xg, wg)                    # per-group partial outputs
     hi0, lo0 = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
-    best_err = torch.full((n, k // g), float("inf"))
-    best_f = torch.ones(n, k // g)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_f = torch.ones(wg.shape[:2])
     for i in range(steps + 1):
         f = 1.0 - max_shrink * i / steps
         wc = torch.minimum(torch.maximum(wg, lo0 * f), hi0 * f)
         s, z = group_qparams(wc, bits, symmetric)
-        dq = dequantize_groups(quantize_groups(wc.reshape(n, k), s, z, bits, g), s, z, g)
-        err = (torch.einsum("tgc,ngc->ngt", xg, dq.reshape(n, k // g, g)) - ref).pow(2).mean(-1)
+        dq = dequantize_groups(quantize_groups(wc.reshape(n, kp), s, z, bits, g), s, z, g)
+        err = (torch.einsum("tgc,ngc->ngt", xg, dq.reshape(wg.shape)) - ref).pow(2).mean(-1)
         better = err < best_err
         best_err, best_f = torch.where(better, err, best_err), torch.where(better, f, best_f)
     wc = torch.minimum(torch.maximum(wg, lo0 * best_f[..., None]), hi0 * best_f[..., None])
     s, z = group_qparams(wc, bits, symmetric)
-    return quantize_groups(wc.reshape(n, k), s, z, bits, g), s, z
+    return quantize_groups(wc.reshape(n, kp), s, z, bits, g)[:, :k], s, z
 
 
 def _activation_stats(gm, ctx, cfg, targets):

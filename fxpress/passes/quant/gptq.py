@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .convert import fetch_attr
-from .weight_only import collect_linear_inputs, group_qparams, qrange, single_thread
+from .weight_only import collect_linear_inputs, group_qparams, grouped, qrange, single_thread
 
 __all__ = ["gptq_quantize", "gptq_targets", "hessians"]
 
@@ -28,7 +28,7 @@ __all__ = ["gptq_quantize", "gptq_targets", "hessians"]
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
                   symmetric: bool = True, damp: float = 0.01, act_order: bool = False,
                   block: int = 128):
-    """(q int8 [N, K], scale [N, K/g], zp int8 [N, K/g]) of `w` [N, K] given H [K, K]."""
+    """(q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)]) of `w` [N, K] given H [K, K]."""
     w = w.detach().clone().float()
     h = hessian.detach().clone().float()
     n, k = w.shape
@@ -38,10 +38,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
     w[:, dead] = 0.0
     static = act_order or group_size == -1
     if static:  # scales from the original weights, in the original column order
-        scale, zp = group_qparams(w.reshape(n, k // g, g), bits, symmetric)
-    else:
-        scale = torch.zeros(n, k // g, dtype=w.dtype)
-        zp = torch.zeros(n, k // g, dtype=torch.int8)
+        scale, zp = group_qparams(grouped(w, group_size), bits, symmetric)
+    else:  # a last partial group (K not a multiple of g) is scaled from its real columns
+        scale = torch.zeros(n, -(-k // g), dtype=w.dtype)
+        zp = torch.zeros(n, -(-k // g), dtype=torch.int8)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)

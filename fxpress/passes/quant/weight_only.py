@@ -34,7 +34,8 @@ from ..base import Pass, PassContext, PassResult, RecipeEntry
 from .convert import fetch_attr, register_tensor
 
 __all__ = ["WeightOnly", "WeightOnlyQuant", "qrange", "group_qparams", "quantize_groups",
-           "dequantize_groups", "target_linears", "collect_linear_inputs", "single_thread"]
+           "dequantize_groups", "grouped", "padded_k", "target_linears", "collect_linear_inputs",
+           "single_thread"]
 
 aten = torch.ops.aten
 BITS = (4, 8)
@@ -77,30 +78,45 @@ def group_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Te
     return scale, zp
 
 
+def padded_k(k: int, group_size: int) -> int:
+    """K rounded up to a whole number of groups (K itself for per channel or a dividing group)."""
+    if group_size == -1:
+        return k
+    return -(-k // group_size) * group_size
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w` [..., K] as [..., G, g] groups along K; a last partial group is padded with zeros
+    (as ORT MatMulNBits and llama.cpp pad the last block): zeros change neither a symmetric
+    absmax nor an asymmetric range, which always spans 0."""
+    k = w.shape[-1]
+    g = k if group_size == -1 else group_size
+    kp = padded_k(k, g)
+    if kp != k:
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    return w.reshape(*w.shape[:-1], kp // g, g)
+
+
 def quantize_groups(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
                     group_size: int) -> torch.Tensor:
-    """Integer values (int8 tensor) of `w` [N, K] with per-group scale/zp [N, K/g]."""
+    """Integer values (int8 tensor) of `w` [N, K] with per-group scale/zp [N, ceil(K/g)]."""
     qmin, qmax = qrange(bits)
     n, k = w.shape
-    g = k if group_size == -1 else group_size
-    wg = w.reshape(n, k // g, g)
+    wg = grouped(w, group_size)
     q = torch.round(wg / scale.reshape(n, -1, 1)) + zp.reshape(n, -1, 1).float()
-    return q.clamp(qmin, qmax).to(torch.int8).reshape(n, k)
+    return q.clamp(qmin, qmax).to(torch.int8).reshape(n, -1)[:, :k]
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
                       group_size: int) -> torch.Tensor:
     n, k = q.shape
-    g = k if group_size == -1 else group_size
-    qg = q.reshape(n, k // g, g).float() - zp.reshape(n, -1, 1).float()
-    return (qg * scale.reshape(n, -1, 1)).reshape(n, k)
+    qg = grouped(q.float(), group_size) - zp.reshape(n, -1, 1).float()
+    return (qg * scale.reshape(n, -1, 1)).reshape(n, -1)[:, :k]
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """Round-to-nearest: (q int8 [N, K], scale [N, K/g], zp int8 [N, K/g])."""
-    n, k = w.shape
-    g = k if group_size == -1 else group_size
-    scale, zp = group_qparams(w.reshape(n, k // g, g), bits, symmetric)
+    """Round-to-nearest: (q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)])."""
+    scale, zp = group_qparams(grouped(w, group_size), bits, symmetric)
     return quantize_groups(w, scale, zp, bits, group_size), scale, zp
 
 
@@ -110,7 +126,8 @@ class WeightOnly(RecipeEntry):
     """Weight-only int4/int8 quantization of linear weights (activations stay float).
 
     bits: 4 or 8. group_size: inputs (along K) per scale: 16 | 32 | 64 | 128 | 256, or -1 for
-      one scale per output channel; it must divide every quantized layer's K.
+      one scale per output channel. Any K is served: where the group does not divide K the
+      last group is partial (stored padded, as ORT MatMulNBits and llama.cpp pad the last block).
     method: "rtn" (round to nearest), "gptq" (Hessian-based error compensation, Frantar et al.
       2023) or "awq" (activation-aware per-channel scaling, Lin et al. 2024); gptq/awq need
       ``compress(..., calibration=batches)``.
@@ -169,7 +186,7 @@ class WeightOnly(RecipeEntry):
 
 
 def target_linears(gm: fx.GraphModule, cfg: WeightOnly) -> list[fx.Node]:
-    """Linears whose weight is a 2-d float get_attr read only by them, not skipped; checks K."""
+    """Linears whose weight is a 2-d float get_attr read only by them, not skipped."""
     out = []
     for n in gm.graph.nodes:
         if not (n.op == "call_function" and n.target is aten.linear.default):
@@ -180,12 +197,6 @@ def target_linears(gm: fx.GraphModule, cfg: WeightOnly) -> list[fx.Node]:
         t = fetch_attr(gm, w.target)
         if t.dim() != 2 or not t.is_floating_point() or cfg.skipped(module_path(n)):
             continue
-        k = t.shape[1]
-        if cfg.group_size != -1 and k % cfg.group_size:
-            raise RecipeError(f"group_size {cfg.group_size} does not divide the input size K={k} "
-                              f"of layer {module_path(n)!r} (node {n.name!r}); pick a group size "
-                              "that divides it, -1 (per channel), or skip the layer",
-                              field="group_size", value=cfg.group_size, accepted=GROUP_SIZES)
         out.append(n)
     return out
 
@@ -225,23 +236,31 @@ def collect_linear_inputs(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly,
 
 def _rewrite(gm: fx.GraphModule, lin: fx.Node, q: torch.Tensor, scale: torch.Tensor,
              zp: torch.Tensor, cfg: WeightOnly) -> None:
-    """weight get_attr -> int8 get_attr -> dequantize(_per_channel_group) -> linear."""
+    """weight get_attr -> int8 get_attr -> dequantize(_per_channel_group) [-> slice] -> linear.
+
+    Where the group does not divide K the int8 tensor is stored padded to whole groups (the
+    padding holds the zero point, so it dequantizes to 0) and ``aten.slice(dq, 1, 0, K)``
+    gives the linear its [N, K] weight: the standard decomposed op needs whole groups."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
     qd = torch.ops.quantized_decomposed
     w_node = lin.args[1]
     w = fetch_attr(gm, w_node.target)
     n, k = w.shape
+    kp = padded_k(k, cfg.group_size)
     qmin, qmax = qrange(cfg.bits)
     base = str(w_node.target)
-    q_t = register_tensor(gm, base + "_int8", q)
+    if kp != k:
+        q = torch.cat([q, zp.reshape(n, -1)[:, -1:].to(torch.int8).expand(n, kp - k)], 1)
+    q_t = register_tensor(gm, base + "_int8", q.contiguous())
     if cfg.group_size == -1:
         s_t = register_tensor(gm, base + "_scale", scale.reshape(n).float())
         z_t = register_tensor(gm, base + "_zero_point", zp.reshape(n).to(torch.int64))
     else:
-        s_t = register_tensor(gm, base + "_scale", scale.reshape(n, k // cfg.group_size).float())
+        s_t = register_tensor(gm, base + "_scale", scale.reshape(n, kp // cfg.group_size).float())
         z_t = None if cfg.symmetric else register_tensor(
-            gm, base + "_zero_point", zp.reshape(n, k // cfg.group_size).to(torch.int32))
+            gm, base + "_zero_point", zp.reshape(n, kp // cfg.group_size).to(torch.int32))
     g = gm.graph
+    sl = None
     with g.inserting_before(lin):
         qn, sn = g.get_attr(q_t), g.get_attr(s_t)
         zn = g.get_attr(z_t) if z_t is not None else None
@@ -251,15 +270,21 @@ def _rewrite(gm: fx.GraphModule, lin: fx.Node, q: torch.Tensor, scale: torch.Ten
         else:
             dq = g.call_function(qd.dequantize_per_channel_group.default,
                                  (qn, sn, zn, qmin, qmax, torch.int8, cfg.group_size, w.dtype))
-    lin.replace_input_with(w_node, dq)
+        if kp != k:
+            sl = g.call_function(aten.slice.Tensor, (dq, 1, 0, k))
+    lin.replace_input_with(w_node, sl if sl is not None else dq)
     lin0 = lineage(lin)
-    for node in (qn, sn, zn, dq):
+    for node in (qn, sn, zn, dq, sl):
         if node is not None and lin0 is not None:
-            set_record(node, lin0.derived("get_attr" if node is not dq else str(dq.target)))
+            set_record(node, lin0.derived("get_attr" if node.op == "get_attr" else str(node.target)))
     set_record(dq, QuantSpec(dtype="int4" if cfg.bits == 4 else "int8", qscheme="per_channel",
                              symmetric=cfg.symmetric, axis=0))
     set_record(dq, WeightOnlySpec(cfg.bits, cfg.group_size, cfg.method, cfg.symmetric, k, n))
-    dq.meta["val"] = w_node.meta.get("val")
+    if sl is not None:
+        sl.meta["val"] = w_node.meta.get("val")
+        dq.meta["val"] = torch.empty((n, kp), dtype=w.dtype, device="meta")
+    else:
+        dq.meta["val"] = w_node.meta.get("val")
     for node, t in ((qn, q), (sn, fetch_attr(gm, s_t))):
         node.meta["val"] = t
     if zn is not None:
