@@ -215,6 +215,24 @@ class _Recorder(fx.Interpreter):
         return super().run_node(n)
 
 
+def _causal_lm_batch(gm: fx.GraphModule, batch, index: int) -> list | None:
+    """A KV-explicit causal-LM IR (fxpress.llm.capture) calibrates on token batches of any length:
+    ``(input_ids,)`` or ``(input_ids, attention_mask)`` completed as the IR's own calls are (no
+    past, positions from the mask), flattened in placeholder order. None for other IRs."""
+    from ...llm.capture import causal_lm_spec, complete_call
+    if causal_lm_spec(gm) is None:
+        return None
+    from ...errors import InputError
+    from ...utils import as_input_tuple
+    args, _ = complete_call(gm, as_input_tuple(batch), {})
+    flat = torch.utils._pytree.tree_leaves(args)
+    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if len(flat) != n_ph:
+        raise InputError(f"calibration batch {index} gives {len(flat)} input tensors after "
+                         f"completion; the causal LM takes {n_ph}", index=index)
+    return flat
+
+
 def collect_linear_inputs(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly,
                           targets: list[fx.Node], observe) -> int:
     """Feed calibration batches through the IR, calling observe(linear, x2d); returns batches."""
@@ -226,7 +244,9 @@ def collect_linear_inputs(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly,
     seen = 0
     with torch.no_grad():
         for i, b in calibration_batches(ctx, cfg, required=True):
-            flat = check_batch(gm, b, i)
+            flat = _causal_lm_batch(gm, b, i)
+            if flat is None:
+                flat = check_batch(gm, b, i)
             _Recorder(gm, targets, observe).run(*flat)
             seen += 1
     if seen == 0:
