@@ -36,6 +36,8 @@ __all__ = ["FLOAT_LIMIT", "Snapshot", "CoverageSection", "snapshot", "coverage",
 aten = torch.ops.aten
 FLOAT_LIMIT = 0.10  # share of weight-bearing MACs a recipe may leave untouched without a warning
 FAMILIES = ("int8", "int4", "pruned", "factorized", "float")
+# recipe entries that promise to compress: only a recipe with one of them can warn
+COMPRESSING = ("quantize", "weight_only", "channel_pruning", "magnitude_sparsity", "lowrank")
 
 _WEIGHT_OPS = {
     aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d",
@@ -166,7 +168,8 @@ class CoverageSection(dict):
 
     Keys: ``before`` / ``after`` ({macs, params, bytes}), ``weight_macs`` (weight-bearing MACs
     after), ``families`` ({family: {macs, params}} as shares of the weight-bearing MACs/params),
-    ``params_removed`` (share of the fp32 params), ``left_float`` ({op kind: {macs, nodes,
+    ``params_removed`` (share of the fp32 params), ``kinds`` ({op kind: {macs, quantized,
+    nodes}}: its share of the weight MACs and the int8/int4 part of it), ``left_float`` ({op kind: {macs, nodes,
     reasons: {reason: detail}}}), ``untouched`` (share of weight-bearing MACs no family touched),
     ``changed`` (whether any pass modified the IR).
     """
@@ -206,6 +209,7 @@ def coverage(gm: fx.GraphModule, before: Snapshot, recipe: Any, report: Any) -> 
     fam_params = {f: 0 for f in FAMILIES}
     seen_w: set[str] = set()
     left: dict[str, dict] = {}
+    kinds: dict[str, dict] = {}
     untouched = 0
     for u in uses:
         fams = _families(gm, u, before)
@@ -217,6 +221,10 @@ def coverage(gm: fx.GraphModule, before: Snapshot, recipe: Any, report: Any) -> 
             fam_params[f] += u.params if first_read else 0
         if not fams:
             untouched += u.macs
+        krow = kinds.setdefault(u.kind, {"macs": 0.0, "quantized": 0.0, "nodes": 0})
+        krow["macs"] += u.macs / wmacs
+        krow["quantized"] += u.macs / wmacs if quant else 0.0
+        krow["nodes"] += 1
         if not quant:
             reason, detail = _why_float(u, recipe, report)
             row = left.setdefault(u.kind, {"macs": 0.0, "nodes": 0, "reasons": {}})
@@ -230,7 +238,7 @@ def coverage(gm: fx.GraphModule, before: Snapshot, recipe: Any, report: Any) -> 
         families={f: {"macs": fam_macs[f] / wmacs, "params": fam_params[f] / wparams}
                   for f in FAMILIES},
         params_removed=max(0.0, 1 - after.params / before.cost.params) if before.cost.params else 0.0,
-        left_float=left, untouched=untouched / wmacs if uses else 0.0, changed=changed)
+        kinds=kinds, left_float=left, untouched=untouched / wmacs if uses else 0.0, changed=changed)
 
 
 def _configs(recipe: Any, name: str) -> list:
@@ -284,8 +292,9 @@ def _why_float(u: _Use, recipe: Any, report: Any) -> tuple[str, str]:
 def warn_coverage(section: CoverageSection, recipe: Any, *, stacklevel: int = 3) -> str | None:
     """Warn (CoverageWarning) when the recipe changed nothing or left > FLOAT_LIMIT of the
     weight-bearing MACs untouched; returns the message (None when silent)."""
-    if not len(getattr(recipe, "entries", ()) or ()):
-        return None
+    entries = list(getattr(recipe, "entries", ()) or ())
+    if not any(getattr(e, "name", "") in COMPRESSING for e in entries):
+        return None  # cleanup-only recipes (fold_bn, dce, ...) do not promise compression
     kinds = ", ".join(f"{k} ({100 * v['macs']:.0f}% of weight MACs: "
                       + "; ".join(f"{r}: {d}" if d else r for r, d in v["reasons"].items()) + ")"
                       for k, v in sorted(section["left_float"].items(), key=lambda kv: -kv[1]["macs"]))

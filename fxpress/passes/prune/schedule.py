@@ -60,12 +60,14 @@ class PruneChannels(Pass):
         before = total_cost(gm)
         shapes0 = _out_shapes(gm)
         removed: dict[str, int] = {}
+        prunable = 0
         speed_rows: list[dict] = []
         dep, base_sizes = None, None
         for step, target in enumerate(step_ratios(c.ratio, c.steps, c.curve)):
             dep = analyze(gm, exclude=tuple(c.exclude))
             if base_sizes is None:  # targets are cumulative, relative to the unpruned groups
                 base_sizes = {g.key: g.size for g in dep.groups}
+                prunable = _prunable_params(gm, dep)
             w = distributed.world()
             plan, rows = self._plan(gm, ctx, dep, step, target, base_sizes) \
                 if w is None or w.rank == 0 else (None, None)
@@ -89,9 +91,10 @@ class PruneChannels(Pass):
             raise FxpressError(f"channel pruning changed output shapes {shapes0} -> {_out_shapes(gm)}")
         after = total_cost(gm)
         final = analyze(gm, exclude=tuple(c.exclude))
-        ctx.report["channel_pruning"] = _section(removed, dep, final, speed_rows)
+        ctx.report["channel_pruning"] = _section(removed, dep, final, speed_rows, c, base_sizes)
         stats = {"macs_before": before.macs, "macs_after": after.macs,
                  "params_before": before.params, "params_after": after.params,
+                 "prunable_params": prunable,
                  "channels_removed": sum(removed.values()), "groups_pruned": len(removed),
                  "steps": c.steps, "unresolved": dep.unresolved if dep else [],
                  "kept": {k: len(v) for k, v in (dep.unprunable if dep else {}).items()}}
@@ -117,9 +120,34 @@ class PruneChannels(Pass):
         return plan, rows
 
 
-def _section(removed: dict[str, int], dep, final, speed_rows) -> str:
+def _why_whole(g, c, base: int) -> str:
+    """Why a prunable group lost nothing: rounding, the cap, or the importance threshold."""
+    channels = base * g.width
+    share = c.ratio if c.scope == "local" else c.ratio
+    if int(share * base) == 0 or int(share * channels) // max(c.round_to, 1) * max(c.round_to, 1) == 0 \
+            or g.width > share * channels:
+        return (f"{share:.0%} of {base} unit(s) of {g.width} channel(s) rounds to 0 "
+                f"at round_to={c.round_to}")
+    if c.scope == "global":
+        return "its channels score above the global importance threshold"
+    return f"capped (max_ratio={c.max_ratio})"
+
+
+def _prunable_params(gm: fx.GraphModule, dep) -> int:
+    """Parameters with at least one dim in a prunable group (what pruning may shrink)."""
+    from ..analysis.cost import _fetch_attr
+    targets = {dep.sites[si].target for g in dep.groups for si, _ in g.sites}
+    return sum(t.numel() for t in (_fetch_attr(gm, x) for x in targets) if t is not None)
+
+
+def _section(removed: dict[str, int], dep, final, speed_rows, c=None, base_sizes=None) -> str:
     lines = ["removed channels per group (producing layer):"]
     lines += [f"  {k}: -{v}" for k, v in removed.items()]
+    if dep is not None and c is not None:
+        for g in dep.groups:
+            if g.name not in removed:
+                lines.append(f"not pruned ({_why_whole(g, c, (base_sizes or {}).get(g.key, g.size))}): "
+                             f"{g.name}")
     if dep is not None:
         for why, descs in dep.unprunable.items():
             lines.append(f"kept whole ({why}): " + "; ".join(d.split(" => ")[0] for d in descs))

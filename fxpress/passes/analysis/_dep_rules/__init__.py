@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 
 from ._common import _all_overloads
-from .attention import _matmul, _sdpa
+from .attention import _baddbmm, _matmul, _sdpa
 from .conv_linear import _addmm, _conv_nd, _conv_transpose, _convolution, _embedding, _linear
 from .elementwise import _ELEMENTWISE, _UNARY, _elementwise, _unary
 from .graph_ops import _getitem, _ignore, _sym_size
@@ -25,11 +25,16 @@ from .reduce_spatial import _pad, _reduce, _spatial
 from .shape_ops import (
                         _cat,
                         _expand,
+                        _gather,
+                        _index,
                         _no_const_reshape,
                         _permute,
+                        _reshape_as,
+                        _repeat_interleave,
                         _select,
                         _slice,
                         _split,
+                        _stack,
                         _t,
                         _transpose,
                         _unflatten,
@@ -63,6 +68,12 @@ RULES.update(_all_overloads(["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool
 RULES.update(_all_overloads(["constant_pad_nd", "pad"], _pad))
 RULES.update(_all_overloads(["matmul", "bmm", "mm"], _matmul))
 RULES.update(_all_overloads(["addmm"], _addmm))
+RULES.update(_all_overloads(["baddbmm"], _baddbmm))
+RULES.update(_all_overloads(["stack"], _stack))
+RULES.update(_all_overloads(["index"], _index))
+RULES.update(_all_overloads(["gather"], _gather))
+RULES.update(_all_overloads(["repeat_interleave"], _repeat_interleave))
+RULES.update(_all_overloads(["reshape_as", "view_as"], _reshape_as))
 RULES.update(_all_overloads(["scaled_dot_product_attention"], _sdpa))
 RULES.update(_all_overloads(["conv1d", "conv2d", "conv3d"], _conv_nd))
 RULES.update(_all_overloads(["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], _conv_transpose))

@@ -84,6 +84,17 @@ def _no_const_reshape(b, n):  # flatten / squeeze / unsqueeze: sizes follow from
     return _reshape(b, n, None)
 
 
+def _reshape_as(b: Builder, n: fx.Node):
+    """reshape_as(x, other): sizes come from `other`, so its dims meet the output's (no fixup)."""
+    out = _reshape(b, n, None)
+    other, so = b.get(n.args[1]), b.shape(n.args[1])
+    where = _where(n)
+    for d in range(len(out)):
+        arrs = [out[d], other[d] if other else None]
+        out[d] = _merge_dim(b, n, arrs, (arrs[0] is None) != (arrs[1] is None) and so[d] > 1, where)
+    return out
+
+
 def _unflatten(b, n):
     return _reshape(b, n, "unflatten")
 
@@ -137,6 +148,59 @@ def _cat(b: Builder, n: fx.Node):
             fixed = any(a is None for a in arrs) and b.shape(n)[d] > 1
             out[d] = _merge_dim(b, n, arrs, fixed, where)
     return out
+
+
+def _stack(b: Builder, n: fx.Node):
+    """stack(ts, dim): every input dim meets the same dim of the others; the new dim has none."""
+    ts = [t for t in n.args[0] if isinstance(t, fx.Node)]
+    r = len(b.shape(n))
+    dim = _arg(n, 1, "dim", 0) % r
+    where = _where(n)
+    out: list = []
+    for d in range(r - 1):
+        arrs = [b.get(t)[d] for t in ts]
+        fixed = any(a is None for a in arrs) and b.shape(ts[0])[d] > 1
+        out.append(_merge_dim(b, n, arrs, fixed, where))
+    out.insert(dim, None)
+    return out
+
+
+def _index(b: Builder, n: fx.Node):
+    """x[..., idx, ...] with one index tensor (rotary tables, token positions): the indexed dim
+    is kept whole (which positions it picks is data); the other dims keep their ids."""
+    x, idx = b.get(n.args[0]), list(n.args[1])
+    where = _where(n)
+    tensors = [k for k, i in enumerate(idx) if i is not None]
+    if len(tensors) != 1 or x is None:
+        b.block_info(x, f"advanced indexing with several index tensors at {where}")
+        for i in idx:
+            b.block_info(b.get(i), where)
+        return [None] * len(b.shape(n))
+    k = tensors[0]
+    b.block(x[k], f"indexed dim at {where}")
+    ii = b.get(idx[k]) or []
+    b.block_info(ii, f"index values at {where}")
+    return list(x[:k]) + [None] * len(b.shape(idx[k])) + list(x[k + 1:])
+
+
+def _repeat_interleave(b: Builder, n: fx.Node):
+    """repeat_interleave(x, r, dim) with an int r: each id of `dim` repeated r times in place."""
+    x, r, dim = b.get(n.args[0]), _arg(n, 1, "repeats"), _arg(n, 2, "dim")
+    if not isinstance(r, int) or dim is None or x is None:
+        b.block_info(x, f"repeat_interleave without an int count and a dim at {_where(n)}")
+        return [None] * len(b.shape(n))
+    dim %= len(x)
+    out = list(x)
+    out[dim] = np.repeat(x[dim], r) if x[dim] is not None else None
+    return out
+
+
+def _gather(b: Builder, n: fx.Node):
+    """gather(x, dim, index): which positions it reads is data, so every dim is kept whole."""
+    where = _where(n)
+    b.block_info(b.get(n.args[0]), f"gather reads data-chosen positions at {where}")
+    b.block_info(b.get(n.args[2]), f"gather index at {where}")
+    return [None] * len(b.shape(n))
 
 
 def _split(b: Builder, n: fx.Node):
