@@ -19,6 +19,7 @@ from .passes.prune import ChannelPruning, MagnitudeSparsity
 from .passes.quant import Quantize, convert
 from .passes.quant.weight_only import WeightOnly
 from .recipe import Recipe
+from .saving import load
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,5 @@ __all__ = [
     "PassResult", "PassManager", "FoldBatchNorm", "DeadCodeElimination", "ConstantFold",
     "FxpressError", "CaptureError", "InputError", "RecipeError", "UnsupportedOpError",
     "PassError", "VerificationError", "CalibrationError", "LoweringError", "CoverageWarning",
-    "LowRank",
+    "LowRank", "load",
 ]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -17,7 +18,7 @@ from .frontends.export import capture
 from .passes.base import PassContext
 from .passes.manager import PassManager, Report
 from .recipe import Recipe
-from .utils import as_input_tuple
+from .utils import as_input_tuple, quiet_torch
 
 __all__ = ["CompressedModel", "compress", "lower"]
 
@@ -53,6 +54,25 @@ class CompressedModel(torch.nn.Module):
             m.training = mode
         return self
 
+    def save(self, path) -> "os.PathLike":
+        """Write this model to one file (atomically): the IR with its records, the recipe and the
+        report, compressed weights kept compressed. ``fxpress.load(path)`` reads it back in any
+        process, with bit-identical outputs (fxpress/saving.py)."""
+        from .saving import save
+        return save(self, path)
+
+    def __reduce__(self):
+        # torch.save(cm) / pickle: the same state as cm.save (the IR's GraphModule class is made
+        # at run time and does not pickle itself)
+        from .saving import from_state, state_of
+        return (from_state, (state_of(self),))
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def summary(self) -> str:
         """Print (and return) size, MACs by dtype and SQNR vs fp32 before/after the recipe."""
         from .coverage import summary_text
@@ -71,6 +91,18 @@ class CompressedModel(torch.nn.Module):
         return gm(*args, **kwargs)
 
 
+def _quiet(fn):
+    """Run `fn` with torch's own deprecation chatter silenced (scoped: utils.quiet_torch)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with quiet_torch():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet
 def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
              calibration: Iterable | None = None, finetune: Callable | None = None,
              example_kwargs: dict | None = None, frontend: str = "export",
@@ -106,6 +138,7 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
     return after_compress(CompressedModel(gm, report, recipe, example_inputs, example_kwargs), before)
 
 
+@_quiet
 def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
           example_kwargs: dict | None = None, device: str = "cpu", **options: Any) -> Lowered:
     """Lower a CompressedModel, an IR GraphModule or a plain nn.Module to `backend`.

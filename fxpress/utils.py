@@ -1,14 +1,18 @@
 """Small helpers shared across the package: atomic writes, input normalisation."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_write", "as_input_tuple", "iter_batches", "split_labels"]
+__all__ = ["atomic_write_text", "atomic_write", "as_input_tuple", "iter_batches", "split_labels",
+           "quiet_torch"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -61,3 +65,33 @@ def iter_batches(batches: Iterable | None, n_inputs: int | None = None) -> Itera
         return
     for b in batches:
         yield split_labels(b, n_inputs)[0] if n_inputs is not None else as_input_tuple(b)
+
+
+# torch's notes about its own internals that reach a user through fxpress's calls (pytree
+# deprecations, the quantized-tensor API notice, the ONNX exporter's registry): none of them is
+# something the user wrote or can act on
+_TORCH_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*quantized tensor creation functions.*",
+                r".*To copy construct from a tensor.*", r".*TypedStorage is deprecated.*")
+_TORCH_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
+                  "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Silence torch's deprecation chatter and exporter log lines for the duration of one of
+    *our* calls into torch (compress, lower, save, load): scoped, never global. fxpress's own
+    warnings, and the user's, still show."""
+    loggers = [logging.getLogger(n) for n in _TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        for msg in _TORCH_NOISE:
+            warnings.filterwarnings("ignore", message=msg)
+        for lg in loggers:
+            lg.setLevel(max(lg.level, logging.ERROR))
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)

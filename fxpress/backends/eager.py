@@ -9,7 +9,7 @@ import torch.fx as fx
 from ..utils import atomic_write
 from .base import Lowered, flat_graph
 
-__all__ = ["compile_eager", "EagerLowered"]
+__all__ = ["compile_eager", "EagerLowered", "export_program"]
 
 
 class EagerLowered(Lowered):
@@ -27,16 +27,31 @@ class EagerLowered(Lowered):
 
     def save(self, path) -> Any:
         """Write a torch.export program (.pt2) of the IR with its flat inputs and outputs (dynamic
-        dims kept); load with torch.export.load."""
-        from torch.fx.experimental import _config as fx_config
-        single = self._out_spec is None or self._out_spec.is_leaf()
-        dims = self.signature.export_dynamic_shapes()
-        # a one-tensor model returns a tensor (the wrapper's *args is one argument to export)
-        module, dims = (_First(self.flat), (dims,)) if single else (self.flat, dims)
-        with fx_config.patch(backed_size_oblivious=True):
-            ep = torch.export.export(module, tuple(self.example_inputs), strict=False,
-                                     dynamic_shapes=dims)
-        return atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
+        dims kept) and fxpress's signature / pytree specs as an extra file; load with
+        ``fxpress.load`` (the model's calling convention) or ``torch.export.load`` (flat)."""
+        import json
+
+        from ..saving import check_suffix, quiet_torch, spec_metadata
+        path = check_suffix(path, "eager")
+        ep = export_program(self.flat, self.signature, self._out_spec, self.example_inputs)
+        extra = {"fxpress.json": json.dumps(spec_metadata(self))}
+        with quiet_torch():
+            return atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files=extra))
+
+
+def export_program(flat: fx.GraphModule, signature, out_spec, example_inputs: tuple):
+    """torch.export of a flat IR graph (``base.flat_graph``) keeping the signature's dynamic dims;
+    a one-output model returns its tensor, not a 1-tuple. What the eager backend saves and what
+    AOTInductor compiles."""
+    from torch.fx.experimental import _config as fx_config
+
+    from ..saving import quiet_torch
+    single = out_spec is None or out_spec.is_leaf()
+    dims = signature.export_dynamic_shapes()
+    # a one-tensor model returns a tensor (the wrapper's *args is one argument to export)
+    module, dims = (_First(flat), (dims,)) if single else (flat, dims)
+    with fx_config.patch(backed_size_oblivious=True), quiet_torch():
+        return torch.export.export(module, tuple(example_inputs), strict=False, dynamic_shapes=dims)
 
 
 class _First(torch.nn.Module):

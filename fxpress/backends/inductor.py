@@ -119,6 +119,31 @@ class InductorLowered(Lowered):
             return self._run(flat_inputs)
 
 
+    def save(self, path):
+        """An AOTInductor package (.pt2) of the IR: ``torch._inductor.aoti_load_package(path)``
+        runs it in a process without fxpress (flat inputs, dynamic dims kept), and
+        ``fxpress.load(path)`` with the model's calling convention (the signature and pytree specs
+        are the package's metadata). The package is compiled with freezing as the lowering was,
+        but without the packed oneDNN convs (``fxpress::qconv2d`` is fxpress's C++ extension, not
+        loadable without it): its int8 convs run on Inductor's own oneDNN kernels."""
+        from ..saving import check_suffix, quiet_torch, spec_metadata
+        from ..utils import atomic_write
+        from .eager import export_program
+        path = check_suffix(path, "inductor")
+        flat = flat_graph(self.gm)
+        for p in flat.parameters():
+            p.requires_grad_(False)
+        ep = export_program(flat, self.signature, self._out_spec, tuple(self.example_inputs))
+        configs = {"freezing": bool(self._config.get("freezing", True)),
+                   "aot_inductor.metadata": spec_metadata(self)}
+
+        def write(tmp):
+            with torch.no_grad(), quiet_torch():
+                torch._inductor.aoti_compile_and_package(ep, package_path=tmp,
+                                                         inductor_configs=configs)
+        return atomic_write(path, write)
+
+
 def _input_key(flat_inputs: Sequence) -> tuple:
     """What a direct (static) compile was specialized on: each tensor's shape, strides, dtype,
     device; other inputs by value."""

@@ -122,8 +122,17 @@ class OrtLowered(Lowered):
         return [next(outs) if c is None else c for c in self.exported.outputs]
 
     def save(self, path):
-        """Write the .onnx (portable QDQ form; ORT fuses it again when it loads it)."""
-        model = self.onnx_model
+        """Write the .onnx (portable QDQ form; ORT fuses it again when it loads it). Its
+        ``metadata_props`` carry the signature and pytree specs ``fxpress.load`` reads back."""
+        from ..saving import check_suffix, spec_metadata
+        path = check_suffix(path, "onnxruntime")
+        model = onnx.ModelProto()
+        model.CopyFrom(self.onnx_model)
+        keep = [p for p in model.metadata_props if not p.key.startswith("fxpress.")]
+        del model.metadata_props[:]
+        model.metadata_props.extend(keep)
+        for k, v in spec_metadata(self).items():
+            model.metadata_props.add(key=k, value=v)
         return atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
