@@ -33,8 +33,9 @@ def _attr_path(node: fx.Node) -> str | None:
     arg = node.meta.get("grapharg")
     source = getattr(getattr(arg, "source", None), "name", None)
     source = source() if callable(source) else source
-    # L['self'] when a method was compiled, L['fn'] when torch.compile(module) wrapped the module
-    if not isinstance(source, str) or not source.startswith(("L['self']", "L['fn']")):
+    # L['self'] when a method was compiled, L['fn'] when torch.compile(module) wrapped the module,
+    # L['s'] (any name) when the module's forward calls its first argument something else
+    if not isinstance(source, str) or not re.match(r"L\['[A-Za-z_]\w*'\]\._", source):
         return None
     parts = _PART.findall(source)
     if not parts or parts[-1][0] not in ("parameters", "buffers"):

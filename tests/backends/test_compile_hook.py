@@ -128,3 +128,47 @@ def test_second_shape_recompiles_with_symbolic_sizes_and_runs(mode, lower_to):
             # int8 of a tiny random net: SQNR vs fp32 >= 15 dB (about 18 % RMS error)
             sqnr = 20 * torch.log10(ref.norm() / (y - ref).norm())
             assert sqnr >= 15, (b, mode, lower_to, float(sqnr))
+
+
+class _CNN(torch.nn.Module):
+    """A conv net whose forward calls its module `s` (Dynamo's sources read L['s'], not L['self'])."""
+
+    def __init__(s):
+        super().__init__()
+        s.conv = torch.nn.Conv2d(3, 8, 3)
+        s.fc = torch.nn.Linear(8, 4)
+
+    def forward(s, x):
+        return s.fc(s.conv(x).relu().mean((2, 3)))
+
+
+def test_dynamic_recipe_at_batch_2_then_6_quantizes_without_observers():
+    """Issue 23 item 8: a dynamic recipe needs no calibration, at any new shape. Before: the
+    lifted `fc` weight stayed a graph input under L['s'], was observed like an activation, and
+    the second compile failed "the observer of node 'l_s_modules_fc_parameters_weight_' saw no
+    data". Now the weight is an attribute again and is stored int8 in every compiled graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _CNN().eval()
+    hooks = []
+
+    def recording(gm, example_inputs):
+        hooks.append(fxpress_backend(gm, example_inputs, options={
+            "recipe": [fxpress.Quantize(mode="dynamic")], "lower_to": "inductor"}))
+        return hooks[-1]
+
+    compiled = torch.compile(model, backend=recording)
+    with torch.no_grad():
+        for b in (2, 6, 3):
+            x = torch.randn(b, 3, 12, 12)
+            y, ref = compiled(x), model(x)
+            # one dynamically quantized linear: the IR is 54 dB from fp32 here, Inductor's dynamic
+            # qlinear kernel 22 dB (its own rounding, reported separately); bar 18 dB
+            assert 20 * torch.log10(ref.norm() / (y - ref).norm()) > 18, b
+    assert len(hooks) == 2                        # batch 2, then the dynamic recompile
+    for h in hooks:
+        ir = h.lowered_ir
+        int8 = [n.target for n in ir.graph.nodes if n.op == "get_attr"
+                and getattr(_fetch(ir, n.target), "dtype", None) == torch.int8]
+        assert int8 == ["fc.weight_int8"], int8    # the conv stays float in dynamic mode
+        assert not any(n.op == "call_module" for n in ir.graph.nodes)   # no observer left

@@ -93,6 +93,7 @@ class AnnotateQuant(Pass):
         dynamic, qat = cfg.mode == "dynamic", cfg.mode == "qat"
         counts: dict[str, int] = {}
         skipped: list[str] = []
+        left: list[dict] = []
         separate = cfg.conv_add == "separate"
         residual = {} if dynamic or separate else _residual_convs(gm, cfg, qat)
         fused_convs = {_conv_of(v) for v in residual.values()}
@@ -116,6 +117,11 @@ class AnnotateQuant(Pass):
             out_node = node
             if op in ("conv", "linear"):
                 x, w = node.args[0], node.args[1]
+                if isinstance(w, fx.Node) and w.op != "get_attr":
+                    # a weight computed at run time (a graph input, a parametrization WeightOps
+                    # could not fold): no int8 kernel takes it, and it has no calibrated range
+                    left.append({"module": path, "op": op, "why": "weight is not a constant"})
+                    continue
                 if aspec is not None and _is_float(x):
                     ann_in.append((inputs.index(x), aspec))
                 if wspec is not None and isinstance(w, fx.Node):
@@ -161,7 +167,10 @@ class AnnotateQuant(Pass):
             n_shape = _share_through_reshapes(gm)
             if n_shape:
                 counts["reshape"] = n_shape
-        return PassResult(gm, False, {"annotated": dict(counts), "skipped": skipped})
+        stats = {"annotated": dict(counts), "skipped": skipped}
+        if left:
+            stats["left"] = left
+        return PassResult(gm, False, stats)
 
 
 def _share_through_reshapes(gm: fx.GraphModule) -> int:

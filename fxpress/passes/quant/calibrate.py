@@ -1,6 +1,8 @@
 """Calibrate: run the observed graph on calibration batches so every observer sees real data.
 
-Batches are checked against the graph's inputs first (count, dtype, rank, non-batch dims):
+Batches are checked against the graph's inputs first (count, dtype, rank, the dims the IR's
+signature does not declare dynamic: the batch by default, a sequence length where
+``compress(..., dynamic_shapes=...)`` says so):
 a mismatch is an InputError naming the input and the batch. An empty calibration, or an
 observer that no batch reached, is a CalibrationError (never a silent min = max = 0).
 
@@ -50,7 +52,8 @@ def check_batch(gm: fx.GraphModule, batch: tuple, index: int) -> list[torch.Tens
     if len(flat) != len(phs):
         raise InputError(f"calibration batch {index} has {len(flat)} input tensor(s); the model "
                          f"takes {len(phs)} ({', '.join(p.name for p in phs)})", index=index)
-    for ph, x in zip(phs, flat):
+    dynamic = _dynamic_dims(gm)
+    for k, (ph, x) in enumerate(zip(phs, flat)):
         v = ph.meta.get("val")
         if not isinstance(v, torch.Tensor):
             continue
@@ -61,11 +64,26 @@ def check_batch(gm: fx.GraphModule, batch: tuple, index: int) -> list[torch.Tens
             raise InputError(f"calibration batch {index}: input {ph.name!r} has dtype "
                              f"{str(x.dtype).replace('torch.', '')}, the model was captured with "
                              f"{str(v.dtype).replace('torch.', '')}", input_name=ph.name, index=index)
-        if x.dim() != v.dim() or tuple(x.shape[1:]) != tuple(v.shape[1:]):
+        free = {0} | (dynamic[k] if k < len(dynamic) else set())
+        if x.dim() != v.dim() or any(a != b for d, (a, b) in enumerate(zip(x.shape, v.shape))
+                                     if d not in free):
+            which = ", ".join(str(d) for d in sorted(free)) or "none"
             raise InputError(f"calibration batch {index}: input {ph.name!r} has shape "
                              f"{list(x.shape)}, the model was captured with {list(v.shape)} "
-                             "(only the batch dimension may differ)", input_name=ph.name, index=index)
+                             f"(only its dynamic dims may differ: {which}; declare more with "
+                             "compress(..., dynamic_shapes=...))", input_name=ph.name, index=index)
     return flat
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> list[set[int]]:
+    """Per placeholder, the dims the IR's signature records as dynamic (capture's batch dim, the
+    user's dynamic_shapes). The leading (batch) dim is always free: calibration batches of
+    another batch size were always accepted."""
+    from ...ir.signature import KEY
+    sig = getattr(gm, "meta", {}).get(KEY)
+    if sig is None:
+        return []
+    return [set(d) for d in sig.dynamic_dims()]
 
 
 def calibration_batches(ctx: PassContext, cfg, *, required: bool):
