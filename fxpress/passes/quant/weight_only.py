@@ -126,7 +126,9 @@ class WeightOnly(RecipeEntry):
     """Weight-only int4/int8 quantization of linear weights (activations stay float).
 
     bits: 4 or 8. group_size: inputs (along K) per scale: 16 | 32 | 64 | 128 | 256, or -1 for
-      one scale per output channel. Any K is served: where the group does not divide K the
+      one scale per output channel; default 128 for int4 and -1 for int8 (what torch's int8
+      CPU kernel and llm-compressor's W8A16 take; ORT's MatMulNBits repeats the row scale over
+      blocks, exact). Any K is served: where the group does not divide K the
       last group is partial (stored padded, as ORT MatMulNBits and llama.cpp pad the last block).
     method: "rtn" (round to nearest), "gptq" (Hessian-based error compensation, Frantar et al.
       2023) or "awq" (activation-aware per-channel scaling, Lin et al. 2024); gptq/awq need
@@ -142,7 +144,7 @@ class WeightOnly(RecipeEntry):
 
     name: ClassVar[str] = "weight_only"
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None  # 128 for 4 bits, -1 (one scale per row) for 8 bits
     method: str = "rtn"
     symmetric: bool = True
     skip: tuple = ("lm_head",)
@@ -158,6 +160,8 @@ class WeightOnly(RecipeEntry):
         if self.bits not in BITS:
             raise RecipeError("weight-only quantization supports 4 or 8 bits", field="bits",
                               value=self.bits, accepted=BITS)
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 128 if self.bits == 4 else -1)
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("method", self.method, METHODS)
         check_choice("symmetric", self.symmetric, (True, False))

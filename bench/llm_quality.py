@@ -1,0 +1,106 @@
+"""Weight-only quality on the real SmolLM2-135M-Instruct: perplexity and greedy agreement with fp32.
+
+    .venv/bin/python bench/llm_quality.py               # every row (~15 min on 2 busy cores)
+    .venv/bin/python bench/llm_quality.py --quick       # fewer tokens / prompts / new tokens
+    .venv/bin/python bench/llm_quality.py --rows int8,gptq
+
+Text: Python's reference-manual topics (fxpress.llm.quality.corpus_text; PSF documentation, the
+longest real English text on this machine); perplexity over the first --tokens tokens (window
+1024, stride 512), GPTQ/AWQ calibrated on 16 x 256 tokens from the corpus' end (disjoint).
+Agreement: greedy new tokens from the 10 chat prompts of fxpress.llm.quality.PROMPTS (EOS
+ignored), counted up to the first token that differs from the fp32 model's.
+
+Each quantized row is the HF model with the IR's effective weights (fxpress.llm.quality.
+effective_model): the numerics of the compressed IR, independent of a backend. Bars (issue 25):
+int8 identical to fp32 for all new tokens on >= 8 of 10 prompts; int4 g128 GPTQ or AWQ
+perplexity within +3 % of fp32 and below RTN's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fxpress
+from fxpress.llm import quality as Q
+from fxpress.llm.models import load_smollm2
+
+# rows whose greedy agreement is measured by default (the int8 bar); --agree-all adds the rest
+AGREE = ("int8", "int8_g128")
+ROWS = {
+    "int8": ("int8 per row (default)", lambda: fxpress.WeightOnly(bits=8)),
+    "int8_g128": ("int8 g128", lambda: fxpress.WeightOnly(bits=8, group_size=128)),
+    "rtn": ("int4 g128 RTN", lambda: fxpress.WeightOnly(bits=4, group_size=128)),
+    "gptq": ("int4 g128 GPTQ", lambda: fxpress.WeightOnly(bits=4, group_size=128, method="gptq")),
+    "gptq_ao": ("int4 g128 GPTQ act-order", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="gptq", act_order=True)),
+    "awq": ("int4 g128 AWQ", lambda: fxpress.WeightOnly(bits=4, group_size=128, method="awq")),
+    "rtn_g32": ("int4 g32 RTN (the GGUF's own blocks)", lambda: fxpress.WeightOnly(bits=4, group_size=32)),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="int8,rtn,gptq,awq", help="comma list of " + ", ".join(ROWS))
+    ap.add_argument("--agree-all", action="store_true",
+                    help="greedy agreement for the int4 rows too (default: int8 rows only)")
+    ap.add_argument("--tokens", type=int, default=4096, help="perplexity tokens (>= 4096 for the bar)")
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="1024 tokens, 3 prompts, 16 new tokens")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tokens, a.prompts, a.new_tokens = 1024, 3, 16
+    torch.set_num_threads(a.threads)
+    model, tok = load_smollm2()
+    ids = Q.corpus_ids(tok)
+    text = ids[:, : a.tokens]
+    cal = Q.calibration_batches(ids)
+    prompts = Q.PROMPTS[: a.prompts]
+    t = time.perf_counter()
+    base = Q.perplexity(model, text)
+    print(f"SmolLM2-135M-Instruct (dequantized GGUF), {text.shape[1]} tokens of pydoc topics, "
+          f"{len(prompts)} prompts x {a.new_tokens} greedy new tokens, {a.threads} threads")
+    print(f"fp32 perplexity {base:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    refs = None
+    rows = []
+    for key in [r for r in a.rows.split(",") if r]:
+        label, make = ROWS[key]
+        t = time.perf_counter()
+        cm = fxpress.compress(model, (ids[:, :16],), make(), calibration=cal)
+        tq = time.perf_counter() - t
+        qm = Q.effective_model(model, cm)
+        ppl = Q.perplexity(qm, text)
+        agree, full = [], None
+        if key in AGREE or a.agree_all:
+            agree, refs = Q.greedy_agreement(model, qm, tok, prompts, new_tokens=a.new_tokens,
+                                             reference_tokens=refs)
+            full = sum(x == a.new_tokens for x in agree)
+        rows.append((label, ppl, agree, full))
+        print(f"{label:40s} ppl {ppl:8.4f} ({100 * (ppl / base - 1):+6.2f} %)  "
+              f"all {a.new_tokens} equal on {full}/{len(prompts)}  prefix {agree}  "
+              f"(compress {tq:.0f} s)", flush=True)
+    print("\n| weights | perplexity | vs fp32 | prompts with all new tokens = fp32 | tokens equal before the first difference |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| fp32 | {base:.3f} | | | |")
+    for label, ppl, agree, full in rows:
+        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f} % | "
+              f"{'' if full is None else f'{full}/{len(agree)}'} | {' '.join(map(str, agree))} |")
+    got = {label: (ppl, full) for label, ppl, _, full in rows}
+    if "int8 per row (default)" in got:
+        print(f"bar int8 >= 8/10 identical: {got['int8 per row (default)'][1]}/{len(prompts)}")
+    best = min((got[k][0] for k in got if "GPTQ" in k or "AWQ" in k), default=None)
+    if best is not None and "int4 g128 RTN" in got:
+        print(f"bar int4 g128 GPTQ/AWQ: best {100 * (best / base - 1):+.2f} % vs fp32 (<= +3 %), "
+              f"RTN {100 * (got['int4 g128 RTN'][0] / base - 1):+.2f} %")
+
+
+if __name__ == "__main__":
+    main()
