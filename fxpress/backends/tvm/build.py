@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ...errors import InputError, LoweringError, RecipeError
+from ...errors import InputError, LoweringError, RecipeError, UnsupportedOpError
 from ...utils import atomic_write, atomic_write_text
 from ..base import Lowered, flatten_inputs, unflatten_outputs
 
@@ -153,7 +153,28 @@ def build(mod, target):
     try:
         return tvm.compile(mod, target=target)
     except Exception as e:
+        kernel = failing_kernel(mod, target)
+        if kernel is not None:  # name the ops TVM cannot compile instead of its internal check
+            name, why = kernel
+            raise UnsupportedOpError(f"{name} (a TVM kernel fused from these ops)",
+                                     where=f"tvm backend: TVM cannot compile it for {target}: "
+                                           f"{why}") from e
         raise LoweringError(f"tvm backend: build for {target} failed: {type(e).__name__}: {e}") from e
+
+
+def failing_kernel(mod, target) -> tuple[str, str] | None:
+    """(name, first error line) of the first kernel of `mod` that does not compile on its own
+    (its name lists the fused ops, e.g. ``fused_less_equal_bitwise_and_where_add``), or None."""
+    import tvm
+    for gv, f in mod.functions.items():
+        if type(f).__name__ != "PrimFunc":
+            continue
+        try:
+            tvm.compile(tvm.IRModule({gv: f.with_attr("global_symbol", gv.name_hint)}), target=target)
+        except Exception as e:  # noqa: BLE001 - TVM raises InternalError and others
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            return gv.name_hint, " ".join(lines[:3])[:300]
+    return None
 
 
 def _device(target):

@@ -35,7 +35,23 @@ class RelaxImport:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+def _views_as_reshapes(gm: fx.GraphModule) -> int:
+    """``aten.view`` -> ``aten.reshape`` in `gm` (the backend's flat copy): the same values, but
+    re-export no longer needs the IR's strides to allow a view. HF GPT-2's Conv1D views the
+    output of a reshape that re-export keeps as a non-contiguous view ("Cannot view a tensor
+    with shape [2, 8, 32] and strides (32, 64, 1)")."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+            n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
 def to_exported_program(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    _views_as_reshapes(gm)
     try:
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
         table = torch.export.default_decompositions()
@@ -44,6 +60,28 @@ def to_exported_program(gm: fx.GraphModule, example_inputs: tuple) -> torch.expo
         return ep.run_decompositions(table)
     except Exception as e:  # torch raises many types; say where it happened
         raise LoweringError(f"tvm backend: re-exporting the IR failed: {type(e).__name__}: {e}") from e
+
+
+def normalize_negative_indices(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite ``select(x, dim, -i)`` to a non-negative index: TVM's importer reads a negative
+    select index as an offset from 0 (garbage out, no error; an LSTM's ``y[:, -1]`` measured
+    -inf dB vs the IR). A negative index into a dynamic dim is an UnsupportedOpError."""
+    n_fixed = 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.select.int:
+            continue
+        x, dim, index = node.args[:3]
+        if not isinstance(index, int) or index >= 0:
+            continue
+        size = x.meta["val"].shape[dim] if isinstance(x, fx.Node) and "val" in x.meta else None
+        if not isinstance(size, int):
+            raise UnsupportedOpError(node.target, node, where="tvm backend (a negative select index "
+                                     "into a dynamic dim)", module=_module_of(node))
+        node.args = (x, dim, index + size, *node.args[3:])
+        n_fixed += 1
+    if n_fixed:
+        ep.graph_module.recompile()
+    return n_fixed
 
 
 def _module_of(node: fx.Node) -> str | None:
@@ -96,6 +134,9 @@ def to_relax(gm: fx.GraphModule, example_inputs: tuple) -> RelaxImport:
     importer = ExportedProgramImporter()
     check_supported(ep, set(importer.convert_map))
     stats: dict[str, int] = {}
+    fixed = normalize_negative_indices(ep)
+    if fixed:
+        stats["negative_select_fixed"] = fixed
     conv = QuantConverters(importer, _constants(ep), stats)
     try:
         mod = importer.from_exported_program(ep, False, False, False, conv.string_map())

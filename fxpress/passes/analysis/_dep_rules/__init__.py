@@ -20,7 +20,7 @@ from .attention import _baddbmm, _matmul, _sdpa
 from .conv_linear import _addmm, _conv_nd, _conv_transpose, _convolution, _embedding, _linear
 from .elementwise import _ELEMENTWISE, _UNARY, _elementwise, _unary
 from .graph_ops import _getitem, _ignore, _sym_size
-from .norm import _batch_norm, _group_norm, _layer_norm
+from .norm import _batch_norm, _group_norm, _layer_norm, _weight_norm
 from .reduce_spatial import _pad, _reduce, _spatial
 from .shape_ops import (
                         _cat,
@@ -64,6 +64,8 @@ RULES.update(_all_overloads(["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool
                              "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                              "adaptive_avg_pool3d", "adaptive_max_pool2d", "max_pool2d_with_indices",
                              "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest1d",
+                             "upsample_bicubic2d", "upsample_linear1d", "upsample_nearest3d",
+                             "upsample_trilinear3d", "_upsample_nearest_exact2d",
                              "_adaptive_avg_pool2d", "reflection_pad2d", "replication_pad2d"], _spatial))
 RULES.update(_all_overloads(["constant_pad_nd", "pad"], _pad))
 RULES.update(_all_overloads(["matmul", "bmm", "mm"], _matmul))
@@ -82,6 +84,7 @@ RULES.update(_all_overloads(["linear"], _linear))
 RULES.update(_all_overloads(["batch_norm"], _batch_norm))
 RULES.update(_all_overloads(["layer_norm"], _layer_norm))
 RULES.update(_all_overloads(["group_norm"], _group_norm))
+RULES.update(_all_overloads(["_weight_norm"], _weight_norm))
 RULES.update(_all_overloads(["embedding"], _embedding))
 RULES.update(_all_overloads(["sym_size"], _sym_size))
 RULES.update(_all_overloads(["_assert_scalar", "sym_constrain_range_for_size", "arange", "zeros",

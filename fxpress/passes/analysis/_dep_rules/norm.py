@@ -57,3 +57,21 @@ def _group_norm(b: Builder, n: fx.Node):
             b.union(per[0], per[g], _where(n))
     _norm_params(b, n, c, [_arg(n, 2, "weight"), _arg(n, 3, "bias")], "norm")
     return list(x)
+
+
+def _weight_norm(b: Builder, n: fx.Node):
+    """w = g * v / |v| (norms over every dim but `dim`): `dim` keeps its ids (v, g and w share
+    them); removing an index of any other dim would change every norm, so those stay whole."""
+    v, g = b.get(n.args[0]), b.get(n.args[1])
+    dim = _arg(n, 2, "dim", 0) % len(v)
+    where = _where(n)
+    out = [None] * len(v)
+    for d, ids in enumerate(v):
+        if d == dim:
+            gd = g[d] if g and len(g) == len(v) else None
+            if ids is not None and gd is not None:
+                b.union(ids, gd, where)
+            out[d] = ids
+        else:
+            b.block(ids, f"weight_norm normalizes over this dim at {where}")
+    return out
