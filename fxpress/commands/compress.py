@@ -236,6 +236,8 @@ def _run(args, w) -> int:
     finally:
         prog.close()
     print(_format(report, cm))
+    print("\nsummary:")
+    run.summary()  # size, MACs by dtype, SQNR vs fp32, the lowering check and latency
     if args.report_json:
         atomic_write_text(args.report_json, json.dumps(report, indent=2, default=str))
     return 0
