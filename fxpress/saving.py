@@ -415,7 +415,7 @@ def spec_metadata(lowered) -> dict[str, str]:
     the signature and the pytree specs of `lowered` (a Lowered)."""
     import json
     sig = [{"name": s.name, "dtype": None if s.dtype is None else str(s.dtype).replace("torch.", ""),
-            "shape": list(s.shape)} for s in lowered.signature.inputs]
+            "shape": list(s.shape), "index_range": s.index_range} for s in lowered.signature.inputs]
     out = {"fxpress.signature": json.dumps(sig)}
     for key, spec in (("fxpress.in_spec", lowered._in_spec), ("fxpress.out_spec", lowered._out_spec)):
         d = _dumps_spec(spec)
@@ -431,7 +431,9 @@ def specs_from_metadata(meta: dict[str, str]):
     sig = None
     if "fxpress.signature" in meta:
         sig = Signature(tuple(InputSpec(s["name"], None if s["dtype"] is None else getattr(torch, s["dtype"]),
-                                        tuple(s["shape"])) for s in json.loads(meta["fxpress.signature"])))
+                                        tuple(s["shape"]),
+                                        tuple(s["index_range"]) if s.get("index_range") else None)
+                              for s in json.loads(meta["fxpress.signature"])))
     ins = _loads_spec(("json", meta["fxpress.in_spec"])) if "fxpress.in_spec" in meta else None
     outs = _loads_spec(("json", meta["fxpress.out_spec"])) if "fxpress.out_spec" in meta else None
     return sig, ins, outs

@@ -37,7 +37,7 @@ class Lowered:
     def __init__(self, gm: fx.GraphModule):
         from ..ir.signature import signature
         self._in_spec, self._out_spec = _specs(gm)
-        self.signature = signature(gm)
+        self.signature = signature(gm).with_index_ranges(gm)  # token ids checked per call
         self.report: dict[str, Any] = {}
 
     def run_flat(self, flat_inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:

@@ -130,15 +130,18 @@ class InductorLowered(Lowered):
         from ..utils import atomic_write
         from .eager import export_program
         path = check_suffix(path, "inductor")
-        flat = flat_graph(self.gm)
-        for p in flat.parameters():
-            p.requires_grad_(False)
-        ep = export_program(flat, self.signature, self._out_spec, tuple(self.example_inputs))
+        with quiet_torch():
+            flat = flat_graph(self.gm)
+            for p in flat.parameters():
+                p.requires_grad_(False)
+            ep = export_program(flat, self.signature, self._out_spec, tuple(self.example_inputs))
         configs = {"freezing": bool(self._config.get("freezing", True)),
                    "aot_inductor.metadata": spec_metadata(self)}
 
         def write(tmp):
-            with torch.no_grad(), quiet_torch():
+            # not under no_grad: measured, a digits-CNN int8 package compiled under no_grad
+            # after a JIT compile in the same process was off by a requantization step (6.9 dB)
+            with quiet_torch():
                 torch._inductor.aoti_compile_and_package(ep, package_path=tmp,
                                                          inductor_configs=configs)
         return atomic_write(path, write)
@@ -249,6 +252,9 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     flat = flat_graph(gm).to(device)  # freezing folds our weights in; keep the caller's IR intact
+    # Quantize(conv_add="auto"): Inductor's form of a residual conv is conv + add in one kernel
+    from ..passes.quant.fold import fuse_residual_quant
+    fused_adds = fuse_residual_quant(flat)
     # packed convs first: a stem they take runs as one oneDNN conv on the NCHW input (2.87 vs
     # 3.39 ms for ResNet-18 with the stem unshuffled: Inductor's u8 pixel_unshuffle kernel alone
     # is 0.23-0.69 ms); the stem rewrite takes the int8 convs left to Inductor's qconv lowering
@@ -269,9 +275,10 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     report: dict[str, Any] = {"config": dict(config), "threads": torch.get_num_threads(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     report["packed_convs"] = packed_how
-    if stems or handles:
+    if stems or handles or fused_adds:
         report["rewrites"] = {k: v for k, v in (("space_to_depth_stem", stems),
-                                                ("onednn_packed_conv", len(handles))) if v}
+                                                ("onednn_packed_conv", len(handles)),
+                                                ("conv_add_fused", fused_adds)) if v}
     mode_arg = None if mode == "default" else mode
     compiled = torch.compile(flat, backend="inductor", mode=mode_arg, dynamic=None)
     lowered = InductorLowered(gm, compiled, example_inputs, report, config)

@@ -227,6 +227,8 @@ def _capture_export(model, example_inputs, example_kwargs, dynamic_shapes, stati
         gm = _export(model, example_inputs, example_kwargs, dynamic_shapes).module()
     except Exception as e:  # torch raises many types here; translate them to one that explains
         raise _capture_error(e, frontend) from e
+    from ..ir.signature import record_dim_names  # the user's Dim("seq") is "seq" in the signature
+    record_dim_names(gm, model, example_inputs, example_kwargs, dynamic_shapes)
     if dynamic_error is not None:  # static worked where a dynamic batch did not: say why, once
         warnings.warn(f"fxpress.capture: the batch dimension cannot be dynamic for "
                       f"{type(model).__name__} ({_reason(dynamic_error)}); captured with static "

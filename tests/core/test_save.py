@@ -92,7 +92,7 @@ def test_dynamic_int8_hf_bert_keeps_kwargs_and_model_output(tmp_path):
     model = _tiny_bert()
     batch, seq = Dim("batch"), Dim("seq", max=64)
     cm = fxpress.compress(model, _enc(2, 16), fxpress.Quantize(mode="dynamic"),
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                          calibration=[_enc(4, 16, seed=2)], dynamic_shapes={"input_ids": {0: batch, 1: seq},
                                           "attention_mask": {0: batch, 1: seq}})
     path = cm.save(tmp_path / "bert.fxp")
     other = _enc(3, 9, seed=1)

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 
 from ...errors import LoweringError, UnsupportedOpError
 from ...ir.meta import lineage
-from ...ir.signature import signature
+from ...ir.signature import output_names, signature
 from ..stem import space_to_depth_stems
 from .fuse import optimize_qdq
 from .nbits import TRANSLATIONS as NBITS_TRANSLATIONS
@@ -186,6 +186,56 @@ def _name_dims(model: onnx.ModelProto, specs) -> None:
                 d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
 
 
+def _output_names(gm: fx.GraphModule, n: int) -> list[str]:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    return output_names(info.out_spec if info is not None else None, n)
+
+
+def _name_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Name the graph's outputs as the model's output fields ("last_hidden_state", "logits"),
+    not the exporter's "view_27": the producing node's output is renamed (an Identity where
+    the value is a graph input, an initializer or a second output)."""
+    if len(names) != len(model.graph.output):
+        return
+    g = model.graph
+    taken = {v for n in g.node for v in list(n.input) + list(n.output)} | \
+        {i.name for i in g.input} | {i.name for i in g.initializer}
+    fixed = {i.name for i in g.input} | {i.name for i in g.initializer}
+    seen: set[str] = set()
+    renamed: dict[str, str] = {}
+    for out, want in zip(g.output, names):
+        if out.name in renamed:  # the same value as an earlier output: read it under that name
+            old = renamed[out.name]
+            g.node.append(onnx.helper.make_node("Identity", [old], [want], name=f"{want}_identity"))
+            out.name = want
+            seen.add(want)
+            continue
+        want = _ident(want.replace(".", "_")) if not want.replace(".", "_").isidentifier() else want
+        if out.name == want:
+            seen.add(want)
+            continue
+        if want in taken or want in seen:
+            continue  # the name is used by another value: keep the exporter's
+        old = out.name
+        if old in fixed or old in seen:
+            g.node.append(onnx.helper.make_node("Identity", [old], [want], name=f"{want}_identity"))
+        else:
+            for n in g.node:
+                for k, v in enumerate(n.output):
+                    if v == old:
+                        n.output[k] = want
+                for k, v in enumerate(n.input):
+                    if v == old:
+                        n.input[k] = want
+            for v in g.value_info:
+                if v.name == old:
+                    v.name = want
+            renamed[old] = want
+        out.name = want
+        seen.add(want)
+        taken.add(want)
+
+
 def _scalar_qparams(model: onnx.ModelProto) -> None:
     """Declare DynamicQuantizeLinear's scale and zero point scalars, as the op makes them.
 
@@ -249,6 +299,7 @@ def export_onnx(gm: fx.GraphModule, flat_inputs: Sequence[Any], *, int8_weights:
         rewrites.update(matmul_nbits=len(nbits_nodes(model)), norms=counts["norms"],
                         gqa=counts["gqa"])
         rewrites = {k: v for k, v in rewrites.items() if v}
+    _name_outputs(model, [n for n, c in zip(_output_names(gm, len(consts)), consts) if c is None])
     names = tuple(i.name for i in model.graph.input)
     index = tuple(i for i, x in enumerate(examples) if isinstance(x, torch.Tensor))
     if len(index) != len(names):
