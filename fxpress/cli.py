@@ -20,6 +20,7 @@ COMMANDS = {
     "compress": "compress a model with a recipe and write the result",
     "demo": "compress real models with every technique, lower them, tabulate size/speed/accuracy",
     "bench": "benchmark fxpress against peer tools on this machine",
+    "generate": "stream text from a saved causal-LM folder (lm.save(dir, tokenizer=tok))",
 }
 
 

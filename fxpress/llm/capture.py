@@ -196,6 +196,11 @@ def _example(model, spec: CausalLMSpec, args: tuple, kwargs: dict) -> tuple:
         raise InputError("a causal LM is captured from input_ids [batch, tokens]",
                          input_name="input_ids")
     past = _user_past(call.get("cache", call.get("past_key_values")))
+    if ids.shape[1] == 1:  # a one-token example would let export fix the token count (sdpa's
+        ids = ids.repeat(1, 2)  # is_causal = T > 1): trace two tokens, the graph serves any T
+        call.pop("attention_mask", None), call.pop("position_ids", None)
+    if past is not None and past[0][0].shape[2] < 2:
+        past = None
     if past is None:  # a non-zero past whose length equals no other size of the example
         p = next(n for n in range(3, 64) if n not in (ids.shape[0], ids.shape[1]))
         gen = torch.Generator().manual_seed(0)

@@ -74,9 +74,13 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> LinearW:
 
 def constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The value of a get_attr (or a constant expression of get_attrs), else None."""
+    from ..passes.quant.convert import fetch_attr
     from ..passes.quant.weight_ops import constant_value
     if not isinstance(node, fx.Node):
         return None
+    if node.op == "get_attr":  # the common case, without constant_value's walk of the graph
+        value = fetch_attr(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
     return constant_value(gm, node)
 
 

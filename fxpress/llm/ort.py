@@ -21,6 +21,7 @@ batches are turned into right-padded rows inside (GQA's native layout: each row'
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -194,9 +195,12 @@ class OrtCausalLM(Generator):
         if state["total"] > state["cap"]:
             raise InputError(f"the KV buffer holds {state['cap']} tokens; start() a longer one",
                              input_name="input_ids")
-        ids = state["ids"]
+        ids = state["ids"]  # bound once, as an OrtValue over this array: written in place
         ids[:, 0] = input_ids[:, 0].numpy()
-        io.bind_cpu_input("input_ids", ids)
+        if "ids_bound" not in state:
+            import onnxruntime as ort
+            state["ids_bound"] = ort.OrtValue.ortvalue_from_numpy(ids)
+            io.bind_ortvalue_input("input_ids", state["ids_bound"])
         total = state["total"]
         state["lengths"] = state["lengths"] + 1
         if b == 1:
@@ -205,7 +209,8 @@ class OrtCausalLM(Generator):
             mask = (np.arange(total)[None] < state["lengths"][:, None]).astype(np.int64)
         io.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(io)
-        return torch.from_numpy(state["decode_logits"].numpy()[:, 0])
+        # a copy: the bound logits buffer is overwritten by the next step
+        return torch.from_numpy(state["decode_logits"].numpy()[:, 0].copy())
 
     # ------------------------------------------------------------------ files
     def save(self, path, tokenizer=None) -> Path:
@@ -221,7 +226,7 @@ class OrtCausalLM(Generator):
                 shutil.copyfile(self.folder / name, tmp / name)
             cfg = genai_config(self.spec, self.spec.max_positions)
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4))
-            meta = {k: getattr(self.spec, k) for k in self.spec.__dataclass_fields__}
+            meta = dataclasses.asdict(self.spec)
             meta["eos_token_id"] = list(meta["eos_token_id"])
             (tmp / "fxpress.json").write_text(json.dumps({"causal_lm": meta, "report": _plain(self.report)},
                                                          indent=1))
@@ -284,7 +289,7 @@ def check_against_ir(lm, gm, ids: torch.Tensor) -> dict:
 def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm_head: str = "auto",
                       accuracy_level: int | str = "auto", threads: int | None = None,
                       max_length: int | None = None, check: bool = True, min_sqnr: float = 20.0,
-                      spinning: bool = True, **options: Any):
+                      spinning: bool = True, fuse_gate_up: bool = True, **options: Any):
     """An OrtCausalLM for a Llama-family causal-LM IR; other families: the generic ORT lowering
     wrapped as a LoweredCausalLM. ``accuracy_level="auto"`` times MatMulNBits' fp32 and int8
     compute per weight shape at one row (decode) on this host (`nbits.fastest_accuracy_level`).
@@ -297,8 +302,7 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
         raise LoweringError(f"the ONNX Runtime causal-LM lowering runs on cpu, not {device!r}")
     spec = causal_lm_spec(gm)
     if max_length is not None:
-        spec = CausalLMSpec(**{**{k: getattr(spec, k) for k in spec.__dataclass_fields__},
-                               "max_positions": int(max_length)})
+        spec = dataclasses.replace(spec, max_positions=int(max_length))
     if accuracy_level == "auto":
         def level(k, n, bits, block):
             return fastest_accuracy_level(-(-k // block) * block, n, bits, block, 1, threads)
@@ -308,7 +312,8 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
     t0 = time.perf_counter()
     try:
         model = build_decoder(gm, spec, lm_head=lm_head, accuracy_level=level,
-                              max_positions=spec.max_positions, report=report)
+                              max_positions=spec.max_positions, report=report,
+                              fuse_gate_up=fuse_gate_up)
     except NotThisFamily as why:
         from ..backends.base import get_backend
         from .lowering import LoweredCausalLM

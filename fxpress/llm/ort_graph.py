@@ -154,12 +154,14 @@ def check_family(spec: CausalLMSpec) -> None:
 
 
 def build_decoder(gm, spec: CausalLMSpec, *, lm_head: str = "auto", accuracy_level=4,
-                  max_positions: int | None = None, report: dict | None = None) -> onnx.ModelProto:
+                  max_positions: int | None = None, report: dict | None = None,
+                  fuse_gate_up: bool = True) -> onnx.ModelProto:
     """The ORT GenAI-layout decoder of a Llama-family IR (see the module docstring).
 
     lm_head: "auto" (int8 when the IR's linears are weight-only quantized, else as the IR has it),
     "int8", "int4" (blocks of 32), "float" (the IR's head, dequantized if it is quantized).
-    accuracy_level: an int, or a callable (K, N, bits, block) -> int.
+    accuracy_level: an int, or a callable (K, N, bits, block) -> int. fuse_gate_up: one
+    MatMulNBits + Split for gate and up (False: two MatMulNBits, ORT GenAI's builder's form).
     """
     report = {} if report is None else report
     check_family(spec)
@@ -217,9 +219,13 @@ def build_decoder(gm, spec: CausalLMSpec, *, lm_head: str = "auto", accuracy_lev
             [f"layers.{i}/post_norm", "", "", f"layers.{i}/post_residual"],
             f"{p}.post_attention_layernorm", MS, epsilon=eps)
         gate_w, up_w = _find(ws, f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")
-        gu = b.linear(f"{p}.mlp.gate_up_proj", h, [gate_w, up_w])
-        gate, up = b.node("Split", [gu, b.init(f"{p}.mlp.split", np.array([gate_w.n, up_w.n], np.int64))],
-                          [f"layers.{i}/gate", f"layers.{i}/up"], f"{p}.mlp.Split", axis=-1)
+        if fuse_gate_up:
+            gu = b.linear(f"{p}.mlp.gate_up_proj", h, [gate_w, up_w])
+            gate, up = b.node("Split", [gu, b.init(f"{p}.mlp.split", np.array([gate_w.n, up_w.n], np.int64))],
+                              [f"layers.{i}/gate", f"layers.{i}/up"], f"{p}.mlp.Split", axis=-1)
+        else:
+            gate = b.linear(f"{p}.mlp.gate_proj", h, [gate_w])
+            up = b.linear(f"{p}.mlp.up_proj", h, [up_w])
         sg = b.node("Sigmoid", [gate], [f"layers.{i}/sigmoid"], f"{p}.mlp.act.Sigmoid")
         act = b.node("Mul", [gate, sg], [f"layers.{i}/silu"], f"{p}.mlp.act.Mul")
         act = b.node("Mul", [act, up], [f"layers.{i}/swiglu"], f"{p}.mlp.Mul")

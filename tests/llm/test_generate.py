@@ -1,0 +1,93 @@
+"""Generator.generate: transformers' results and stopping rules, typed errors, streamers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import InputError
+from tests.llm.lms import ids, tiny_lm
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = tiny_lm("llama")
+    cm = fxpress.compress(model, (ids(1, 6),))
+    return model, fxpress.lower(cm, "eager")
+
+
+def test_greedy_equals_transformers_generate(pair):
+    model, lm = pair
+    x = ids(1, 7, seed=3)
+    with torch.no_grad():
+        ref = model.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    out = lm.generate(x, max_new_tokens=12, eos_token_id=[])
+    assert out.dtype == torch.long and torch.equal(out, ref)
+
+
+def test_each_row_stops_at_eos_and_is_padded(pair):
+    """Batch 2 with left padding: a row whose first new token is made EOS stops there and is
+    padded with pad_token_id; the other row equals its own batch-1 run."""
+    _, lm = pair
+    x = ids(2, 6, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    free = lm.generate(x, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, 6])  # row 0's first new token
+    out = lm.generate(x, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out[0, 6] == eos and (out[0, 7:] == 0).all()
+    alone = lm.generate(x[1:, 2:], max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    n = alone.shape[1] - 4
+    assert torch.equal(out[1, 6:6 + n], alone[0, 4:])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(pair):
+    _, lm = pair
+    x = ids(1, 5)
+    a = lm.generate(x, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
+    b = lm.generate(x, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
+    assert torch.equal(a, b)
+    greedy = lm.generate(x, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(lm.generate(x, max_new_tokens=8, do_sample=True, top_k=1, seed=2, eos_token_id=[]),
+                       greedy)
+
+
+def test_a_transformers_streamer_receives_prompt_then_tokens(pair):
+    from transformers import TextStreamer
+
+    class Tok:  # the one method TextStreamer calls
+        def decode(self, ids, **kw):
+            return "".join(f"<{i}>" for i in ids)
+
+    got = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            got.append(text)
+
+    _, lm = pair
+    x = ids(1, 4)
+    out = lm.generate(x, max_new_tokens=5, streamer=Collect(Tok(), skip_prompt=True), eos_token_id=[])
+    assert "".join(got).strip() == "".join(f"<{i}>" for i in out[0, 4:].tolist())
+
+
+@pytest.mark.parametrize("case,name", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(attention_mask=torch.ones(1, 4, dtype=torch.long)), "attention_mask"),
+    (dict(input_ids=torch.tensor([[5, 128]])), "input_ids"),
+    (dict(input_ids=torch.randint(3, 100, (1, 97))), "input_ids"),        # longer than the cache (96)
+    (dict(max_new_tokens=200), "max_new_tokens"),
+    (dict(input_ids=torch.rand(1, 3)), "input_ids"),
+])
+def test_bad_inputs_are_input_errors_naming_them(pair, case, name):
+    _, lm = pair
+    kw = {"input_ids": ids(1, 5), "max_new_tokens": 3, **case}
+    with pytest.raises(InputError) as e:
+        lm.generate(**kw)
+    assert e.value.input_name == name, str(e.value)
+
+
+def test_zero_new_tokens_returns_the_prompt(pair):
+    _, lm = pair
+    x = ids(2, 3)
+    assert torch.equal(lm.generate(x, max_new_tokens=0), x)
