@@ -17,6 +17,7 @@ from .backends.base import Lowered, get_backend
 from .frontends.export import capture
 from .passes.base import PassContext
 from .passes.manager import PassManager, Report
+from . import progress
 from .recipe import Recipe
 from .utils import as_input_tuple, quiet_torch
 
@@ -126,8 +127,9 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
         example_inputs, example_kwargs = (), example_inputs
     example_inputs = as_input_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
-    gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
-                 dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
+    with progress.step(f"capturing {type(model).__name__}"):
+        gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
+                     dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
     from .llm.capture import complete_call
     example_inputs, example_kwargs = complete_call(gm, example_inputs, example_kwargs or {})
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
@@ -173,8 +175,9 @@ def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
         from .llm.lowering import lower_causal_lm
         return lower_causal_lm(gm, backend, example_inputs, kwargs, device=device, **options)
     from .backends.check import lower_checked  # runs the example through IR and artefact
-    return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
-                         device=device, **options)
+    with progress.step(f"lowering to {backend}"):
+        return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
+                             device=device, **options)
 
 
 def flat_example_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:

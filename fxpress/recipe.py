@@ -22,7 +22,7 @@ from .passes.base import Pass, RecipeEntry
 
 # Re-exported: the table and the checks live in fxpress.registry so passes can use them
 # without importing this loader.
-from .registry import check_choice, check_range, recipe_entry, registered
+from .registry import check_choice, check_range, recipe_entry, registered, unknown_option
 
 __all__ = ["Recipe", "check_choice", "check_range", "known_entries", "recipe_entry"]
 
@@ -98,9 +98,10 @@ class Recipe:
             valid = {f.name for f in dataclasses.fields(entry_cls) if f.init}
             unknown = set(opts) - valid
             if unknown:
-                raise RecipeError(f"unknown option(s) {sorted(unknown)} for {name!r}",
-                                  field=f"{name}.{sorted(unknown)[0]}", value=opts[sorted(unknown)[0]],
-                                  accepted=sorted(valid))
+                first = sorted(unknown)[0]
+                err = unknown_option(repr(name), first, opts[first], sorted(valid))
+                err.field = f"{name}.{first}"
+                raise err
             try:
                 out.append(entry_cls(**opts))
             except RecipeError:

@@ -16,6 +16,9 @@ loader (``fxpress.recipe``) only reads the table.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -23,18 +26,43 @@ from typing import Any
 from .errors import RecipeError
 from .passes.base import RecipeEntry
 
-__all__ = ["check_choice", "check_range", "recipe_entry", "registered"]
+__all__ = ["check_choice", "check_range", "recipe_entry", "registered", "unknown_option"]
 
 # Filled at import time by @recipe_entry; read through registered() only.
 _REGISTRY: dict[str, type[RecipeEntry]] = {}
 
 
 def recipe_entry(cls: type[RecipeEntry]) -> type[RecipeEntry]:
-    """Class decorator: make `cls` available in recipes under `cls.name`."""
+    """Class decorator: make `cls` available in recipes under `cls.name`; an unknown keyword
+    (``Quantize(moed="static")``) is a RecipeError naming it, the accepted ones and the closest."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a ClassVar `name`")
     _REGISTRY[cls.name] = cls
+    if dataclasses.is_dataclass(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kwargs):
+            unknown = [k for k in kwargs if k not in _options(type(self))]
+            if unknown:
+                raise unknown_option(type(self).__name__, unknown[0], kwargs[unknown[0]],
+                                     _options(type(self)))
+            init(self, *args, **kwargs)
+        cls.__init__ = checked_init
     return cls
+
+
+def _options(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def unknown_option(owner: str, name: str, value: Any, accepted: Iterable[str]) -> RecipeError:
+    """The RecipeError for an option `owner` does not have, with a did-you-mean."""
+    accepted = list(accepted)
+    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return RecipeError(f"unknown option {name!r} for {owner}{hint}", field=name, value=value,
+                       accepted=accepted)
 
 
 def registered() -> Mapping[str, type[RecipeEntry]]:
