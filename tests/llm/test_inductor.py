@@ -105,6 +105,10 @@ def test_generate_matches_the_ir(recipe):
         assert _sqnr(full[:, t], lg) > (40.0 if recipe is None else 35.0)
     assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
     assert len(gen.report["compiles"]) <= 2
+    # called like the IR: all positions' logits and the cache, in the IR's output structure
+    out_ir, out_ind = cm(ids), gen(ids)
+    assert type(out_ind) is type(out_ir) and out_ind.logits.shape == out_ir.logits.shape
+    assert _sqnr(out_ir.logits, out_ind.logits) > (40.0 if recipe is None else 35.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
