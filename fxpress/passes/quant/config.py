@@ -95,6 +95,14 @@ class Quantize(RecipeEntry):
     pads: "int8" (default): a constant pad before a conv becomes the conv's padding where
       symmetric and a pad of the uint8 tensor (the zero point) otherwise, so no float pad sits
       between two int8 convs (passes/quant/pad_fold.py); "float": leave pads as captured.
+    float_outputs: the model's outputs leave unrounded (no quantize -> dequantize pair that
+      only feeds a graph output; passes/quant/float_outputs.py). Off by default: on ORT the
+      last conv/linear then runs as a float kernel on int8 weights (not QLinearConv).
+    equalize: static: cross-layer equalization of conv -> ReLU/ReLU6 -> depthwise conv chains
+      from calibrated channel ranges (passes/quant/cle.py; report["cle"] per pair).
+    bias_correction: static: add E[y_fp] - E[y_q] (per output channel, measured on the
+      calibration batches, layer by layer) to each int8 conv/linear bias
+      (passes/quant/bias_correction.py; report["bias_correction"] per layer).
     freeze_bn_after / freeze_observer_after: QAT training steps after which BN statistics /
       observed ranges stop updating.
     """
@@ -125,6 +133,9 @@ class Quantize(RecipeEntry):
     freeze_bn_after: int = 200
     freeze_observer_after: int = 400
     pads: str = "int8"
+    bias_correction: bool = False
+    equalize: bool = False
+    float_outputs: bool = False
 
     def __post_init__(self):
         check_choice("mode", self.mode, ("static", "dynamic", "qat"))
@@ -205,6 +216,15 @@ class Quantize(RecipeEntry):
         check_range("freeze_bn_after", self.freeze_bn_after, 0)
         check_range("freeze_observer_after", self.freeze_observer_after, 0)
         check_choice("pads", self.pads, ("int8", "float"))
+        check_choice("bias_correction", self.bias_correction, (False, True))
+        check_choice("equalize", self.equalize, (False, True))
+        check_choice("float_outputs", self.float_outputs, (False, True))
+        if self.equalize and self.mode != "static":
+            raise RecipeError("cross-layer equalization uses calibrated (static) ranges",
+                              field="equalize", value=self.equalize)
+        if self.bias_correction and self.mode != "static":
+            raise RecipeError("bias correction measures calibrated (static) int8 layers",
+                              field="bias_correction", value=self.bias_correction)
 
     # -- what the passes read ---------------------------------------------------------
     def specs_for(self, module: str) -> tuple[QuantSpec | None, QuantSpec | None]:
@@ -246,6 +266,9 @@ class Quantize(RecipeEntry):
         passes: list[Pass] = [WeightOps(), FoldBatchNorm()]
         if self.pads == "int8":
             passes.append(FoldPadIntoConv())
+        if self.equalize and self.mode == "static":
+            from .cle import CrossLayerEqualize
+            passes.append(CrossLayerEqualize(self))
         if self.smooth is not None:
             passes.append(SmoothQuant(self))
         passes.append(AnnotateQuant(self))
@@ -257,8 +280,14 @@ class Quantize(RecipeEntry):
             passes.append(Calibrate(self))
             if self.sensitivity or self.keep_float or self.guard_metric is not None:
                 passes.append(Sensitivity(self))
+        if self.bias_correction and self.mode == "static":
+            from .bias_correction import BiasCorrection
+            passes.append(BiasCorrection(self))
         passes.append(ConvertToQDQ(weight_range=self.weight_range))
         if self.pads == "int8":
             passes.append(PadInInt8())
+        if self.float_outputs:
+            from .float_outputs import FloatOutputs
+            passes.append(FloatOutputs())
         return passes + [FoldQDQ(),
                          DeadCodeElimination()]
