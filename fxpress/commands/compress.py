@@ -4,7 +4,10 @@
                      --backend onnxruntime --out model.onnx
 
 MODEL is ``package.module:factory`` or ``path/file.py:factory`` returning the model or
-``(model, example_inputs)`` (else give ``--input-shape``, once per input). CALIB is
+``(model, example_inputs)`` or ``(model, dict)`` (keyword inputs, ``model(**enc)``; else give
+``--input-shape``, once per input). The artefact's suffix is the backend's: ``.onnx``
+(onnxruntime), ``.pt2`` (inductor: an AOTInductor package; eager: a torch.export program),
+``.so`` (tvm). CALIB is
 ``package.module:function`` (or ``file.py:function``) returning an iterable of batches
 (``(x,)`` or labelled ``(x, y)``: labels let a ``distill`` entry use hard-label terms),
 or a ``.pt`` file holding such a list. Progress goes to stderr; the report to stdout.
@@ -27,7 +30,7 @@ import torch
 
 from ..errors import CalibrationError, InputError, LoweringError
 from ..progress import quiet
-from .inspect import load_factory, model_and_inputs
+from .inspect import call_args, load_factory, model_and_inputs
 
 __all__ = ["build_report", "load_calibration", "main"]
 
@@ -125,18 +128,22 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def _agreement(model, run, batches: list, example_inputs: tuple) -> dict[str, float]:
+def _agreement(model, run, batches: list, example_inputs: tuple | dict) -> dict[str, float]:
     """Output agreement of the lowered artefact with the original model (fp32 eager)."""
     from ..passes.distill.trainer import first_output, split_batch
-    inputs = [split_batch(b, len(example_inputs))[0] for b in (batches or [example_inputs])][:8]
-    inputs = [i for i in inputs if all(tuple(a.shape) == tuple(e.shape) for a, e in zip(i, example_inputs))] \
-        or [example_inputs]
+    if isinstance(example_inputs, dict):  # keyword inputs (model(**enc)): the example itself
+        inputs = [example_inputs]
+    else:
+        inputs = [split_batch(b, len(example_inputs))[0] for b in (batches or [example_inputs])][:8]
+        inputs = [i for i in inputs if all(tuple(a.shape) == tuple(e.shape)
+                                           for a, e in zip(i, example_inputs))] or [example_inputs]
     num = den = 0.0
     agree = total = 0
     max_err = 0.0
     for inp in inputs:
-        ref = first_output(model(*inp)).float()
-        out = first_output(run(*inp)).float()
+        args, kwargs = call_args(inp)
+        ref = first_output(model(*args, **kwargs)).float()
+        out = first_output(run(*args, **kwargs)).float()
         num += float(ref.pow(2).sum())
         den += float((ref - out).pow(2).sum())
         max_err = max(max_err, float((ref - out).abs().max()))
@@ -162,8 +169,9 @@ def build_report(args, model, cm, run, out_path: Path, batches, example_inputs, 
         "stage_seconds": {k: round(v, 3) for k, v in times.items()},
     }
     report["agreement"] = _agreement(model, run, batches, example_inputs)
-    report["latency_ms"] = {"eager_fp32": median_ms(model, example_inputs, runs=10, warmup=2),
-                            args.backend: median_ms(run, example_inputs, runs=10, warmup=2)}
+    a, kw = call_args(example_inputs)
+    report["latency_ms"] = {"eager_fp32": median_ms(lambda: model(*a, **kw), (), runs=10, warmup=2),
+                            args.backend: median_ms(lambda: run(*a, **kw), (), runs=10, warmup=2)}
     return report
 
 
@@ -222,14 +230,13 @@ def _run(args, w) -> int:
         with distributed.local():  # rank 0 alone from here: no collectives
             with prog.stage("lower"):
                 options = {"calibration": batches} if args.backend == "onnxruntime" and batches else {}
-                run = fxpress.lower(cm, backend=args.backend, example_inputs=example_inputs, **options)
+                run = fxpress.lower(cm, backend=args.backend, **options)  # cm's own example
             out_path = Path(args.out)
             with prog.stage("save"):
                 try:
                     run.save(out_path)
                 except NotImplementedError as e:
-                    raise LoweringError(f"backend {args.backend!r} writes no artefact: choose "
-                                        f"--backend onnxruntime or tvm ({e})") from e
+                    raise LoweringError(f"backend {args.backend!r} writes no artefact ({e})") from e
             with prog.stage("report"):
                 report = build_report(args, model, cm, run, out_path, batches, example_inputs,
                                       prog.times)

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,15 @@ def load_factory(spec: str):
     return fn
 
 
-def model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tuple]:
+def model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tuple | dict]:
+    """(model, example inputs) from a factory returning the model, ``(model, inputs)`` or
+    ``(model, dict)`` (Hugging Face's ``model(**enc)`` style: the dict stays keyword inputs)."""
     made = load_factory(spec)()
     inputs: Any = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         made, inputs = made
+        if isinstance(inputs, Mapping) and not shapes:
+            return made.eval(), dict(inputs)
     if not isinstance(made, torch.nn.Module):
         raise InputError(f"model {spec!r}: the factory returned a {type(made).__name__}, "
                          "not an nn.Module or (nn.Module, example_inputs)")
@@ -97,6 +102,11 @@ def model_and_inputs(spec: str, shapes: list[str]) -> tuple[torch.nn.Module, tup
         raise InputError(f"model {spec!r}: the factory returns no example inputs; pass "
                          "--input-shape (e.g. --input-shape 1,3,224,224), once per input")
     return made.eval(), inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def call_args(inputs: tuple | dict) -> tuple[tuple, dict]:
+    """(args, kwargs) for one call with a factory's example inputs (a dict is keywords)."""
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
 
 
 def summary(gm: fx.GraphModule, *, top: int | None = 20) -> str:
@@ -143,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-shape", action="append", default=[], metavar="SHAPE[:DTYPE]",
                    help="one per model input, e.g. 1,3,224,224 or 2,16:long")
     p.add_argument("--frontend", default="export", choices=["export", "fx"])
-    p.add_argument("--recipe", help="YAML recipe: inspect the compressed IR instead "
-                                    "(calibrated on the example inputs only)")
+    p.add_argument("--recipe", help="YAML recipe: inspect the compressed IR instead")
+    p.add_argument("--calib", help="calibration batches for --recipe (package.module:function, "
+                                   "file.py:function or batches.pt); a recipe that calibrates "
+                                   "without it is a CalibrationError, as in the Python API")
     p.add_argument("--backend", help="also print what lowers to int8 kernels on this backend "
                                      "(onnxruntime, inductor)")
     p.add_argument("--compare", action="store_true",
@@ -157,13 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     from ..ir.printer import format_graph
     from ..passes.analysis.shape_prop import propagate_shapes
 
+    from ..api import flat_example_inputs
     model, inputs = model_and_inputs(a.model, a.input_shape)
     ref = fxpress.capture(model, inputs, frontend=a.frontend)
+    if isinstance(inputs, dict):  # what lowerability / compare call the IR with: its flat inputs
+        flat_inputs = tuple(flat_example_inputs(ref, (), inputs))
+    else:
+        flat_inputs = inputs
     gm, report = ref, None
     if a.recipe:
-        cm = fxpress.compress(model, inputs, a.recipe, calibration=[inputs], frontend=a.frontend)
+        from .compress import load_calibration
+        cm = fxpress.compress(model, inputs, a.recipe, calibration=load_calibration(a.calib),
+                              frontend=a.frontend)
         gm, report = cm.graph_module, cm.report
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, flat_example_inputs(gm, *call_args(inputs)))
     print(f"model: {a.model} ({type(model).__name__}, frontend={a.frontend}"
           f"{', recipe=' + a.recipe if a.recipe else ''})")
     print(summary(gm, top=a.top or None))
@@ -179,12 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError("unknown backend for inspect", field="backend", value=a.backend,
                               accepted=["onnxruntime", "inductor"])
         print("\n" + inspect_text(gm, a.backend, reference=ref if a.compare else None,
-                                  inputs=inputs if a.compare else None, example_inputs=inputs))
+                                  inputs=flat_inputs if a.compare else None,
+                                  example_inputs=flat_inputs))
     elif a.compare and not a.recipe:
         print("\n(--compare needs --recipe: there is nothing to compare the fp32 IR with)")
     elif a.compare:
         from ..backends.compare import compare, format_compare
-        print("\n" + format_compare(compare(ref, gm, inputs), 10))
+        print("\n" + format_compare(compare(ref, gm, flat_inputs), 10))
     if a.graph:
         print("\n" + format_graph(gm))
     return 0
