@@ -38,7 +38,7 @@ def trained():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = FashionCNN()
-        train_epochs(model, xtr[:20000], ytr[:20000], epochs=1, batch=128)
+        train_epochs(model, xtr[:12000], ytr[:12000], epochs=1, batch=128)
     calib = [(xtr[30000 + i:30000 + i + 64],) for i in range(0, 256, 64)]
     cm = fxpress.compress(model, (xte[:100],), fxpress.Quantize(mode="static"), calibration=calib)
     return model, cm, xte, yte
