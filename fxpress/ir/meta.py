@@ -18,7 +18,7 @@ import torch.fx as fx
 
 __all__ = [
     "Record", "Lineage", "QuantSpec", "QuantAnnotation", "ObserverStats", "ChannelRef", "ChannelGroup",
-    "SparsityMask", "Factorization", "WeightForm", "LayerChoice", "set_record", "get_record",
+    "SparsityMask", "Factorization", "WeightForm", "LayerChoice", "ResidualQuant", "set_record", "get_record",
     "records", "drop_record",
     "lineage", "module_path", "META_KEY",
 ]
@@ -278,6 +278,17 @@ class LayerChoice(Record):
     def validate(self) -> list[str]:
         return [] if len(self.candidates) == len(self.ms) and self.kept in self.candidates else \
             ["LayerChoice.kept must be one of its timed candidates"]
+
+
+@dataclass(frozen=True)
+class ResidualQuant(Record):
+    """On a conv whose output feeds a residual add, from ``Quantize(conv_add="auto")``: the IR
+    quantizes the conv output (ORT's QLinearConv -> QLinearAdd form, which ORT runs exactly); a
+    backend with a conv + add int8 kernel (Inductor) may drop that Q/DQ pair and fuse the add
+    into the conv (passes/quant/fold.py ``fuse_residual_quant``)."""
+
+    KEY: ClassVar[str] = "residual_quant"
+    add: str                    # the add node's name
 
 
 @dataclass(frozen=True)

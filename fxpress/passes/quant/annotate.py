@@ -18,7 +18,8 @@ Policy (what the int8 kernels of Inductor / ORT / TVM consume):
 - flatten / view / reshape between a quantized output and a quantized input: input and output
   share the producer's range, so the backends drop the DQ -> Reshape -> Q pair (ORT) or keep the
   tensor int8 across it (Inductor's qreshape) instead of requantizing to a second scale.
-Dynamic mode annotates only linear/matmul inputs (and embedding weights).
+Dynamic mode annotates only linear inputs, matmuls with a constant operand (and embedding
+weights); a matmul of two activations stays float (named in stats["left"]).
 
 Edges are numbered as in ``node.all_input_nodes``. ``QuantSpec.shared_with`` names the node
 whose annotation owns a sharing group: every edge or output carrying the same name gets one
@@ -32,7 +33,8 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ...ir.meta import QuantAnnotation, QuantSpec, get_record, module_path, set_record
+from ...ir.meta import (QuantAnnotation, QuantSpec, ResidualQuant, get_record, module_path,
+                        set_record)
 from ..base import Pass, PassContext, PassResult
 
 __all__ = ["AnnotateQuant", "OP_TABLE", "FUSED_UNARY", "chain_end"]
@@ -96,7 +98,16 @@ class AnnotateQuant(Pass):
         left: list[dict] = []
         separate = cfg.conv_add == "separate"
         residual = {} if dynamic or separate else _residual_convs(gm, cfg, qat)
+        if cfg.conv_add == "auto" and not qat:
+            # the IR takes ORT's form (the conv output quantized, lowered exactly there); the
+            # record lets a backend with a conv + add kernel (Inductor) fuse at lowering
+            for add, operand in residual.items():
+                set_record(_conv_of(operand), ResidualQuant(add=add.name))
+            if residual:
+                counts["conv_add_auto"] = len(residual)
+            residual = {}
         fused_convs = {_conv_of(v) for v in residual.values()}
+        transformer = any(n.target is aten.layer_norm.default for n in gm.graph.nodes)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in OP_TABLE:
                 continue
@@ -109,7 +120,7 @@ class AnnotateQuant(Pass):
                 continue
             if dynamic and op not in ("linear", "matmul", "embedding"):
                 continue
-            wspec, aspec = cfg.specs_for(path)
+            wspec, aspec = cfg.specs_for(path, transformer=transformer)
             inputs = node.all_input_nodes
             fused = residual.get(node)          # the conv output an add takes in float
             ann_in: list[tuple[int, QuantSpec]] = []
@@ -129,6 +140,14 @@ class AnnotateQuant(Pass):
                 out_spec = aspec if cfg.quantize_outputs and node not in fused_convs else None
                 out_node = chain_end(node, through_bn=qat)
             elif op == "matmul":
+                if dynamic and not any(isinstance(a, fx.Node) and a.op == "get_attr"
+                                       for a in node.args[:2]):
+                    # two activations (attention scores / context): no weight to store int8,
+                    # and per-call ranges of both cost accuracy (real MiniLM, session 7); float
+                    left.append({"module": path, "op": op,
+                                 "why": "policy: dynamic mode keeps activation x activation "
+                                        "matmuls float"})
+                    continue
                 for a in node.args[:2]:
                     if not isinstance(a, fx.Node):
                         continue

@@ -27,7 +27,7 @@ WEIGHT_SPECS = ("int8-per-channel-symmetric", "int8-per-channel-affine",
                 "int8-per-tensor-symmetric", "int8-per-tensor-affine", "none")
 ACTIVATION_SPECS = ("uint8-per-tensor-affine", "int8-per-tensor-affine",
                     "int8-per-tensor-symmetric", "uint8-per-tensor-symmetric", "none")
-STATIC_OBSERVERS = ("minmax", "moving_average", "histogram", "mse", "entropy")
+STATIC_OBSERVERS = ("auto", "minmax", "moving_average", "histogram", "mse", "entropy")
 QAT_OBSERVERS = ("moving_average", "minmax", "lsq")
 OP_KINDS = ("conv", "linear", "matmul", "add", "cat", "pool", "embedding")
 
@@ -57,7 +57,8 @@ class Quantize(RecipeEntry):
     mode: "static" (calibrated activation ranges), "dynamic" (activation ranges computed at
       run time; linear/matmul inputs only) or "qat" (fake-quant for training, then
       ``fxpress.convert(cm)``).
-    observer: static: minmax | moving_average | histogram | mse | entropy (default histogram);
+    observer: static: auto | minmax | moving_average | histogram | mse | entropy (default auto:
+      minmax on transformers, histogram elsewhere; see specs_for);
       qat: moving_average | minmax | lsq (learned ranges; default moving_average).
     percentile: clipping percentile of the histogram observer.
     calib_batches / calib_samples: stop calibrating after this many batches (when given),
@@ -65,7 +66,11 @@ class Quantize(RecipeEntry):
     skip: module-path patterns (fnmatch, e.g. "classifier", "encoder.*.attention.*") left in float.
     overrides: {pattern: {"weights": spec, "activations": spec}} (a bare string sets weights).
     ops: which op kinds to quantize. quantize_outputs: also quantize conv/linear/matmul outputs.
-    conv_add: a conv whose output feeds a residual add. "fuse" (default): the conv output stays
+    conv_add: a conv whose output feeds a residual add. "auto" (default): the form is chosen at
+      lowering for the target: the IR quantizes the conv output ("separate", exact on ORT and
+      TVM: no requantization the IR lacks) and Inductor's lowering drops that Q/DQ to fuse
+      conv + add (one rounding fewer than the IR).
+      "fuse": the conv output stays
       float into the add, as torchao's X86InductorQuantizer does; Inductor runs conv + add (+ relu)
       as one oneDNN int8 kernel; the ORT backend, which has no such kernel, requantizes the conv
       output at lowering (an extra rounding the IR does not have: ~23 dB vs the IR on a random
@@ -86,7 +91,9 @@ class Quantize(RecipeEntry):
       latency service, cached per shape/ISA/backend) and keeps it float where int8 is slower
       (report["quant_latency"]: both timings per layer); "off" quantizes every layer.
     smooth: SmoothQuant migration strength alpha in (0, 1) (e.g. 0.5): per-channel rescaling of
-      linear inputs into their weights, measured on the calibration batches (transformers).
+      linear inputs into their weights, measured on the calibration batches (the example
+      inputs where dynamic mode got none). "auto" (default): 0.75 in dynamic mode, 0.5 in
+      static mode, on graphs with a layer_norm (transformers) only; None: off.
     sensitivity: measure per-layer SQNR (each layer quantized alone) into cm.report.
     keep_float: keep this many of the most sensitive layers in float.
     guard_metric / guard_budget / guard_max_float: accuracy-guarded mode: keep the most sensitive
@@ -103,6 +110,11 @@ class Quantize(RecipeEntry):
     bias_correction: static: add E[y_fp] - E[y_q] (per output channel, measured on the
       calibration batches, layer by layer) to each int8 conv/linear bias
       (passes/quant/bias_correction.py; report["bias_correction"] per layer).
+    float_policy: static: "auto" (default): per-node sensitivity on the calibration batches
+      keeps float the nodes whose int8 form alone costs far more than the rest (residual adds,
+      LayerNorm/softmax inputs, attention scores, a linear on GELU outliers; rule in
+      passes/quant/sensitivity.py); report["quant_float_nodes"] names each with its dB.
+      "off": quantize every annotated node.
     freeze_bn_after / freeze_observer_after: QAT training steps after which BN statistics /
       observed ranges stop updating.
     """
@@ -119,17 +131,18 @@ class Quantize(RecipeEntry):
     overrides: dict = field(default_factory=dict)
     ops: tuple = OP_KINDS
     quantize_outputs: bool = True
-    conv_add: str = "fuse"
+    conv_add: str = "auto"
     reduce_range: bool = False
     weight_range: str = "auto"
     latency_check: str = "off"
     latency_backend: str = "inductor"
-    smooth: float | None = None
+    smooth: float | str | None = "auto"
     sensitivity: bool = False
     keep_float: int = 0
     guard_metric: Callable[[Any], float] | None = None
     guard_budget: float = 0.01
     guard_max_float: int = 8
+    float_policy: str = "auto"
     freeze_bn_after: int = 200
     freeze_observer_after: int = 400
     pads: str = "int8"
@@ -142,7 +155,7 @@ class Quantize(RecipeEntry):
         parse_spec(self.weights, weight=True, observer="minmax", field_name="weights")
         parse_spec(self.activations, weight=False, observer="minmax", field_name="activations")
         observers = QAT_OBSERVERS if self.mode == "qat" else STATIC_OBSERVERS
-        default = {"static": "histogram", "dynamic": "minmax", "qat": "moving_average"}[self.mode]
+        default = {"static": "auto", "dynamic": "minmax", "qat": "moving_average"}[self.mode]
         object.__setattr__(self, "observer", self.observer or default)
         check_choice("observer", self.observer, observers)
         if self.mode == "dynamic":
@@ -166,7 +179,7 @@ class Quantize(RecipeEntry):
                                   "'full' asks for full range", field="weight_range",
                                   value=self.weight_range, accepted=["auto", "reduced"])
             object.__setattr__(self, "weight_range", "reduced")
-        check_choice("conv_add", self.conv_add, ("fuse", "separate"))
+        check_choice("conv_add", self.conv_add, ("auto", "fuse", "separate"))
         check_choice("latency_check", self.latency_check, ("auto", "off"))
         from ...latency import BACKENDS
         check_choice("latency_backend", self.latency_backend, BACKENDS)
@@ -198,7 +211,11 @@ class Quantize(RecipeEntry):
             if "activations" in spec:
                 parse_spec(spec["activations"], weight=False, observer="minmax",
                            field_name=f"overrides[{pat!r}].activations")
-        if self.smooth is not None:
+        if self.smooth == "auto":
+            pass  # resolved per graph: smooth_alpha()
+        elif self.smooth is not None:
+            if isinstance(self.smooth, str):
+                check_choice("smooth", self.smooth, ("auto",))
             check_range("smooth", self.smooth, 0.0, 1.0, lo_open=True, hi_open=True)
             if self.mode == "qat":
                 raise RecipeError("SmoothQuant rescaling is a PTQ step", field="smooth",
@@ -213,6 +230,7 @@ class Quantize(RecipeEntry):
             raise RecipeError("sensitivity-guarded float layers need calibrated (static) ranges",
                               field="guard_metric" if self.guard_metric else "keep_float",
                               value=self.guard_metric or self.keep_float)
+        check_choice("float_policy", self.float_policy, ("auto", "off"))
         check_range("freeze_bn_after", self.freeze_bn_after, 0)
         check_range("freeze_observer_after", self.freeze_observer_after, 0)
         check_choice("pads", self.pads, ("int8", "float"))
@@ -227,8 +245,13 @@ class Quantize(RecipeEntry):
                               field="bias_correction", value=self.bias_correction)
 
     # -- what the passes read ---------------------------------------------------------
-    def specs_for(self, module: str) -> tuple[QuantSpec | None, QuantSpec | None]:
-        """(weight spec, activation spec) for the layer at `module` (None: stays float)."""
+    def specs_for(self, module: str, *, transformer: bool = False
+                  ) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """(weight spec, activation spec) for the layer at `module` (None: stays float).
+
+        observer "auto" (the static default): "minmax" on transformers (`transformer`: the
+        graph has a layer_norm), whose linear inputs carry outlier channels a percentile clips
+        (real MiniLM: histogram 0.894 min cosine, minmax 0.9975), else "histogram"."""
         w, a = self.weights, self.activations
         for pat, spec in self.overrides.items():
             if fnmatch.fnmatchcase(module, pat):
@@ -238,9 +261,24 @@ class Quantize(RecipeEntry):
         wspec = parse_spec(w, weight=True, observer=wobs)
         if wspec is not None and self.weight_range == "reduced" and wspec.dtype == "int8":
             wspec = replace(wspec, reduce_range=True)
+        observer = self.observer
+        if observer == "auto":
+            observer = "minmax" if transformer else "histogram"
         return (wspec,
-                parse_spec(a, weight=False, observer=self.observer, dynamic=self.mode == "dynamic",
+                parse_spec(a, weight=False, observer=observer, dynamic=self.mode == "dynamic",
                            field_name="activations"))
+
+    def smooth_alpha(self, transformer: bool) -> float | None:
+        """SmoothQuant's alpha for a graph: `smooth` as given; "auto": 0.75 (dynamic) / 0.5
+        (static) on transformers (a graph with a layer_norm), none elsewhere.
+
+        Measured on the real MiniLM-L6 (docs/CONTRACTS.md, session 7): dynamic int8 with alpha
+        0.75 keeps the GELU outputs' outlier channels of the FFN down-projections in range."""
+        if self.smooth != "auto":
+            return self.smooth
+        if not transformer or self.mode == "qat":
+            return None
+        return 0.75 if self.mode == "dynamic" else 0.5
 
     def skipped(self, module: str) -> bool:
         return any(fnmatch.fnmatchcase(module, p) or module.startswith(p + ".") for p in self.skip)
@@ -269,7 +307,7 @@ class Quantize(RecipeEntry):
         if self.equalize and self.mode == "static":
             from .cle import CrossLayerEqualize
             passes.append(CrossLayerEqualize(self))
-        if self.smooth is not None:
+        if self.smooth is not None and self.mode != "qat":
             passes.append(SmoothQuant(self))
         passes.append(AnnotateQuant(self))
         if self.latency_check == "auto":
@@ -278,7 +316,8 @@ class Quantize(RecipeEntry):
         passes.append(InsertObservers(self))
         if self.mode == "static":
             passes.append(Calibrate(self))
-            if self.sensitivity or self.keep_float or self.guard_metric is not None:
+            if self.sensitivity or self.keep_float or self.guard_metric is not None \
+                    or self.float_policy == "auto":
                 passes.append(Sensitivity(self))
         if self.bias_correction and self.mode == "static":
             from .bias_correction import BiasCorrection

@@ -20,7 +20,7 @@ from ..base import Pass, PassContext, PassResult
 from ..rewrite import NodeRule, apply_rules
 from .convert import fetch_attr, register_tensor
 
-__all__ = ["FoldQDQ", "RULES"]
+__all__ = ["FoldQDQ", "RULES", "fuse_residual_quant"]
 
 qd = torch.ops.quantized_decomposed
 _Q = {qd.quantize_per_tensor.default, qd.quantize_per_channel.default}
@@ -99,3 +99,32 @@ class FoldQDQ(Pass):
             remove_unused_attributes(gm)
             gm.recompile()
         return PassResult(gm, bool(sum(hits.values())), {r.name: hits[r.name] for r in RULES})
+
+
+def fuse_residual_quant(gm: fx.GraphModule) -> int:
+    """Drop the Q/DQ that ``Quantize(conv_add="auto")`` put on a residual conv's output
+    (``ResidualQuant`` record), giving ``conv -> add(dq(other)) [-> relu] -> q``: the form
+    Inductor (and fxpress's packed oneDNN convs) run as one conv + add kernel. Call it on the
+    copy a backend with such a kernel compiles, never on the user's IR. Returns how many."""
+    from ...ir.meta import ResidualQuant, get_record
+    qd = torch.ops.quantized_decomposed
+    done = 0
+    for conv in list(gm.graph.nodes):
+        rec = get_record(conv, ResidualQuant)
+        if rec is None or len(conv.users) != 1:
+            continue
+        (q,) = conv.users
+        if q.target is not qd.quantize_per_tensor.default or len(q.users) != 1:
+            continue
+        (dq,) = q.users
+        if dq.target is not qd.dequantize_per_tensor.default or len(dq.users) != 1 \
+                or next(iter(dq.users)).name != rec.add:
+            continue
+        dq.replace_all_uses_with(conv)
+        gm.graph.erase_node(dq)
+        gm.graph.erase_node(q)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

@@ -8,6 +8,8 @@ sensitive layers in float; ``guard_metric`` keeps adding them, most sensitive fi
 ``fp32_metric - metric <= guard_budget``. Float layers lose their QuantAnnotation, so
 ConvertToQDQ drops their observers. Both land in ``cm.report.sections``:
 ``quant_sensitivity`` (rows: module, op, sqnr_db) and ``quant_guard``.
+``Quantize(float_policy="auto")`` (the static default) also keeps float the outliers of the
+ranking (``auto_float``), named with their dB in ``quant_float_nodes``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,30 @@ def _flat_out(y) -> torch.Tensor:
     leaves = [t.flatten().float() for t in torch.utils._pytree.tree_leaves(y)
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return torch.cat(leaves)
+
+
+AUTO_GAP_DB, AUTO_ABS_DB = 12.0, 35.0
+AUTO_RULE = (f"float where quantizing the node alone gives an output SQNR more than "
+             f"{AUTO_GAP_DB:g} dB under the median node's and under {AUTO_ABS_DB:g} dB "
+             "(ops without weights; linears too on transformers)")
+
+
+_WEIGHT_OPS = ("conv", "linear", "embedding")
+
+
+def auto_float(rows: list[tuple], already: list[str], *, weights: bool) -> list[tuple]:
+    """The rows (module, op, node, sqnr_db alone; sorted, worst first) `float_policy="auto"`
+    keeps float: the outliers of the sensitivity ranking, never a node that costs little.
+    Candidates are the ops without weights (residual adds, attention scores and masks,
+    LayerNorm/softmax inputs) and, with `weights` (transformers), linears too (one reading GELU
+    outliers); a conv net's convs and linears stay int8 (its accuracy bars hold with them)."""
+    vals = sorted(r[3] for r in rows)
+    if len(vals) < 3:
+        return []
+    median = vals[len(vals) // 2]
+    return [r for r in rows if r[2] not in already
+            and (weights or not r[1].startswith(_WEIGHT_OPS))
+            and r[3] < min(median - AUTO_GAP_DB, AUTO_ABS_DB)]
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,12 @@ class Sensitivity(Pass):
             set_fq(None)
             full = sqnr_db(ref, run_all())
             floated: list[str] = [r[2] for r in rows[:cfg.keep_float]]
+            auto = []
+            if getattr(cfg, "float_policy", "off") == "auto":
+                transformer = any(n.target is torch.ops.aten.layer_norm.default
+                                  for n in gm.graph.nodes)
+                auto = auto_float(rows, floated, weights=transformer)
+                floated += [r[2] for r in auto]
             guard = None
             if cfg.guard_metric is not None:
                 guard = self._guard(gm, cfg, rows, floated, mods, set_fq)
@@ -88,6 +120,21 @@ class Sensitivity(Pass):
         for name in floated:
             n = by_name[name]
             drop_record(n, QuantAnnotation)
+        if auto:
+            set_fq_names = {r[2] for r in rows} - set(floated)
+            try:
+                for m in mods:
+                    m.fake_quant = bool(m.consumers & set_fq_names) and not (
+                        m.consumers & set(floated) and not (m.consumers - set(floated)) & set_fq_names)
+                after = sqnr_db(ref, run_all())
+            finally:
+                for m in mods:
+                    m.fake_quant = False
+            ctx.report["quant_float_nodes"] = [
+                {"module": r[0], "op": r[1], "node": r[2], "cost_db": round(r[3], 2)} for r in auto]
+            ctx.report["quant_float_policy"] = {"all_quantized_sqnr_db": round(full, 2),
+                                                "after_sqnr_db": round(after, 2),
+                                                "rule": AUTO_RULE}
         ctx.report["quant_sensitivity"] = [
             {"module": r[0], "op": r[1], "node": r[2], "sqnr_db": round(r[3], 2)} for r in rows]
         ctx.report["quant_guard"] = {"all_quantized_sqnr_db": round(full, 2),
@@ -95,6 +142,7 @@ class Sensitivity(Pass):
                                      "float_modules": [module_path(by_name[n]) for n in floated],
                                      **(guard or {})}
         return PassResult(gm, bool(floated), {"layers": len(rows), "float": len(floated),
+                                              "auto_float": len(auto),
                                               "all_quantized_sqnr_db": round(full, 2)})
 
     @staticmethod

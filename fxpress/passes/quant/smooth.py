@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ... import distributed
+from ...errors import InputError
 from ...ir.meta import lineage, module_path, set_record
 from ..base import Pass, PassContext, PassResult
 from .calibrate import calibration_batches, check_batch
@@ -49,7 +50,10 @@ class SmoothQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
-        alpha = cfg.smooth
+        transformer = any(n.target is aten.layer_norm.default for n in gm.graph.nodes)
+        alpha = cfg.smooth_alpha(transformer)
+        if alpha is None:
+            return PassResult(gm, False, {"smoothed": 0, "alpha": None})
         groups: dict[fx.Node, list[fx.Node]] = {}
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is aten.linear.default \
@@ -61,6 +65,16 @@ class SmoothQuant(Pass):
                   and len({lin.args[1] for lin in ls}) == len(ls)}
         if not groups:
             return PassResult(gm, False, {"smoothed": 0})
+        # "auto" in dynamic mode may have no calibration: the example inputs then, when they are
+        # the IR's positional inputs (a keyword-captured model's example is not: no smoothing)
+        batches = list(calibration_batches(ctx, cfg, required=cfg.smooth != "auto"))
+        if cfg.smooth == "auto" and ctx.calibration is None:
+            try:
+                for i, b in batches:
+                    check_batch(gm, b, i)
+            except InputError:
+                return PassResult(gm, False, {"smoothed": 0, "alpha": alpha,
+                                              "why": "no calibration batches (keyword example)"})
         probes = {}
         for i, x in enumerate(groups):
             target = f"_fxq_smooth_probe_{i}"
@@ -69,7 +83,7 @@ class SmoothQuant(Pass):
                 probes[x] = gm.graph.call_module(target, (x,))
         gm.recompile()
         with torch.no_grad():
-            for i, b in calibration_batches(ctx, cfg, required=True):
+            for i, b in batches:
                 check_batch(gm, b, i)
                 gm(*b)
         maxima = {x: gm.get_submodule(p.target).amax for x, p in probes.items()}

@@ -65,7 +65,8 @@ def test_invalid_config_names_field(kwargs, field):
 def test_defaults_and_recipe_roundtrip(tmp_path):
     q = fxpress.Quantize(mode="static")
     assert (q.weights, q.activations, q.observer) == (
-        "int8-per-channel-symmetric", "uint8-per-tensor-affine", "histogram")
+        "int8-per-channel-symmetric", "uint8-per-tensor-affine", "auto")
+    assert q.specs_for("layer1.conv")[1].observer == "histogram"   # "auto" off transformers
     w, a = q.specs_for("layer1.conv")
     assert (w.dtype, w.qscheme, w.symmetric, w.quant_min) == ("int8", "per_channel", True, -127)
     assert (a.dtype, a.symmetric, a.quant_min, a.quant_max) == ("uint8", False, 0, 255)
@@ -113,7 +114,8 @@ def test_nan_reaching_an_observer_names_the_node():
 def test_shared_ranges_for_add_and_cat_and_numerics():
     m = Residual().eval()
     x = _data(1)[0][0]
-    cm = fxpress.compress(m, x, fxpress.Quantize(observer="minmax"), calibration=_data())
+    cm = fxpress.compress(m, x, fxpress.Quantize(observer="minmax", conv_add="fuse"),
+                          calibration=_data())
     gm = cm.graph_module
     add = next(n for n in gm.graph.nodes if n.target is aten.add.Tensor)
     cat = next(n for n in gm.graph.nodes if n.target is aten.cat.default)
