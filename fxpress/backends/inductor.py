@@ -241,7 +241,7 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     a stride-1 qconv (exact; backends/stem.py). `packed_convs` "auto": on CPU hosts with
     VNNI/AMX, int8 convs whose result is requantized run as ATen's prepacked oneDNN convs
     (backends/onednn_conv.py); "off": all on Inductor's own qconv lowering.
-    ``report["packed_convs"]`` says which.
+    ``report["packed_convs"]`` says which, ``report["layers"]`` the kernel of each conv/linear.
     """
     check_choice("mode", mode, _MODES)
     check_choice("packed_convs", packed_convs, ("auto", "off"))
@@ -275,6 +275,7 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: tuple, *, device: str =
     report: dict[str, Any] = {"config": dict(config), "threads": torch.get_num_threads(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     report["packed_convs"] = packed_how
+    report["layers"] = onednn_conv.layer_kernels(flat)  # per conv/linear: the kernel chosen
     if stems or handles or fused_adds:
         report["rewrites"] = {k: v for k, v in (("space_to_depth_stem", stems),
                                                 ("onednn_packed_conv", len(handles)),

@@ -42,11 +42,13 @@ import weakref
 import torch
 import torch.fx as fx
 
+from ..ir.meta import lineage, module_path, set_record
 from ..passes.cleanup.dce import remove_unused_attributes
 from ..passes.quant.convert import fetch_attr
 from .stem import _conv_args
 
-__all__ = ["available", "host_reason", "packed_counts", "packed_onednn_convs", "release_when_collected"]
+__all__ = ["available", "host_reason", "packed_counts", "packed_onednn_convs", "release_when_collected",
+           "layer_kernels"]
 
 _Q = torch.ops.quantized_decomposed
 _CONVS = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
@@ -223,6 +225,8 @@ def packed_onednn_convs(gm: fx.GraphModule) -> list[int]:
                                       (xq, acc.args[0], h, xs, xz, float(acc.args[1]),
                                        int(acc.args[2]), ys, yz, relu))
         new.meta.update({k: v for k, v in q.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        if lineage(conv) is not None:  # the per-layer kernel table names the user's module
+            set_record(new, lineage(conv).derived("packed_onednn_conv"))
         q.replace_all_uses_with(new)
         g.erase_node(q)
         for n in reversed(chain):
@@ -232,6 +236,33 @@ def packed_onednn_convs(gm: fx.GraphModule) -> list[int]:
         remove_unused_attributes(gm)  # the int8 weights the packed convs now hold (our copy)
         gm.recompile()
     return handles
+
+
+_DQ_ACT = {"quantized_decomposed.dequantize_per_tensor.default",
+           "quantized_decomposed.dequantize_per_tensor.tensor"}
+
+
+def layer_kernels(gm: fx.GraphModule) -> list[dict]:
+    """Per conv/linear of a flat backend copy after the rewrites: which kernel runs it.
+
+    "packed oneDNN conv" / "packed oneDNN conv + add" (fxpress::qconv2d[_add]), "Inductor qconv"
+    / "Inductor qlinear" (an int8 activation left to Inductor's onednn.q*_pointwise lowering)
+    or "fp32"; rows name the user's module (lineage)."""
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        t = str(n.target)
+        if t in ("fxpress.qconv2d.default", "fxpress.qconv2d_add.default"):
+            kind = "packed oneDNN conv" + (" + add" if t.endswith("add.default") else "")
+            rows.append({"layer": module_path(n), "op": "conv2d", "kernel": kind})
+        elif n.target in _CONVS or n.target is torch.ops.aten.linear.default:
+            x = n.args[0]
+            int8 = isinstance(x, fx.Node) and str(x.target) in _DQ_ACT
+            op = "linear" if n.target is torch.ops.aten.linear.default else "conv2d"
+            kind = ("Inductor q" + ("linear" if op == "linear" else "conv")) if int8 else "fp32"
+            rows.append({"layer": module_path(n), "op": op, "kernel": kind})
+    return rows
 
 
 def packed_counts(gm: fx.GraphModule) -> tuple[int, int]:
