@@ -267,9 +267,11 @@ class TVMLowered(Lowered):
     def save(self, path) -> Path:
         """Write a shared library (export_library) plus `<path>.json` with the I/O structure.
 
-        The library is the one compiled for the example shape (`report["shapes"]`).
+        The library is the one compiled for the example shape (`report["shapes"]`). Another
+        suffix than ``.so`` is a RecipeError (``fxpress.load`` reads a ``.so`` back).
         """
-        path = Path(path)
+        from ...saving import check_suffix
+        path = check_suffix(path, "tvm")
         if self._library is not None:  # already exported for the chunked launcher
             atomic_write(path, lambda tmp: shutil.copyfile(self._library, tmp))
         else:
