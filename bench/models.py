@@ -1,4 +1,5 @@
-"""Bench workloads: full-size ResNet-18/50 and MobileNetV2 (224², batch 1), MiniLM-L6 with real weights.
+"""Bench workloads: full-size ResNet-18/50 and MobileNetV2 (224², batch 1), MiniLM-L6 and
+EfficientNet-Lite0 with real weights (the latter on crops of real photos, fxpress/real.py).
 
 The CNN definitions are the shared builders in tests/models.py (no torchvision: it does not
 import beside the pinned torch). MiniLM-L6 is sentence-transformers/all-MiniLM-L6-v2 from the
@@ -71,8 +72,23 @@ def minilm(batch: int = 8, seq: int = 128, n_sentences: int = 528) -> Workload:
                     evaluation, "text", {"sentences": n})
 
 
+def efficientnet_lite0(n_calib: int = 32, n_eval: int = 96) -> Workload:
+    """Real EfficientNet-Lite0 (ImageNet weights) on crops of real photos (fxpress.real):
+    32 calibration and 96 disjoint evaluation crops, batch 1. fxpress quantizes it with
+    cross-layer equalization, bias correction, float logits and ORT's residual form
+    (notes["quantize"])."""
+    from fxpress.real import efficientnet_lite0 as build, photo_sets
+    calib, evals = photo_sets(n_calib, n_eval)
+    return Workload("efficientnet_lite0", build(), (evals[:1].clone(),),
+                    [(calib[i:i + 1],) for i in range(n_calib)],
+                    [(evals[i:i + 1],) for i in range(n_eval)], "cnn",
+                    {"quantize": {"bias_correction": True, "equalize": True, "float_outputs": True,
+                                  "conv_add": "separate"}, "real": True})
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2, "minilm": minilm,
+    "efficientnet_lite0": efficientnet_lite0,
 }
 
 
