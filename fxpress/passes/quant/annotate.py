@@ -112,8 +112,8 @@ class AnnotateQuant(Pass):
             if node.op != "call_function" or node.target not in OP_TABLE:
                 continue
             op = OP_TABLE[node.target]
-            if _KIND[op] not in cfg.ops:
-                continue
+            if _KIND[op] not in cfg.ops or not node.users:
+                continue  # (an op nothing reads, as export leaves some: no data reaches it)
             path = module_path(node)
             if cfg.skipped(path):
                 skipped.append(path)

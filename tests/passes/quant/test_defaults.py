@@ -94,3 +94,27 @@ def test_dynamic_default_on_a_transformer_smooths_and_leaves_attention_matmuls_f
     x = (torch.randint(0, 128, (3, 16), generator=g), torch.ones(3, 16, dtype=torch.long))
     with torch.no_grad():
         assert sqnr(model(*x), cm(*x)) > 35                            # measured 46 dB
+
+
+def test_an_op_nothing_reads_is_not_annotated_so_calibration_does_not_fail():
+    """torch.export leaves some dead ops (HF YOLOS's position-embedding interpolation: a cat
+    with no user). Before: the cat's inputs got observers no batch reached, and the default
+    static recipe failed "the observer of node 'unsqueeze_1' saw no data"."""
+    from fxpress.passes.base import PassContext
+    from fxpress.passes.manager import PassManager
+    torch.manual_seed(0)
+    model = _OutlierResidual().eval()
+    data = _calib()
+    gm = fxpress.capture(model, data[0])
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        half = gm.graph.call_function(aten.mul.Tensor, (x, 0.5))
+    with gm.graph.inserting_after(half):
+        dead = gm.graph.call_function(aten.cat.default, ([half, x], 2))
+    gm.recompile()
+    out, report = PassManager(fxpress.Quantize(mode="static").passes()).run(
+        gm, PassContext(example_inputs=data[0], calibration=data))
+    assert dead.name not in {n.name for n in out.graph.nodes}        # dropped with its inputs
+    assert "cat" not in {p.name: p.stats for p in report.passes}["quant_annotate"]["annotated"]
+    with torch.no_grad():
+        assert sqnr(model(*data[0]), out(*data[0])) > 25
