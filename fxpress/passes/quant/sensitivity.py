@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from ... import distributed
 from ...errors import CalibrationError
 from ...ir.meta import QuantAnnotation, drop_record, get_record, module_path
 from ..base import Pass, PassContext, PassResult
@@ -74,6 +75,11 @@ class Sensitivity(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
+        if not (cfg.sensitivity or cfg.keep_float or cfg.guard_metric is not None) \
+                and distributed.world() is not None:
+            # float_policy="auto" alone: each rank would rank nodes on its own shard and the
+            # ranks' IRs could differ; under a process group every node stays quantized
+            return PassResult(gm, False, {"skipped": "float_policy='auto' under a process group"})
         obs = observer_nodes(gm)
         mods = list({id(m): m for _, m in obs}.values())
         layers = [n for n in gm.graph.nodes
