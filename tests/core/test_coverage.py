@@ -114,3 +114,28 @@ def test_full_coverage_is_silent_and_summary_prints(capsys):
     db = float(text.split("SQNR vs fp32 on the example: ")[1].split(" dB")[0])
     assert db > 15  # 3 int8 layers at random weights
     assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_float_reasons_read_the_records_passes_leave():
+    """A LayerChoice that kept a layer float reads as `latency`, a layer the sensitivity pass
+    floated as `sensitivity` (records set here as those passes set them)."""
+    from fxpress.coverage import coverage, snapshot
+    from fxpress.ir.meta import LayerChoice, set_record
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(fxpress.capture(_Net().eval(), (x,)), (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxpress.CoverageWarning)
+        cm = fxpress.compress(_Net().eval(), (x,), [fxpress.Quantize(mode="static", skip=["c2", "fc"])],
+                              calibration=_calib())
+    gm = cm.graph_module
+    c2 = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default
+              and "c2" in str(n.args[1].target))
+    fc = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    set_record(c2, LayerChoice("float", ("float", "int8"), (0.10, 0.25), "onnxruntime"))
+    cm.report.sections["quant_guard"] = {"float_layers": [fc.name], "float_modules": []}
+    cov = coverage(gm, before, cm.recipe, cm.report)
+    assert cov["left_float"]["conv2d"]["reasons"] == {
+        "latency": "kept float on onnxruntime (float 0.100 ms, int8 0.250 ms)"}
+    assert set(cov["left_float"]["linear"]["reasons"]) == {"sensitivity"}
+    assert cov["families"]["int8"]["macs"] == pytest.approx(C1 / (C1 + C2 + FC))
