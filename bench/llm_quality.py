@@ -32,15 +32,22 @@ from fxpress.llm import quality as Q
 from fxpress.llm.models import load_smollm2
 
 # rows whose greedy agreement is measured by default (the int8 bar); --agree-all adds the rest
-AGREE = ("int8", "int8_g128")
+AGREE = ("int8", "int8_g128", "int8_gptq")
 ROWS = {
     "int8": ("int8 per row (default)", lambda: fxpress.WeightOnly(bits=8)),
     "int8_g128": ("int8 g128", lambda: fxpress.WeightOnly(bits=8, group_size=128)),
+    "int8_gptq": ("int8 per row GPTQ", lambda: fxpress.WeightOnly(bits=8, method="gptq")),
     "rtn": ("int4 g128 RTN", lambda: fxpress.WeightOnly(bits=4, group_size=128)),
     "gptq": ("int4 g128 GPTQ", lambda: fxpress.WeightOnly(bits=4, group_size=128, method="gptq")),
     "gptq_ao": ("int4 g128 GPTQ act-order", lambda: fxpress.WeightOnly(
         bits=4, group_size=128, method="gptq", act_order=True)),
     "awq": ("int4 g128 AWQ", lambda: fxpress.WeightOnly(bits=4, group_size=128, method="awq")),
+    "rtn_asym": ("int4 g128 RTN asymmetric", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, symmetric=False)),
+    "gptq_asym": ("int4 g128 GPTQ act-order asymmetric", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="gptq", act_order=True, symmetric=False)),
+    "awq_asym": ("int4 g128 AWQ asymmetric", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="awq", symmetric=False)),
     "rtn_g32": ("int4 g32 RTN (the GGUF's own blocks)", lambda: fxpress.WeightOnly(bits=4, group_size=32)),
 }
 

@@ -25,11 +25,13 @@ the cache out), never to the user's IR:
    113 MB read per token, more than all of SmolLM2's int4 layers. Default "float".
 3. **Last position only.** The generator needs the last position's logits: the output
    projection reads ``hidden[:, -1:]``, so a 512-token prefill does not spend 512 x V x H MACs.
-4. **Two compiled graphs.** One ``torch.compile(dynamic=True)``, called inside a scoped
+4. **Two compiled graphs.** One ``torch.compile``, called inside a scoped
    ``torch._inductor.config.patch(freezing=True)`` (weights become constants; the user's
-   global config is untouched): Dynamo specializes sizes 0 and 1, so the prefill (past 0,
-   dynamic prompt length) and the decode step (1 token, dynamic past length) are two graphs,
-   each compiled once.
+   global config is untouched), its inputs marked dynamic (``maybe_mark_dynamic``: prompt
+   length, past length, mask length) on every call; Dynamo specializes sizes 0 and 1, so the
+   prefill (past 0, dynamic prompt length) and the decode step (1 token, dynamic past length)
+   are two graphs, each compiled once (``torch.compile(dynamic=True)`` alone compiled the first
+   prompt length static and recompiled for the next).
 
 The KV cache is the IR's explicit one (the graph concatenates past and new keys and returns the
 whole cache), so a decode step copies the cache once per layer; on CUDA the same graph runs
@@ -251,16 +253,30 @@ class InductorCausalLM(Lowered, Generator):
 
     def step(self, state, input_ids, attention_mask, position_ids):
         d = self.device
+        ids, mask, pos = input_ids.to(d), attention_mask.to(d), position_ids.to(d)
+        past = state["past"]
+        # without these marks Dynamo compiles the first prompt length (and past length) static
+        # and recompiles for the next; sizes 0 and 1 stay specialized (the decode graph: 1 token;
+        # the prefill graph: no past)
+        mark = torch._dynamo.maybe_mark_dynamic
+        if ids.shape[1] > 1:
+            for t in (ids, pos):
+                mark(t, 1)
+        if past and past[0].shape[2] > 0:
+            for t in past:
+                mark(t, 2)
+        mark(mask, 1)
         t0 = time.perf_counter()
         with self._config(), torch.no_grad():
-            out = self.compiled(input_ids.to(d), attention_mask.to(d), position_ids.to(d),
-                                *state["past"])
+            out = self.compiled(ids, mask, pos, *past)
         if len(self.report["compiles"]) < 2 and time.perf_counter() - t0 > 2.0:
             self.report["compiles"].append(
                 (f"tokens={input_ids.shape[1]} past={state['past'][0].shape[2]}",
                  round(time.perf_counter() - t0, 1)))
         logits, present = out[0], list(out[1:])
-        state["past"] = present
+        # one layout for every step: the prefill's present can be a transposed view of the new
+        # keys (nothing to concatenate to), which would make the decode graph recompile on strides
+        state["past"] = [t if t.is_contiguous() else t.contiguous() for t in present]
         return logits[:, -1].float().cpu()
 
     def warmup(self, prompt_tokens: int = 8):
