@@ -326,8 +326,8 @@ def summary_text(cm: Any, lowered: Any = None) -> str:
         extra = [f"{f} {100 * cov['families'][f]['macs']:.1f}%" for f in ("pruned", "factorized")
                  if cov["families"][f]["macs"]]
         if extra or cov["params_removed"]:
-            lines.append("structure: " + ", ".join(extra + [f"params removed "
-                                                            f"{100 * cov['params_removed']:.1f}%"]))
+            lines.append("structure: " + ", ".join(extra + [
+                f"params removed {100 * cov['params_removed']:.1f}% (pruning, BN folding, ...)"]))
     ref = getattr(cm, "_fp32_outputs", ())
     if ref:
         with torch.no_grad():
