@@ -9,6 +9,7 @@ observed at lowering (MobileNetV2 static on ORT: 9 dB from its IR).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fxpress
@@ -43,17 +44,24 @@ def test_auto_is_the_default_and_quantizes_the_residual_conv_output_in_the_ir():
     assert stats["conv_add_auto"] == 1
 
 
-def test_auto_lowers_faithfully_to_ort_and_fuses_on_inductor():
+def test_auto_lowers_to_ort_exactly():
     _, cm, data = _compressed()
-    x = data[0][0]
     ort = fxpress.lower(cm, "onnxruntime", calibration=data)
     assert ort.report["requantized_outputs"] == []           # nothing the IR does not have
     k = ort.report["kernels"]
     assert k.get("QLinearConv") == 3 and k.get("QLinearAdd") == 1 and "Conv" not in k, k
-    ind = fxpress.lower(cm, "inductor", example_inputs=(x,))
-    assert ind.report["rewrites"]["conv_add_fused"] == 1, ind.report
     y = batches((3, 3, 16, 16), n=1, seed=5)[0][0]
     with torch.no_grad():
-        ir = cm(y)
-        assert sqnr(ir, ort(y)) > 60                          # only ORT's own rounding differs
-        assert sqnr(ir, ind(y)) > 25                          # one requantization fewer than the IR
+        assert sqnr(cm(y), ort(y)) > 60                       # only ORT's own rounding differs
+
+
+@pytest.mark.slow  # an Inductor compile: 99 s cold under load 14, 11 s with a warm cache
+def test_auto_fuses_conv_add_on_inductor():
+    _, cm, data = _compressed()
+    ind = fxpress.lower(cm, "inductor", example_inputs=data[0])
+    assert ind.report["rewrites"]["conv_add_fused"] == 1, ind.report
+    assert get_record(next(n for n in cm.graph_module.graph.nodes
+                           if get_record(n, ResidualQuant) is not None), ResidualQuant)  # IR kept
+    y = batches((3, 3, 16, 16), n=1, seed=5)[0][0]
+    with torch.no_grad():
+        assert sqnr(cm(y), ind(y)) > 25                       # one requantization fewer than the IR
