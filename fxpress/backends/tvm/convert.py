@@ -84,6 +84,26 @@ def normalize_negative_indices(ep: torch.export.ExportedProgram) -> int:
     return n_fixed
 
 
+def explicit_cumsum_dtypes(ep: torch.export.ExportedProgram) -> int:
+    """Give ``cumsum`` of a bool/int tensor its result dtype explicitly: torch promotes
+    ``cumsum(bool)`` to int64, TVM's importer keeps bool (HF GPT-2's padding-mask positions:
+    a wrong value, then an LLVM `fcmp` on i1 that does not compile)."""
+    n_fixed = 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.cumsum.default:
+            continue
+        x, out = node.args[0], node.meta.get("val")
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if len(node.args) > 2 or node.kwargs.get("dtype") is not None or out is None or xv is None \
+                or out.dtype == xv.dtype:
+            continue
+        node.kwargs = {**node.kwargs, "dtype": out.dtype}
+        n_fixed += 1
+    if n_fixed:
+        ep.graph_module.recompile()
+    return n_fixed
+
+
 def _module_of(node: fx.Node) -> str | None:
     rec = lineage(node)
     if rec is not None and rec.module_path:
@@ -134,9 +154,11 @@ def to_relax(gm: fx.GraphModule, example_inputs: tuple) -> RelaxImport:
     importer = ExportedProgramImporter()
     check_supported(ep, set(importer.convert_map))
     stats: dict[str, int] = {}
-    fixed = normalize_negative_indices(ep)
-    if fixed:
-        stats["negative_select_fixed"] = fixed
+    for key, fix in (("negative_select_fixed", normalize_negative_indices),
+                     ("cumsum_dtype_fixed", explicit_cumsum_dtypes)):
+        fixed = fix(ep)
+        if fixed:
+            stats[key] = fixed
     conv = QuantConverters(importer, _constants(ep), stats)
     try:
         mod = importer.from_exported_program(ep, False, False, False, conv.string_map())
