@@ -92,18 +92,6 @@ class CompressedModel(torch.nn.Module):
         return gm(*args, **kwargs)
 
 
-def _quiet(fn):
-    """Run `fn` with torch's own deprecation chatter silenced (scoped: utils.quiet_torch)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with quiet_torch():
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-@_quiet
 def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
              calibration: Iterable | None = None, finetune: Callable | None = None,
              example_kwargs: dict | None = None, frontend: str = "export",
@@ -120,27 +108,29 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
     ``static_shapes=True`` fixes every size to the example's. Calibration batches may have any
     batch size.
     """
-    recipe = Recipe.coerce(recipe)
-    from .distributed import check_same_recipe
-    check_same_recipe(recipe)  # under a process group: every rank's recipe is rank 0's
-    if isinstance(example_inputs, dict) and example_kwargs is None:  # compress(model, enc)
-        example_inputs, example_kwargs = (), example_inputs
-    example_inputs = as_input_tuple(example_inputs)
-    work = copy.deepcopy(model).eval()
-    with progress.step(f"capturing {type(model).__name__}"):
-        gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
-                     dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
-    from .llm.capture import complete_call
-    example_inputs, example_kwargs = complete_call(gm, example_inputs, example_kwargs or {})
-    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
-                      original=model, debug=debug)
-    from .coverage import after_compress, snapshot
-    before = snapshot(gm, example_inputs, example_kwargs)  # fp32 cost, weight shapes, outputs
-    gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)
-    return after_compress(CompressedModel(gm, report, recipe, example_inputs, example_kwargs), before)
+    # torch's own deprecation chatter, scoped to this call (inline, not a decorator: a
+    # wrapper frame would shift the stacklevel of the warnings fxpress itself gives)
+    with quiet_torch():
+        recipe = Recipe.coerce(recipe)
+        from .distributed import check_same_recipe
+        check_same_recipe(recipe)  # under a process group: every rank's recipe is rank 0's
+        if isinstance(example_inputs, dict) and example_kwargs is None:  # compress(model, enc)
+            example_inputs, example_kwargs = (), example_inputs
+        example_inputs = as_input_tuple(example_inputs)
+        work = copy.deepcopy(model).eval()
+        with progress.step(f"capturing {type(model).__name__}"):
+            gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
+                         dynamic_shapes=dynamic_shapes, static_shapes=static_shapes)
+        from .llm.capture import complete_call
+        example_inputs, example_kwargs = complete_call(gm, example_inputs, example_kwargs or {})
+        ctx = PassContext(example_inputs=example_inputs, calibration=calibration, finetune=finetune,
+                          original=model, debug=debug)
+        from .coverage import after_compress, snapshot
+        before = snapshot(gm, example_inputs, example_kwargs)  # fp32 cost, weight shapes, outputs
+        gm, report = PassManager(recipe.passes(), debug=debug).run(gm, ctx)
+        return after_compress(CompressedModel(gm, report, recipe, example_inputs, example_kwargs), before)
 
 
-@_quiet
 def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
           example_kwargs: dict | None = None, device: str = "cpu", **options: Any) -> Lowered:
     """Lower a CompressedModel, an IR GraphModule or a plain nn.Module to `backend`.
@@ -149,35 +139,36 @@ def lower(model: Any, backend: str = "eager", *, example_inputs: Any = None,
     InputError names the input) and returns the model's output structure. Dynamic dims of
     the IR stay dynamic in the artefact.
     """
-    if isinstance(model, CompressedModel):
-        gm = model.graph_module
-        example_inputs = as_input_tuple(example_inputs) if example_inputs is not None else model.example_inputs
-    elif isinstance(model, fx.GraphModule):
-        gm = model
-        if example_inputs is None:
-            from .passes.analysis.shape_prop import placeholder_examples
-            example_inputs = tuple(placeholder_examples(gm))
-        example_inputs = as_input_tuple(example_inputs)
-    elif isinstance(model, torch.nn.Module):
-        if example_inputs is None:
-            from .errors import InputError
-            raise InputError("lower() of a plain nn.Module needs example_inputs to capture it")
-        example_inputs = as_input_tuple(example_inputs)
-        gm = capture(copy.deepcopy(model).eval(), example_inputs, example_kwargs=example_kwargs)
-    else:
-        from .errors import RecipeError
-        raise RecipeError("lower() takes a CompressedModel, a GraphModule or an nn.Module",
-                          field="model", value=type(model).__name__)
-    kwargs = model.example_kwargs if isinstance(model, CompressedModel) and example_kwargs is None \
-        else (example_kwargs or {})
-    from .llm.capture import causal_lm_spec
-    if causal_lm_spec(gm) is not None:  # a KV-explicit causal LM: a lowered model that generates
-        from .llm.lowering import lower_causal_lm
-        return lower_causal_lm(gm, backend, example_inputs, kwargs, device=device, **options)
-    from .backends.check import lower_checked  # runs the example through IR and artefact
-    with progress.step(f"lowering to {backend}"):
-        return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
-                             device=device, **options)
+    with quiet_torch():  # as in compress
+        if isinstance(model, CompressedModel):
+            gm = model.graph_module
+            example_inputs = as_input_tuple(example_inputs) if example_inputs is not None else model.example_inputs
+        elif isinstance(model, fx.GraphModule):
+            gm = model
+            if example_inputs is None:
+                from .passes.analysis.shape_prop import placeholder_examples
+                example_inputs = tuple(placeholder_examples(gm))
+            example_inputs = as_input_tuple(example_inputs)
+        elif isinstance(model, torch.nn.Module):
+            if example_inputs is None:
+                from .errors import InputError
+                raise InputError("lower() of a plain nn.Module needs example_inputs to capture it")
+            example_inputs = as_input_tuple(example_inputs)
+            gm = capture(copy.deepcopy(model).eval(), example_inputs, example_kwargs=example_kwargs)
+        else:
+            from .errors import RecipeError
+            raise RecipeError("lower() takes a CompressedModel, a GraphModule or an nn.Module",
+                              field="model", value=type(model).__name__)
+        kwargs = model.example_kwargs if isinstance(model, CompressedModel) and example_kwargs is None \
+            else (example_kwargs or {})
+        from .llm.capture import causal_lm_spec
+        if causal_lm_spec(gm) is not None:  # a KV-explicit causal LM: a lowered model that generates
+            from .llm.lowering import lower_causal_lm
+            return lower_causal_lm(gm, backend, example_inputs, kwargs, device=device, **options)
+        from .backends.check import lower_checked  # runs the example through IR and artefact
+        with progress.step(f"lowering to {backend}"):
+            return lower_checked(model, gm, backend, flat_example_inputs(gm, example_inputs, kwargs),
+                                 device=device, **options)
 
 
 def flat_example_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:

