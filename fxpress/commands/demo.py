@@ -76,10 +76,18 @@ def _kernels(run) -> str:
     """The int8 (or int4) kernels a lowered model runs, from its backend's own report."""
     from ..backends.onnxruntime import INT8_KERNELS
     k = dict(getattr(run, "report", {}).get("kernels") or {})
+    if not k and getattr(run, "folder", None) is not None:  # an ORT GenAI-layout decoder folder
+        import collections
+
+        import onnx
+        from ..llm.ort import MODEL
+        graph = onnx.load(str(run.folder / MODEL), load_external_data=False).graph
+        k = dict(collections.Counter(n.op_type for n in graph.node))
+        k = {n: v for n, v in k.items() if n in INT8_KERNELS or n == "GroupQueryAttention"}
     if getattr(run, "backend", "") == "inductor":
         shown = {n: v for n, v in k.items() if n in ("qconv", "qlinear", "qconv_packed", "qmaxpool2d")}
     else:
-        shown = {n: v for n, v in k.items() if n in INT8_KERNELS}
+        shown = {n: v for n, v in k.items() if n in INT8_KERNELS or n == "GroupQueryAttention"}
     return ", ".join(f"{n} {v}" for n, v in sorted(shown.items(), key=lambda kv: -kv[1])) or "fp32 only"
 
 
