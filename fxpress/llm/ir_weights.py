@@ -10,8 +10,10 @@ each ``aten.linear`` of the IR here, in whatever form the passes left it:
 - ``dequantize_per_channel`` (one scale per row): the same with the row's scale repeated over
   the largest power-of-two block dividing K (exact), or dequantized to float when none fits.
 
-Anything else (activation Q/DQ of Quantize, pruned shapes the family plan does not expect) is
-left to the caller: `linear_weights` returns only what it read, `unread` says what it did not.
+Only weights are read: a Quantize(mode="dynamic") IR's activation Q/DQ before a linear is not
+(the ORT decoder's MatMulNBits at accuracy_level 4 quantizes activations itself, per block; the
+lowering's check against the IR measures the difference). A weight in another form is left to the
+caller: `linear_weights` returns what it read, and the module paths it did not.
 
     ws = linear_weights(gm)          # {"model.layers.0.self_attn.q_proj": LinearW, ...}
 """
