@@ -301,6 +301,14 @@ def complete_call(gm: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return (ids, mask, pos, past), {}
 
 
+def ensure_complete_hook(gm) -> None:
+    """Register `complete_hook` on a causal-LM IR that lacks it (one rebuilt by a pass or
+    reloaded by fxpress.load), ahead of the signature check."""
+    if causal_lm_spec(gm) is not None and isinstance(gm, torch.nn.Module) and \
+            not any(h is complete_hook for h in gm._forward_pre_hooks.values()):
+        gm.register_forward_pre_hook(complete_hook, with_kwargs=True, prepend=True)
+
+
 def complete_hook(module, args, kwargs):
     """forward pre-hook on a causal-LM IR (before the signature check): `complete_call`."""
     return complete_call(module, args, kwargs)

@@ -82,6 +82,8 @@ def lower_causal_lm(gm: fx.GraphModule, backend: str, example_inputs: tuple, exa
                     *, device: str = "cpu", **options: Any):
     """The causal-LM half of `fxpress.lower` (see the module docstring)."""
     from ..api import flat_example_inputs
+    from .capture import ensure_complete_hook
+    ensure_complete_hook(gm)
     args, kwargs = complete_call(gm, tuple(example_inputs), dict(example_kwargs or {}))
     flat = flat_example_inputs(gm, args, kwargs)
     fn = _generator_backend(backend)

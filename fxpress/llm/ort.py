@@ -277,7 +277,7 @@ def check_against_ir(lm, gm, ids: torch.Tensor) -> dict:
     """SQNR (dB) of the artefact's prefill logits and of a prefill + one-step decode against the
     IR's full-sequence logits on `ids` (batch 1)."""
     with torch.no_grad():
-        ref = gm(ids).logits
+        ref = gm(*complete_call(gm, (ids,), {})[0]).logits  # a reloaded IR may lack the hook
         full = lm(ids).logits
         state = lm.start(ids.shape[0], ids.shape[1])
         lm.step(state, ids[:, :-1], torch.ones_like(ids[:, :-1]),

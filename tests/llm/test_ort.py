@@ -164,3 +164,14 @@ def test_real_smollm2_int4_folder_generates_in_onnxruntime_genai(tmp_path):
     got = _genai_greedy(folder, x, 16)
     n = next((i + 1 for i, t in enumerate(want) if t in lm.spec.eos_token_id), len(want))
     assert got[:n] == want[:n]
+
+
+def test_a_reloaded_compressed_lm_lowers_and_generates(tmp_path):
+    """cm.save -> fxpress.load -> lower: the reloaded IR (no forward hooks) is still a causal LM
+    whose ORT decoder generates the original's tokens."""
+    cm = fxpress.compress(tiny_lm("llama"), (ids(1, 6),), fxpress.WeightOnly(bits=4, group_size=32))
+    cm.save(tmp_path / "lm.fxp")
+    again = fxpress.load(tmp_path / "lm.fxp")
+    x = ids(1, 7, seed=9)
+    want = fxpress.lower(cm, "onnxruntime").generate(x, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(fxpress.lower(again, "onnxruntime").generate(x, max_new_tokens=6, eos_token_id=[]), want)
