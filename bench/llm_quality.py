@@ -53,6 +53,9 @@ ROWS = {
         bits=4, group_size=128, method="gptq", act_order=True, symmetric=False)),
     "awq_asym": ("int4 g128 AWQ asymmetric", lambda: fxpress.WeightOnly(
         bits=4, group_size=128, method="awq", symmetric=False)),
+    "awq_keeplast": ("int4 g128 AWQ asymmetric, last down_proj float", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="awq", symmetric=False,
+        skip=("lm_head", "model.layers.29.mlp.down_proj"))),
     "rtn_g32": ("int4 g32 RTN (the GGUF's own blocks)", lambda: fxpress.WeightOnly(bits=4, group_size=32)),
 }
 
