@@ -14,6 +14,14 @@ Each quantized row is the HF model with the IR's effective weights (fxpress.llm.
 effective_model): the numerics of the compressed IR, independent of a backend. Bars (issue 25):
 int8 identical to fp32 for all new tokens on >= 8 of 10 prompts; int4 g128 GPTQ or AWQ
 perplexity within +3 % of fp32 and below RTN's.
+
+Measured 2026-12-07 (this script, 4096 tokens, 10 prompts x 64 tokens; fp32 perplexity 11.722):
+int8 per row RTN +0.47 %, all 64 tokens equal on 0/10 (first difference at 31 0 5 9 36 16 11 30
+27 0); int8 per row GPTQ +0.29 %, 1/10; int8 with the last down_proj float +0.39 %, 0/10. int4
+g128: RTN +63.3 % (asymmetric +38.1 %), GPTQ +33.9 % (act-order asymmetric +11.3 %), AWQ +30.6 %
+(asymmetric +21.7 %). Plain int8-per-row RTN applied to the HF weights outside fxpress gives the
+same picture (last-position logits 26.9 dB vs fp32; bf16 weights 47 dB): this model's greedy
+choices often have near-ties (prompt 2's first token: top-2 logits 29.458 / 29.413).
 """
 from __future__ import annotations
 
