@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import InputError, LoweringError
+from .errors import InputError
 from .utils import quiet_torch
 
 __all__ = ["save", "load", "state_of", "from_state", "FORMAT", "SUFFIXES", "check_suffix",
-           "quiet_torch", "spec_metadata", "specs_from_metadata"]
+           "quiet_torch"]
 
 FORMAT = "fxpress.CompressedModel"
 VERSION = 1
@@ -371,82 +370,14 @@ def load(path, **options: Any):
         raise InputError(f"{p}: no such file or folder", input_name="path")
     if p.is_dir():
         if (p / "genai_config.json").exists():
-            return _load_genai_folder(p, **options)
+            from .backends.artefacts import load_genai_folder
+            return load_genai_folder(p, **options)
         raise InputError(f"{p}: a folder fxpress can load holds genai_config.json (ORT GenAI)",
                          input_name="path")
-    kind = _kind(p)
+    from .backends import artefacts
+    kind = artefacts.kind_of(p)
     if kind == "compressed":
         with quiet_torch():
             state = torch.load(p, weights_only=False, map_location="cpu")
         return from_state(state)
-    from .backends import artefacts
     return artefacts.load(p, kind, **options)
-
-
-def _kind(p: Path) -> str:
-    head = p.open("rb").read(4)
-    if head[:2] == b"PK":
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and \
-                not any("/aotinductor/" in n or "/models/" in n for n in names):
-            return "compressed"
-        if any("/aotinductor/" in n for n in names):
-            return "aoti"
-        if any("/models/" in n or n.startswith("models/") for n in names):
-            return "export"
-    if head == b"\x7fELF" or p.suffix in (".so", ".dylib", ".dll"):
-        return "tvm"
-    if p.suffix == ".onnx" or _looks_onnx(p):
-        return "onnx"
-    raise InputError(f"{p}: not a file fxpress can load (a CompressedModel file, .onnx, "
-                     ".pt2 from AOTInductor or torch.export, TVM .so, or an ORT GenAI folder)",
-                     input_name="path")
-
-
-def _looks_onnx(p: Path) -> bool:
-    try:
-        import onnx
-        onnx.load(str(p), load_external_data=False)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _load_genai_folder(p: Path, **options):
-    try:
-        from .llm import load_genai_folder  # llm-ort's loader
-    except ImportError as e:
-        raise LoweringError(f"{p}: an ORT GenAI folder; this fxpress build has no "
-                            f"fxpress.llm.load_genai_folder ({e})") from e
-    return load_genai_folder(p, **options)
-
-
-# ------------------------------------------------------------------ metadata for artefacts
-def spec_metadata(lowered) -> dict[str, str]:
-    """String metadata an artefact carries so `load` can check calls and rebuild outputs:
-    the signature and the pytree specs of `lowered` (a Lowered)."""
-    import json
-    sig = [{"name": s.name, "dtype": None if s.dtype is None else str(s.dtype).replace("torch.", ""),
-            "shape": list(s.shape), "index_range": s.index_range} for s in lowered.signature.inputs]
-    out = {"fxpress.signature": json.dumps(sig)}
-    for key, spec in (("fxpress.in_spec", lowered._in_spec), ("fxpress.out_spec", lowered._out_spec)):
-        d = _dumps_spec(spec)
-        if d is not None and d[0] == "json":
-            out[key] = d[1]
-    return out
-
-
-def specs_from_metadata(meta: dict[str, str]):
-    """(Signature | None, in_spec, out_spec) from `spec_metadata`'s strings."""
-    import json
-    from .ir.signature import InputSpec, Signature
-    sig = None
-    if "fxpress.signature" in meta:
-        sig = Signature(tuple(InputSpec(s["name"], None if s["dtype"] is None else getattr(torch, s["dtype"]),
-                                        tuple(s["shape"]),
-                                        tuple(s["index_range"]) if s.get("index_range") else None)
-                              for s in json.loads(meta["fxpress.signature"])))
-    ins = _loads_spec(("json", meta["fxpress.in_spec"])) if "fxpress.in_spec" in meta else None
-    outs = _loads_spec(("json", meta["fxpress.out_spec"])) if "fxpress.out_spec" in meta else None
-    return sig, ins, outs

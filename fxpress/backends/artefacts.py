@@ -18,7 +18,8 @@ import torch
 from ..errors import InputError, LoweringError
 from .base import Lowered
 
-__all__ = ["LoadedArtefact", "load"]
+__all__ = ["LoadedArtefact", "load", "kind_of", "load_genai_folder", "spec_metadata",
+           "specs_from_metadata"]
 
 _ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
                 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
@@ -60,7 +61,6 @@ def load(path: Path, kind: str, **options: Any):
 def _load_onnx(path: Path, threads: int | None = None, optimization: str = "all"):
     import onnx
 
-    from ..saving import specs_from_metadata
     from .onnxruntime import _Session
     model = onnx.load(str(path))
     sig, in_spec, out_spec = specs_from_metadata({p.key: p.value for p in model.metadata_props})
@@ -96,7 +96,7 @@ def _onnx_signature(model):
 
 
 def _load_aoti(path: Path, **options):
-    from ..saving import quiet_torch, specs_from_metadata
+    from ..saving import quiet_torch
     if options:
         raise InputError(f"an AOTInductor package takes no load options, got {sorted(options)}",
                          input_name=next(iter(options)))
@@ -119,7 +119,7 @@ def _load_export(path: Path, **options):
     import json
 
     from ..ir.signature import signature_from_placeholders
-    from ..saving import quiet_torch, specs_from_metadata
+    from ..saving import quiet_torch
     if options:
         raise InputError(f"a torch.export program takes no load options, got {sorted(options)}",
                          input_name=next(iter(options)))
@@ -137,3 +137,77 @@ def _load_export(path: Path, **options):
             out = module(*flat)
         return list(out) if isinstance(out, (list, tuple)) else [out]
     return LoadedArtefact("eager", run, sig, in_spec, out_spec, path)
+
+
+# ------------------------------------------------------------------ what a file holds
+def kind_of(p: Path) -> str:
+    """What a saved file holds: 'compressed', 'aoti', 'export', 'tvm' or 'onnx' (InputError else)."""
+    import zipfile
+    head = p.open("rb").read(4)
+    if head[:2] == b"PK":
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and \
+                not any("/aotinductor/" in n or "/models/" in n for n in names):
+            return "compressed"
+        if any("/aotinductor/" in n for n in names):
+            return "aoti"
+        if any("/models/" in n or n.startswith("models/") for n in names):
+            return "export"
+    if head == b"\x7fELF" or p.suffix in (".so", ".dylib", ".dll"):
+        return "tvm"
+    if p.suffix == ".onnx" or _looks_onnx(p):
+        return "onnx"
+    raise InputError(f"{p}: not a file fxpress can load (a CompressedModel file, .onnx, "
+                     ".pt2 from AOTInductor or torch.export, TVM .so, or an ORT GenAI folder)",
+                     input_name="path")
+
+
+def _looks_onnx(p: Path) -> bool:
+    try:
+        import onnx
+        onnx.load(str(p), load_external_data=False)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def load_genai_folder(p: Path, **options):
+    try:
+        from ..llm import load_genai_folder  # llm-ort's loader
+    except ImportError as e:
+        raise LoweringError(f"{p}: an ORT GenAI folder; this fxpress build has no "
+                            f"fxpress.llm.load_genai_folder ({e})") from e
+    return load_genai_folder(p, **options)
+
+
+# ------------------------------------------------------------------ metadata for artefacts
+def spec_metadata(lowered) -> dict[str, str]:
+    """String metadata an artefact carries so `load` can check calls and rebuild outputs:
+    the signature and the pytree specs of `lowered` (a Lowered)."""
+    import json
+    from ..saving import _dumps_spec
+    sig = [{"name": s.name, "dtype": None if s.dtype is None else str(s.dtype).replace("torch.", ""),
+            "shape": list(s.shape), "index_range": s.index_range} for s in lowered.signature.inputs]
+    out = {"fxpress.signature": json.dumps(sig)}
+    for key, spec in (("fxpress.in_spec", lowered._in_spec), ("fxpress.out_spec", lowered._out_spec)):
+        d = _dumps_spec(spec)
+        if d is not None and d[0] == "json":
+            out[key] = d[1]
+    return out
+
+
+def specs_from_metadata(meta: dict[str, str]):
+    """(Signature | None, in_spec, out_spec) from `spec_metadata`'s strings."""
+    import json
+    from ..ir.signature import InputSpec, Signature
+    from ..saving import _loads_spec
+    sig = None
+    if "fxpress.signature" in meta:
+        sig = Signature(tuple(InputSpec(s["name"], None if s["dtype"] is None else getattr(torch, s["dtype"]),
+                                        tuple(s["shape"]),
+                                        tuple(s["index_range"]) if s.get("index_range") else None)
+                              for s in json.loads(meta["fxpress.signature"])))
+    ins = _loads_spec(("json", meta["fxpress.in_spec"])) if "fxpress.in_spec" in meta else None
+    outs = _loads_spec(("json", meta["fxpress.out_spec"])) if "fxpress.out_spec" in meta else None
+    return sig, ins, outs

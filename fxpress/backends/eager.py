@@ -31,7 +31,8 @@ class EagerLowered(Lowered):
         ``fxpress.load`` (the model's calling convention) or ``torch.export.load`` (flat)."""
         import json
 
-        from ..saving import check_suffix, quiet_torch, spec_metadata
+        from ..saving import check_suffix, quiet_torch
+        from .artefacts import spec_metadata
         path = check_suffix(path, "eager")
         ep = export_program(self.flat, self.signature, self._out_spec, self.example_inputs)
         extra = {"fxpress.json": json.dumps(spec_metadata(self))}

@@ -126,7 +126,8 @@ class InductorLowered(Lowered):
         are the package's metadata). The package is compiled with freezing as the lowering was,
         but without the packed oneDNN convs (``fxpress::qconv2d`` is fxpress's C++ extension, not
         loadable without it): its int8 convs run on Inductor's own oneDNN kernels."""
-        from ..saving import check_suffix, quiet_torch, spec_metadata
+        from ..saving import check_suffix, quiet_torch
+        from .artefacts import spec_metadata
         from ..utils import atomic_write
         from .eager import export_program
         path = check_suffix(path, "inductor")

@@ -124,7 +124,8 @@ class OrtLowered(Lowered):
     def save(self, path):
         """Write the .onnx (portable QDQ form; ORT fuses it again when it loads it). Its
         ``metadata_props`` carry the signature and pytree specs ``fxpress.load`` reads back."""
-        from ..saving import check_suffix, spec_metadata
+        from ..saving import check_suffix
+        from .artefacts import spec_metadata
         path = check_suffix(path, "onnxruntime")
         model = onnx.ModelProto()
         model.CopyFrom(self.onnx_model)
