@@ -147,10 +147,23 @@ def _inductor_row(n: fx.Node) -> LowerRow | None:
     return None
 
 
+def _as_inductor_compiles(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph-only copy (weights shared) in the form compile_inductor compiles: the residual
+    convs' Q/DQ that ``conv_add="auto"`` put in the IR dropped, so conv + add reads as one kernel."""
+    from ..passes.quant.fold import fuse_residual_quant
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    fuse_residual_quant(copy)
+    return copy
+
+
 def lowerability(gm: fx.GraphModule, backend: str = "onnxruntime") -> list[LowerRow]:
     """One row per quantized (or unlowerable) region of `gm`, in the user's module names."""
     check_choice("backend", backend, ["onnxruntime", "inductor"])
     rule = _ort_row if backend == "onnxruntime" else _inductor_row
+    if backend == "inductor":
+        gm = _as_inductor_compiles(gm)
     rows = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target in QUANT_OPS or n.target in (CHOOSE, Q_DYN):

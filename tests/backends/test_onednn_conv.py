@@ -43,7 +43,8 @@ def test_every_requantized_conv_runs_packed(resnet_ir):
     nodes_before = len(gm.graph.nodes)
     run = compile_inductor(gm, data[0], wrapper="python")
     assert run.report["packed_convs"] == "20 convs"
-    assert run.report["rewrites"] == {"onednn_packed_conv": 20}  # the stem is packed as it is
+    # the stem is packed as it is; conv_add="auto" residual Q/DQ dropped for conv + add fusion
+    assert run.report["rewrites"] == {"onednn_packed_conv": 20, "conv_add_fused": 8}
     k = run.report["kernels"]
     assert k["qconv_packed"] == 20 and k["qconv"] == 20 and k["qconv_binary"] == 8
     assert "qconv_prepack" not in k  # no conv left to Inductor's qconv lowering
