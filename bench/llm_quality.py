@@ -40,10 +40,13 @@ from fxpress.llm import quality as Q
 from fxpress.llm.models import load_smollm2
 
 # rows whose greedy agreement is measured by default (the int8 bar); --agree-all adds the rest
-AGREE = ("int8", "int8_g128", "int8_gptq", "int8_keeplast")
+AGREE = ("int8", "int8_g128", "int8_g32", "int8_g32_asym", "int8_gptq", "int8_keeplast")
 ROWS = {
     "int8": ("int8 per row (default)", lambda: fxpress.WeightOnly(bits=8)),
     "int8_g128": ("int8 g128", lambda: fxpress.WeightOnly(bits=8, group_size=128)),
+    "int8_g32": ("int8 g32", lambda: fxpress.WeightOnly(bits=8, group_size=32)),
+    "int8_g32_asym": ("int8 g32 asymmetric", lambda: fxpress.WeightOnly(bits=8, group_size=32,
+                                                                        symmetric=False)),
     "int8_gptq": ("int8 per row GPTQ", lambda: fxpress.WeightOnly(bits=8, method="gptq")),
     # the last layer's down_proj reads SmolLM2's largest activation outlier (|x| 477 on channel
     # 999 vs a median channel max of 3; ratio 157, 12-29 elsewhere): its column errors go straight
