@@ -51,7 +51,7 @@ def test_readme_has_python_blocks_and_marks_name_their_needs():
 
 
 def test_readme_fast_blocks_run(tmp_path, monkeypatch):
-    os.environ.setdefault("FXPRESS_PROGRESS", "0")
+    monkeypatch.setenv("FXPRESS_PROGRESS", os.environ.get("FXPRESS_PROGRESS", "0"))  # undone after
     _run([b for b in _blocks() if b[2] is None], tmp_path, monkeypatch)
     assert (tmp_path / "recipe.yaml").exists() and (tmp_path / "tour_int8.onnx").exists()
 
