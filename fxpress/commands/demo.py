@@ -62,6 +62,8 @@ def _kernels(run) -> str:
 
 
 def _size_kb(path: Path) -> float:
+    if path.is_dir():  # a saved folder (an ORT GenAI model): every file in it
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1024
     return path.stat().st_size / 1024 if path.exists() else float("nan")
 
 
@@ -282,7 +284,9 @@ def smollm2_demo(out_dir: Path, *, new_tokens: int) -> list[Row] | str:
         dt = time.perf_counter() - t
         n_new = int(out.shape[-1] - ids.shape[-1])
         texts[step] = tok.decode(out[0, ids.shape[-1]:], skip_special_tokens=True)
-        rows.append(Row(step, "onnxruntime", _params(cm), float("nan"), 0, 1e3 * dt / max(1, n_new),
+        folder = out_dir / f"smollm2_{'fp32' if recipe is None else 'int4'}"
+        gen.save(folder, tokenizer=tok)  # runs in onnxruntime_genai as it is
+        rows.append(Row(step, "onnxruntime", _params(cm), _size_kb(folder), 0, 1e3 * dt / max(1, n_new),
                         {"tokens/s": n_new / dt}, _kernels(gen)))
         print(f"  {step:34s} onnxruntime {n_new / dt:.1f} tokens/s: {texts[step]!r}", flush=True)
     return rows
