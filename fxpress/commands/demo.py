@@ -109,6 +109,30 @@ class _Reader:
         return next(self.it, None)
 
 
+class _Rows:
+    """One model's table: ``add(step, backend, cm_or_run, macs, params, path)`` lowers (or takes)
+    a model, saves it, scores it with `quality(run) -> dict`, prints one line and keeps the row
+    and the run (for the interleaved re-timing)."""
+
+    def __init__(self, quality: Callable, metric: str, fmt: str):
+        self.quality, self.metric, self.fmt = quality, metric, fmt
+        self.rows: list[Row] = []
+        self.runs: list = []
+
+    def __call__(self, step, backend, cm_or_run, macs, params, path, lower=True):
+        import fxpress
+        opts = {"spinning": False} if backend == "onnxruntime" else {}  # as the peers' sessions
+        run = fxpress.lower(cm_or_run, backend=backend, **opts) if lower else cm_or_run
+        if lower:
+            run._demo_cm = cm_or_run
+        size = _save(run, path) if lower else _size_kb(path)
+        q = self.quality(run)
+        self.rows.append(Row(step, backend, params, size, macs, float("nan"), q, _kernels(run)))
+        self.runs.append(run)
+        print(f"  {step:34s} {backend:12s} {self.metric} {q[self.metric]:{self.fmt}}", flush=True)
+        return run
+
+
 def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Row]:
     """Each backend's rows timed again together, in interleaved rounds (one load for all)."""
     from ..timing import interleaved_medians
@@ -144,19 +168,8 @@ def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
     int8 = fxpress.compress(model, example, fxpress.Quantize(mode="static"), calibration=batches)
     macs32, p32 = total_cost(fp32.graph_module).macs, _params(fp32)
     macs8, p8 = total_cost(int8.graph_module).macs, _params(int8)
-    rows, runs = [], []
-
-    def add(step, backend, cm_or_run, macs, params, path, lower=True):
-        opts = {"spinning": False} if backend == "onnxruntime" else {}  # as the peers' sessions
-        run = fxpress.lower(cm_or_run, backend=backend, **opts) if lower else cm_or_run
-        if lower:
-            run._demo_cm = cm_or_run
-        size = _save(run, path) if lower else _size_kb(path)
-        q = top1(run)
-        rows.append(Row(step, backend, params, size, macs, float("nan"), q, _kernels(run)))
-        runs.append(run)
-        print(f"  {step:34s} {backend:12s} top-1 agreement {q['top-1 agreement']:.3f}", flush=True)
-        return run
+    add = _Rows(top1, "top-1 agreement", ".3f")
+    rows, runs = add.rows, add.runs
 
     r32 = add("fp32", "onnxruntime", fp32, macs32, p32, out_dir / "effnet_fp32.onnx")
     add("fxpress int8 static", "onnxruntime", int8, macs8, p8, out_dir / "effnet_int8.onnx")
@@ -230,19 +243,8 @@ def minilm_demo(out_dir: Path, *, rounds: int, n_sentences: int) -> list[Row]:
                             calibration=calib)
     macs32, p32 = total_cost(fp32.graph_module).macs, _params(fp32)
     macs8, p8 = total_cost(int8.graph_module).macs, _params(int8)
-    rows, runs = [], []
-
-    def add(step, backend, cm_or_run, macs, params, path, lower=True):
-        opts = {"spinning": False} if backend == "onnxruntime" else {}  # as the peers' sessions
-        run = fxpress.lower(cm_or_run, backend=backend, **opts) if lower else cm_or_run
-        if lower:
-            run._demo_cm = cm_or_run
-        size = _save(run, path) if lower else _size_kb(path)
-        q = cosine(run)
-        rows.append(Row(step, backend, params, size, macs, float("nan"), q, _kernels(run)))
-        runs.append(run)
-        print(f"  {step:34s} {backend:12s} min cos {q['min cos']:.4f}", flush=True)
-        return run
+    add = _Rows(cosine, "min cos", ".4f")
+    rows, runs = add.rows, add.runs
 
     r32 = add("fp32", "onnxruntime", fp32, macs32, p32, out_dir / "minilm_fp32.onnx")
     add("fxpress int8 dynamic", "onnxruntime", int8, macs8, p8, out_dir / "minilm_int8.onnx")

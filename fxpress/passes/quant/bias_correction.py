@@ -22,10 +22,10 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401
 import torch.fx as fx
 
-from ...ir.meta import lineage, module_path, set_record
+from ...ir.meta import module_path
 from ..base import Pass, PassContext, PassResult
 from .calibrate import calibration_batches, check_batch
-from .convert import fetch_attr, register_tensor
+from .convert import constant_node, fetch_attr
 
 __all__ = ["BiasCorrection", "QUANTIZE_OPS", "DEQUANTIZE_OPS"]
 
@@ -169,14 +169,8 @@ def _add_to_bias(gm: fx.GraphModule, n: fx.Node, shift: torch.Tensor) -> bool:
         return False                                    # a computed bias: leave it
     old = fetch_attr(gm, bias.target) if bias is not None else torch.zeros_like(shift)
     new_bias = old.detach() + shift.to(old.dtype)
-    target = register_tensor(gm, f"{_owner(n.args[1])}bias_corrected", new_bias)
-    with gm.graph.inserting_before(n):
-        node = gm.graph.get_attr(target)
-    node.meta["val"] = new_bias
-    lin = lineage(n)
-    if lin is not None:
-        set_record(node, lin.derived("get_attr:bias_corrected"))
-    args[2] = node
+    args[2] = constant_node(gm, n, f"{_owner(n.args[1])}bias_corrected", new_bias,
+                            "get_attr:bias_corrected")
     n.args = tuple(args)
     return True
 

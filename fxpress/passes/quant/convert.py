@@ -26,7 +26,7 @@ from ..base import Pass, PassContext, PassResult
 from .insert_observers import observer_nodes
 from .weight_form import choose_form, host_features
 
-__all__ = ["ConvertToQDQ", "register_tensor", "fetch_attr"]
+__all__ = ["ConvertToQDQ", "constant_node", "register_tensor", "fetch_attr"]
 
 qd = torch.ops.quantized_decomposed
 
@@ -48,6 +48,20 @@ def register_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
         attr = f"{base}_{i}"
     mod.register_buffer(attr, value.detach().clone())
     return f"{owner}.{attr}" if owner else attr
+
+
+def constant_node(gm: fx.GraphModule, at: fx.Node, name: str, value: torch.Tensor,
+                  why: str = "get_attr") -> fx.Node:
+    """A get_attr of `value` (registered at dotted `name`, made unique) inserted before `at`,
+    with its ``val`` and the lineage of `at` (derived as `why`)."""
+    target = register_tensor(gm, name, value)
+    with gm.graph.inserting_before(at):
+        node = gm.graph.get_attr(target)
+    node.meta["val"] = value
+    lin = lineage(at)
+    if lin is not None:
+        set_record(node, lin.derived(why))
+    return node
 
 
 def _quantize_weight(w: torch.Tensor, scale, zp, spec: QuantSpec) -> torch.Tensor:

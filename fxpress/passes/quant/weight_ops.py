@@ -30,7 +30,7 @@ import torch.fx as fx
 from ...ir.meta import lineage, module_path, set_record
 from ..base import Pass, PassContext, PassResult
 from ..cleanup.constant_fold import _impure
-from .convert import fetch_attr, register_tensor
+from .convert import constant_node, fetch_attr
 
 __all__ = ["WeightOps", "constant_value"]
 
@@ -159,14 +159,7 @@ class WeightOps(Pass):
     @staticmethod
     def _constant(gm, at: fx.Node, src: fx.Node, value: torch.Tensor, suffix: str) -> fx.Node:
         """A get_attr (before `at`) of `value`, a buffer named after the parameter `src` reads."""
-        target = register_tensor(gm, _root_attr(src) + suffix, value.contiguous())
-        with gm.graph.inserting_before(at):
-            c = gm.graph.get_attr(target)
-        c.meta["val"] = value
-        lin = lineage(at)
-        if lin is not None:
-            set_record(c, lin.derived("get_attr"))
-        return c
+        return constant_node(gm, at, _root_attr(src) + suffix, value.contiguous())
 
     @staticmethod
     def _linear(gm, old: fx.Node, x: fx.Node, w: fx.Node, b: Any) -> None:
