@@ -214,6 +214,39 @@ def _dynamic_matmul(g: _Graph) -> int:
     return hits
 
 
+def _fit_weight_scale(g: _Graph, n, found, b: np.ndarray, sx: float):
+    """The weight scales under which `n`'s int32 bias fits its kernel (convert.bias_scale_floor):
+    the IR's own where they do (fxpress's ConvertToQDQ makes them fit), else those channels'
+    int8 weights requantized at the floor, in new initializers (an IR from elsewhere: torchao's
+    observers floor a dead channel's scale at 1.2e-7, and a -2.0 bias then wraps around the
+    int32 sum; the requantized weights move the output by < k * 64 / 2^30 of the bias).
+    None where that cannot be done (asymmetric weights, a weight read by other nodes)."""
+    from ...passes.quant.convert import bias_scale_floor
+    import torch
+    dq, q, s, z, axis = found
+    per_channel = axis is not None
+    if per_channel and (axis != 0 or s.size != b.size):
+        return s if s.size in (1, b.size) else None
+    k = int(np.prod(q.shape[1:])) if n.op_type == "Conv" else int(q.shape[0 if not g.attr(n, "transB", 0) else 1])
+    floor = bias_scale_floor(torch.from_numpy(np.array(b, np.float32)), sx, k).numpy()
+    sw = np.broadcast_to(s.reshape(-1), b.shape).astype(np.float32)
+    low = floor > sw
+    if not low.any():
+        return s
+    if z.any() or not g.only_user(dq.input[0], dq) or not g.only_user(dq.output[0], n):
+        return None
+    new_s = np.maximum(sw, floor).astype(np.float32) if per_channel else \
+        np.asarray(max(float(sw.max()), float(floor.max())), np.float32)
+    ratio = (s.reshape(-1) / new_s.reshape(-1)).reshape((-1,) + (1,) * (q.ndim - 1)) \
+        if per_channel else s / new_s
+    info = np.iinfo(q.dtype)
+    new_q = np.clip(np.round(q.astype(np.float64) * ratio), max(info.min, -127), info.max)
+    dq.input[0] = g.add_init(new_q.astype(q.dtype), "w_bias_fit")
+    dq.input[1] = g.add_init(new_s, "w_scale_bias_fit")
+    g.bias_fit = getattr(g, "bias_fit", 0) + int(low.sum())
+    return new_s
+
+
 def _bias_int32(g: _Graph) -> int:
     hits = 0
     for n in g.g.node:
@@ -228,7 +261,10 @@ def _bias_int32(g: _Graph) -> int:
         sx = g.const(xdq.input[1])
         if sx is None or sx.size != 1:
             continue
-        scale = (float(sx.reshape(())) * np.broadcast_to(found[2].reshape(-1), b.shape)).astype(np.float32)
+        sw = _fit_weight_scale(g, n, found, b, float(sx.reshape(())))
+        if sw is None:
+            continue  # the bias cannot be held in int32: the conv stays float (and exact)
+        scale = (float(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), b.shape)).astype(np.float32)
         if not (scale > 0).all():
             continue
         bq = np.clip(np.round(b / scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
@@ -316,6 +352,7 @@ def optimize_qdq(model: onnx.ModelProto, int8_weights: str = "s8") -> tuple[onnx
     hits = {"weight_transpose": _weight_transpose(g), "dynamic_matmul": _dynamic_matmul(g),
             "bias_int32": _bias_int32(g), "global_avg_pool": _global_avg_pool(g),
             "pad_into_conv": pad_into_conv(g)}
+    hits["bias_fit"] = getattr(g, "bias_fit", 0)  # weight channels requantized for the bias
     g.prune()  # the folded Pads must be gone before the unshuffle looks at its readers
     hits["space_to_depth"] = space_to_depth(g)
     g.prune()
