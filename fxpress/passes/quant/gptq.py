@@ -16,19 +16,26 @@ read the same tensor (q/k/v, gate/up) share one Hessian.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
 
 from .convert import fetch_attr
-from .weight_only import collect_linear_inputs, group_qparams, grouped, qrange, single_thread
+from .scale_search import qparams
+from .weight_only import (collect_linear_inputs, dequantize_groups, grouped, qrange,
+                          single_thread)
 
 __all__ = ["gptq_quantize", "gptq_targets", "hessians"]
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
                   symmetric: bool = True, damp: float = 0.01, act_order: bool = False,
-                  block: int = 128):
-    """(q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)]) of `w` [N, K] given H [K, K]."""
+                  block: int = 128, scale_search: str = "minmax"):
+    """(q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)]) of `w` [N, K] given H [K, K].
+
+    `scale_search` "mse": each group's clipping ratio minimises its rounding error weighted by
+    diag(H) (fxpress.passes.quant.scale_search), for static and dynamic groups alike."""
     w = w.detach().clone().float()
     h = hessian.detach().clone().float()
     n, k = w.shape
@@ -37,8 +44,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     static = act_order or group_size == -1
+    imp = torch.diag(h)[None] if scale_search == "mse" else None  # [1, K]: per-column weight
+    qp = functools.partial(qparams, bits=bits, symmetric=symmetric, search=scale_search)
     if static:  # scales from the original weights, in the original column order
-        scale, zp = group_qparams(grouped(w, group_size), bits, symmetric)
+        scale, zp = qp(grouped(w, group_size),
+                       importance=None if imp is None else grouped(imp, group_size))
     else:  # a last partial group (K not a multiple of g) is scaled from its real columns
         scale = torch.zeros(n, -(-k // g), dtype=w.dtype)
         zp = torch.zeros(n, -(-k // g), dtype=torch.int8)
@@ -52,11 +62,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(n, k, dtype=torch.int8)
     with single_thread():
-        _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block)
+        _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block, qp, imp)
     return q, scale.float(), zp
 
 
-def _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block):
+def _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block, qp, imp):
     """GPTQ's lazy-batch column loop, in place on w (compensated) / q / scale / zp."""
     k = w.shape[1]
     qmin, qmax = qrange(bits)
@@ -69,9 +79,9 @@ def _columns(w, hinv, q, scale, zp, perm, g, static, bits, symmetric, block):
             col = int(perm[i1 + i])
             grp = col // g
             if not static and col % g == 0:  # first column of a group: its scale from W now
-                s_, z_ = group_qparams(w1[:, i:i + g] if i + g <= i2 - i1 else
-                                       torch.cat([w1[:, i:], w[:, i2:i1 + i + g]], 1),
-                                       bits, symmetric)
+                s_, z_ = qp(w1[:, i:i + g] if i + g <= i2 - i1 else
+                            torch.cat([w1[:, i:], w[:, i2:i1 + i + g]], 1),
+                            importance=None if imp is None else imp[:, col:col + g])
                 scale[:, grp], zp[:, grp] = s_, z_
             s, z = scale[:, grp], zp[:, grp].float()
             qc = (torch.round(w1[:, i] / s) + z).clamp(qmin, qmax)
@@ -104,22 +114,29 @@ def hessians(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node]) -> dict[fx.No
 
 
 def gptq_targets(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node], stats: dict):
-    """Quantize every target linear with GPTQ; stats get the mean relative output error."""
-    hs = hessians(gm, ctx, cfg, targets)
+    """Quantize every target linear with GPTQ (true-sequential with ``cfg.sequential``); stats
+    get the mean relative output error on the calibration data."""
     out, errs = {}, []
-    for lin in targets:
-        if lin not in hs:
-            continue
+
+    def quantize(lin, h):
         w = fetch_attr(gm, lin.args[1].target).detach().float()
-        q, scale, zp = gptq_quantize(w, hs[lin], bits=cfg.bits, group_size=cfg.group_size,
+        q, scale, zp = gptq_quantize(w, h, bits=cfg.bits, group_size=cfg.group_size,
                                      symmetric=cfg.symmetric, damp=cfg.damp,
-                                     act_order=cfg.act_order, block=cfg.block)
+                                     act_order=cfg.act_order, block=cfg.block,
+                                     scale_search=cfg.scale_search)
         out[lin] = (q, scale, zp)
-        from .weight_only import dequantize_groups
-        d = (dequantize_groups(q, scale, zp, cfg.group_size) - w).double()
-        h = hs[lin]
+        dq = dequantize_groups(q, scale, zp, cfg.group_size)
+        d, wd, hd = (dq - w).double(), w.double(), h.double()
         # tr(D H D^T) / tr(W H W^T): the layer's relative output error on the calibration data
-        errs.append(float(torch.einsum("nk,kl,nl->", d, h, d) /
-                          torch.einsum("nk,kl,nl->", w.double(), h, w.double()).clamp(min=1e-30)))
+        errs.append(float(torch.einsum("nk,kl,nl->", d, hd, d) /
+                          torch.einsum("nk,kl,nl->", wd, hd, wd).clamp(min=1e-30)))
+        return dq
+
+    if cfg.sequential:
+        from .gptq_seq import sequential_gptq
+        sequential_gptq(gm, ctx, cfg, targets, quantize)
+    else:
+        for lin, h in hessians(gm, ctx, cfg, targets).items():
+            quantize(lin, h)
     stats["gptq_rel_output_error"] = sum(errs) / len(errs) if errs else 0.0
     return out

@@ -35,7 +35,7 @@ from .convert import fetch_attr, register_tensor
 
 __all__ = ["WeightOnly", "WeightOnlyQuant", "qrange", "group_qparams", "quantize_groups",
            "dequantize_groups", "grouped", "padded_k", "target_linears", "collect_linear_inputs",
-           "single_thread"]
+           "flat_calibration", "single_thread"]
 
 aten = torch.ops.aten
 BITS = (4, 8)
@@ -114,9 +114,11 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
     return (qg * scale.reshape(n, -1, 1)).reshape(n, -1)[:, :k]
 
 
-def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """Round-to-nearest: (q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)])."""
-    scale, zp = group_qparams(grouped(w, group_size), bits, symmetric)
+def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, search: str = "minmax"):
+    """Round-to-nearest: (q int8 [N, K], scale [N, ceil(K/g)], zp int8 [N, ceil(K/g)]);
+    `search` "mse" picks each group's clipping ratio (fxpress.passes.quant.scale_search)."""
+    from .scale_search import qparams
+    scale, zp = qparams(grouped(w, group_size), bits, symmetric, search)
     return quantize_groups(w, scale, zp, bits, group_size), scale, zp
 
 
@@ -139,6 +141,11 @@ class WeightOnly(RecipeEntry):
       by decreasing Hessian diagonal (with static groups), columns per compensation block.
     awq_grid: AWQ's number of scale exponents tried in [0, 1); awq_clip: also search a
       per-group clipping ratio on the calibration activations.
+    scale_search: "minmax" (scales from each group's range) or "mse" (each group's range shrunk
+      by the ratio in [0.5, 1] with the least rounding error, weighted by GPTQ's Hessian diagonal
+      under gptq; RTN and GPTQ; see fxpress.passes.quant.scale_search).
+    sequential: GPTQ only: each linear's Hessian from the outputs of the linears before it
+      already quantized (true-sequential, as AutoGPTQ/llm-compressor), not from the float model.
     calib_batches / calib_samples: how much calibration data to read (as Quantize).
     """
 
@@ -153,6 +160,8 @@ class WeightOnly(RecipeEntry):
     block: int = 128
     awq_grid: int = 20
     awq_clip: bool = True
+    scale_search: str = "minmax"
+    sequential: bool = False
     calib_batches: int | None = None
     calib_samples: int = 128
 
@@ -167,6 +176,11 @@ class WeightOnly(RecipeEntry):
         check_choice("symmetric", self.symmetric, (True, False))
         check_choice("act_order", self.act_order, (False, True))
         check_choice("awq_clip", self.awq_clip, (True, False))
+        check_choice("scale_search", self.scale_search, ("minmax", "mse"))
+        check_choice("sequential", self.sequential, (False, True))
+        if self.sequential and self.method != "gptq":
+            raise RecipeError(f"sequential=True is GPTQ's true-sequential order, not {self.method}'s",
+                              field="sequential", value=self.sequential, accepted=("gptq",))
         check_range("damp", self.damp, 0.0, 1.0, lo_open=True)
         check_range("block", self.block, 1)
         check_range("awq_grid", self.awq_grid, 1)
@@ -240,22 +254,27 @@ def _causal_lm_batch(gm: fx.GraphModule, batch, index: int) -> list | None:
 def collect_linear_inputs(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly,
                           targets: list[fx.Node], observe) -> int:
     """Feed calibration batches through the IR, calling observe(linear, x2d); returns batches."""
-    from .calibrate import calibration_batches, check_batch
-    if ctx.calibration is None:
-        raise CalibrationError(f"WeightOnly(method={cfg.method!r}) reads activations: pass "
-                               "compress(..., calibration=batches) (an iterable of input batches, "
-                               "e.g. 128 sequences of real text)")
     seen = 0
     with torch.no_grad():
-        for i, b in calibration_batches(ctx, cfg, required=True):
-            flat = _causal_lm_batch(gm, b, i)
-            if flat is None:
-                flat = check_batch(gm, b, i)
+        for flat in flat_calibration(gm, ctx, cfg):
             _Recorder(gm, targets, observe).run(*flat)
             seen += 1
     if seen == 0:
         raise CalibrationError("calibration is empty: the iterable gave no batches")
     return seen
+
+
+def flat_calibration(gm: fx.GraphModule, ctx: PassContext, cfg: WeightOnly):
+    """Each calibration batch as the IR's flat placeholder values (causal-LM token batches
+    completed); raises CalibrationError without calibration data."""
+    from .calibrate import calibration_batches, check_batch
+    if ctx.calibration is None:
+        raise CalibrationError(f"WeightOnly(method={cfg.method!r}) reads activations: pass "
+                               "compress(..., calibration=batches) (an iterable of input batches, "
+                               "e.g. 128 sequences of real text)")
+    for i, b in calibration_batches(ctx, cfg, required=True):
+        flat = _causal_lm_batch(gm, b, i)
+        yield check_batch(gm, b, i) if flat is None else flat
 
 
 def _rewrite(gm: fx.GraphModule, lin: fx.Node, q: torch.Tensor, scale: torch.Tensor,
@@ -340,7 +359,7 @@ class WeightOnlyQuant(Pass):
             results = {}
             for lin in targets:
                 w = fetch_attr(gm, lin.args[1].target).detach().float()
-                results[lin] = rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)
+                results[lin] = rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.scale_search)
         for lin, (q, scale, zp) in results.items():
             _rewrite(gm, lin, q, scale, zp, cfg)
         gm.graph.lint()
