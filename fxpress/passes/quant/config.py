@@ -110,6 +110,9 @@ class Quantize(RecipeEntry):
     bias_correction: static: add E[y_fp] - E[y_q] (per output channel, measured on the
       calibration batches, layer by layer) to each int8 conv/linear bias
       (passes/quant/bias_correction.py; report["bias_correction"] per layer).
+    adaround: static: learn each int8 conv/linear weight's rounding (up or down) on the
+      calibration data (AdaRound; passes/quant/adaround.py; report["adaround"] per layer).
+      False (default) | True (500 iterations per layer) | an iteration count.
     float_policy: static: "auto" (default): per-node sensitivity on the calibration batches
       keeps float the nodes whose int8 form alone costs far more than the rest (residual adds,
       LayerNorm/softmax inputs, attention scores, a linear on GELU outliers; rule in
@@ -149,6 +152,7 @@ class Quantize(RecipeEntry):
     bias_correction: bool = False
     equalize: bool = False
     float_outputs: bool = False
+    adaround: bool | int = False
 
     def __post_init__(self):
         check_choice("mode", self.mode, ("static", "dynamic", "qat"))
@@ -243,6 +247,14 @@ class Quantize(RecipeEntry):
         if self.bias_correction and self.mode != "static":
             raise RecipeError("bias correction measures calibrated (static) int8 layers",
                               field="bias_correction", value=self.bias_correction)
+        if not isinstance(self.adaround, bool):
+            if not isinstance(self.adaround, int):
+                raise RecipeError("adaround is False, True or an iteration count", field="adaround",
+                                  value=self.adaround, accepted=[False, True, "an int >= 1"])
+            check_range("adaround", self.adaround, 1)
+        if self.adaround is not False and self.mode != "static":
+            raise RecipeError("AdaRound learns roundings on calibrated (static) int8 layers",
+                              field="adaround", value=self.adaround)
 
     # -- what the passes read ---------------------------------------------------------
     def specs_for(self, module: str, *, transformer: bool = False
@@ -319,6 +331,10 @@ class Quantize(RecipeEntry):
             if self.sensitivity or self.keep_float or self.guard_metric is not None \
                     or self.float_policy == "auto":
                 passes.append(Sensitivity(self))
+        if self.adaround is not False and self.mode == "static":
+            from .adaround import DEFAULT_ITERATIONS, AdaRound
+            passes.append(AdaRound(self, iterations=DEFAULT_ITERATIONS if self.adaround is True
+                                   else int(self.adaround)))
         if self.bias_correction and self.mode == "static":
             from .bias_correction import BiasCorrection
             passes.append(BiasCorrection(self))
