@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["photo_paths", "photos", "photo_crops", "photo_sets", "efficientnet_lite0",
+__all__ = ["photo_paths", "photos", "photo_crops", "photo_sets", "photo_train", "efficientnet_lite0",
            "EFFICIENTNET_MEAN_STD", "agreement", "fashion_mnist", "FASHION_MNIST_DIR"]
 
 EFFICIENTNET_MEAN_STD = (0.5, 0.5)      # (x/255 - 0.5) / 0.5, the TF Lite model's own input
@@ -95,6 +95,17 @@ def photo_sets(n_calib: int = 32, n_eval: int = 96, size: int = 224, *, seed: in
     mean, std = mean_std
     x = (x / 255.0 - mean) / std
     return x[:n_calib].contiguous(), x[n_calib:].contiguous()
+
+
+def photo_train(n: int, size: int = 160, *, seed: int = 1,
+                mean_std: tuple[float, float] = EFFICIENTNET_MEAN_STD) -> torch.Tensor:
+    """(n, 3, size, size) normalized training crops: other random windows, scales and flips than
+    photo_sets' (another seed, by default at 160 px), for fine-tuning; never evaluate on them."""
+    if seed == 0:
+        raise InputError("photo_train: seed 0 draws photo_sets' calibration/evaluation crops; "
+                         "use another seed")
+    mean, std = mean_std
+    return ((photo_crops(n, size, seed=seed) / 255.0 - mean) / std).contiguous()
 
 
 def efficientnet_lite0() -> nn.Module:

@@ -146,7 +146,8 @@ def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Ro
 
 
 # ------------------------------------------------------------------------------ EfficientNet
-def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
+def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int, prune_ratio: float = 0.25,
+                      prune_steps: int = 60) -> list[Row]:
     import fxpress
     from ..passes.analysis.cost import total_cost
     from ..real import agreement, efficientnet_lite0, photo_sets
@@ -176,9 +177,30 @@ def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int) -> list[Row]:
     peer = _ort_quantize_static(out_dir / "effnet_fp32.onnx", out_dir / "effnet_ort_qs.onnx",
                                 r32.session.input_names, batches)
     add("peer: ORT quantize_static", "onnxruntime", _OrtFile(peer), macs8, p8, peer, lower=False)
+    if prune_steps >= 0:
+        pq, step = _pruned_int8(model, example, batches, prune_ratio, prune_steps)
+        add(step, "onnxruntime", pq, total_cost(pq.graph_module).macs, _params(pq),
+            out_dir / "effnet_pruned_int8.onnx")
     add("fp32", "inductor", fp32, macs32, p32, out_dir / "effnet_fp32_inductor.pt2")
     add("fxpress int8 static", "inductor", int8, macs8, p8, out_dir / "effnet_int8_inductor.pt2")
     return _retime(rows, runs, example, rounds)
+
+
+def _pruned_int8(model, example, calibration, ratio: float, steps: int):
+    """Pruned (blocks 6-15's expansion channels), recovered from the fp32 teacher, static int8."""
+    from ..real import photo_train
+    from .demo_prune import EFFNET_CAPS, EFFNET_HINTS, pruned_int8
+    train = photo_train(128, 160, seed=1)  # other crops than calibration's and evaluation's
+    bn = photo_train(32, 224, seed=2)
+    log: dict = {}
+    t = time.perf_counter()
+    cm = pruned_int8(model, example, calibration=calibration,
+                     train=[(train[i:i + 16],) for i in range(0, 128, 16)],
+                     bn=[(bn[i:i + 16],) for i in range(0, 32, 16)], ratio=ratio, caps=EFFNET_CAPS,
+                     hints=EFFNET_HINTS, steps=steps, log=log)
+    how = f"{steps} distillation steps" if steps else "BN re-estimation only"
+    print(f"    (pruned + recovered + quantized in {time.perf_counter() - t:.0f} s: {log})", flush=True)
+    return cm, f"fxpress pruned {ratio:.0%} + {how} + int8 static"
 
 
 def _ort_quantize_static(src: Path, dst: Path, names: list[str], batches: list) -> Path:
@@ -299,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="folder for tables, artefacts and the plot")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds per latency (median)")
     p.add_argument("--images", type=int, default=96, help="held-out photo crops for agreement")
+    p.add_argument("--prune-ratio", type=float, default=0.25,
+                   help="EfficientNet: share of blocks 6-15's expansion channels removed")
+    p.add_argument("--prune-steps", type=int, default=60,
+                   help="distillation steps recovering the pruned EfficientNet (0: BN re-estimation "
+                        "only; -1: no pruned row)")
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32, help="SmolLM2 tokens generated per row")
     p.add_argument("--skip", action="append", default=[], choices=["efficientnet", "minilm", "smollm2"],
@@ -312,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     series: dict[str, tuple[list[Row], str]] = {}
     results: dict[str, list] = {}
     if "efficientnet" not in args.skip:
-        rows = efficientnet_demo(out, rounds=args.rounds, n_eval=args.images)
+        rows = efficientnet_demo(out, rounds=args.rounds, n_eval=args.images,
+                                 prune_ratio=args.prune_ratio, prune_steps=args.prune_steps)
         md += [f"## EfficientNet-Lite0 (ImageNet weights; top-1 agreement with fp32 on {args.images} "
                "crops of real photos; batch 1)", "", table(rows, ["top-1 agreement"]), "",
                *_speedups(rows), ""]
