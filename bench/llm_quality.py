@@ -40,7 +40,8 @@ from fxpress.llm import quality as Q
 from fxpress.llm.models import load_smollm2
 
 # rows whose greedy agreement is measured by default (the int8 bar); --agree-all adds the rest
-AGREE = ("int8", "int8_g128", "int8_g32", "int8_g32_asym", "int8_gptq", "int8_keeplast")
+AGREE = ("int8", "int8_g128", "int8_g32", "int8_g32_asym", "int8_gptq", "int8_keeplast",
+         "int8_gptq_seq", "int8_g32_gptq_seq")
 ROWS = {
     "int8": ("int8 per row (default)", lambda: fxpress.WeightOnly(bits=8)),
     "int8_g128": ("int8 g128", lambda: fxpress.WeightOnly(bits=8, group_size=128)),
@@ -68,7 +69,25 @@ ROWS = {
         bits=4, group_size=128, method="awq", symmetric=False,
         skip=("lm_head", "model.layers.29.mlp.down_proj"))),
     "rtn_g32": ("int4 g32 RTN (the GGUF's own blocks)", lambda: fxpress.WeightOnly(bits=4, group_size=32)),
+    # session 8: per-group MSE scale search, true-sequential GPTQ (and both)
+    "rtn_mse": ("int4 g128 RTN asymmetric, mse scales", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, symmetric=False, scale_search="mse")),
+    "gptq_mse": ("int4 g128 GPTQ act-order asymmetric, mse scales", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="gptq", act_order=True, symmetric=False,
+        scale_search="mse")),
+    "gptq_seq": ("int4 g128 GPTQ act-order asymmetric, sequential", lambda: fxpress.WeightOnly(
+        bits=4, group_size=128, method="gptq", act_order=True, symmetric=False, sequential=True)),
+    "gptq_seq_mse": ("int4 g128 GPTQ act-order asymmetric, sequential, mse scales",
+                     lambda: fxpress.WeightOnly(bits=4, group_size=128, method="gptq",
+                                                act_order=True, symmetric=False, sequential=True,
+                                                scale_search="mse")),
+    "int8_gptq_seq": ("int8 per row GPTQ act-order, sequential, mse scales", lambda: fxpress.WeightOnly(
+        bits=8, method="gptq", act_order=True, sequential=True, scale_search="mse")),
+    "int8_g32_gptq_seq": ("int8 g32 GPTQ act-order, sequential, mse scales", lambda: fxpress.WeightOnly(
+        bits=8, group_size=32, method="gptq", act_order=True, sequential=True, scale_search="mse")),
 }
+# rows lossless by construction on a dequantized Q4_1 model (its blocks of 32): never a bar
+BY_CONSTRUCTION = ("rtn_g32",)
 
 
 def main(argv=None):
@@ -80,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib", type=int, default=16, help="calibration sequences (GPTQ/AWQ)")
+    ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
     ap.add_argument("--quick", action="store_true", help="1024 tokens, 3 prompts, 16 new tokens")
     a = ap.parse_args(argv)
     if a.quick:
@@ -88,7 +109,7 @@ def main(argv=None):
     model, tok = load_smollm2()
     ids = Q.corpus_ids(tok)
     text = ids[:, : a.tokens]
-    cal = Q.calibration_batches(ids)
+    cal = Q.calibration_batches(ids, n=a.calib, seq_len=a.calib_len)
     prompts = Q.PROMPTS[: a.prompts]
     t = time.perf_counter()
     base = Q.perplexity(model, text)
@@ -109,24 +130,29 @@ def main(argv=None):
             agree, refs = Q.greedy_agreement(model, qm, tok, prompts, new_tokens=a.new_tokens,
                                              reference_tokens=refs)
             full = sum(x == a.new_tokens for x in agree)
-        rows.append((label, ppl, agree, full))
+        rows.append((key, label, ppl, agree, full))
         print(f"{label:40s} ppl {ppl:8.4f} ({100 * (ppl / base - 1):+6.2f} %)  "
               f"all {a.new_tokens} equal on {full}/{len(prompts)}  prefix {agree}  "
               f"(compress {tq:.0f} s)", flush=True)
-    print("\n| weights | perplexity | vs fp32 | prompts with all new tokens = fp32 | tokens equal before the first difference |")
+    print(f"\ncalibration {a.calib} x {a.calib_len} tokens")
+    print("| weights | perplexity | vs fp32 | prompts with all new tokens = fp32 | tokens equal before the first difference |")
     print("|---|---:|---:|---:|---|")
     print(f"| fp32 | {base:.3f} | | | |")
-    for label, ppl, agree, full in rows:
+    for _, label, ppl, agree, full in rows:
         print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f} % | "
               f"{'' if full is None else f'{full}/{len(agree)}'} | {' '.join(map(str, agree))} |")
-    got = {label: (ppl, full) for label, ppl, _, full in rows}
-    if "int8 per row (default)" in got:
-        print(f"bar int8 >= 8/10 identical: {got['int8 per row (default)'][1]}/{len(prompts)}")
-    best = min((got[k][0] for k in got if "GPTQ" in k or "AWQ" in k), default=None)
-    if best is not None and "int4 g128 RTN" in got:
-        print(f"bar int4 g128 GPTQ/AWQ: best {100 * (best / base - 1):+.2f} % vs fp32 (<= +3 %), "
-              f"RTN {100 * (got['int4 g128 RTN'][0] / base - 1):+.2f} %")
-
+    fair = [r for r in rows if r[0] not in BY_CONSTRUCTION]
+    int8 = [(full, label) for key, label, _, _, full in fair if key.startswith("int8") and full is not None]
+    if int8:
+        full, label = max(int8)
+        print(f"bar int8 >= 8/{len(prompts)} identical: best {full}/{len(prompts)} ({label})")
+    int4 = [(ppl, label) for key, label, ppl, _, _ in fair
+            if not key.startswith("int8") and ("GPTQ" in label or "AWQ" in label)]
+    rtn = [ppl for key, label, ppl, _, _ in fair if key.startswith("rtn")]
+    if int4 and rtn:
+        ppl, label = min(int4)
+        print(f"bar int4 g128 GPTQ/AWQ <= +3 %: best {100 * (ppl / base - 1):+.2f} % ({label}); "
+              f"best RTN {100 * (min(rtn) / base - 1):+.2f} %")
 
 if __name__ == "__main__":
     main()
