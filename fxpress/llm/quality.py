@@ -4,6 +4,7 @@
     ppl = perplexity(model, text_ids[:, :4096])            # sliding window (HF's recipe)
     qm = effective_model(model, cm)                        # the HF model with the IR's weights
     agree = greedy_agreement(model, qm, tok, PROMPTS)      # new tokens equal before the 1st difference
+    agree = forced_agreement(qm, tok, PROMPTS, refs)       # the same count, one forward per prompt
 
 The text: ``pydoc_data.topics`` -- the Python Language Reference sections that ``help()`` shows,
 shipped with every CPython (3.11.7 here: 79 topics, 465 k characters of English technical prose
@@ -26,7 +27,8 @@ import torch
 import torch.fx as fx
 
 __all__ = ["PROMPTS", "corpus_text", "corpus_ids", "calibration_batches", "perplexity",
-           "prefix_agreement", "greedy_agreement", "effective_model", "chat_prompt_ids"]
+           "prefix_agreement", "greedy_agreement", "greedy_tokens", "forced_agreement", "effective_model",
+           "chat_prompt_ids"]
 
 aten = torch.ops.aten
 
@@ -130,6 +132,27 @@ def greedy_agreement(reference, candidate, tokenizer, prompts=PROMPTS, *, new_to
             refs.append(_greedy(reference, ids, new_tokens))
         agree.append(prefix_agreement(refs[i], _greedy(candidate, ids, new_tokens)))
     return agree, refs
+
+
+def greedy_tokens(gen, tokenizer, prompts=PROMPTS, new_tokens: int = 64) -> list:
+    """Greedy new tokens (EOS ignored) of an HF model or Generator for each chat-formatted prompt."""
+    return [_greedy(gen, chat_prompt_ids(tokenizer, p), new_tokens) for p in prompts]
+
+
+@torch.no_grad()
+def forced_agreement(candidate, tokenizer, prompts, reference_tokens: list) -> list[int]:
+    """`greedy_agreement` in one forward per prompt: the candidate (an HF model or a callable
+    returning logits) reads each prompt followed by the reference's greedy new tokens; the count
+    is the first position whose argmax differs from the reference token. Equal to the greedy
+    prefix agreement (up to that position both generations read the same tokens) up to the
+    float rounding of a full-sequence forward vs cached decoding."""
+    agree = []
+    for p, ref in zip(prompts, reference_tokens):
+        ids = chat_prompt_ids(tokenizer, p)
+        out = candidate(torch.cat([ids, ref[None].to(ids.dtype)], 1))
+        logits = getattr(out, "logits", out)[0, ids.shape[1] - 1: ids.shape[1] - 1 + ref.numel()]
+        agree.append(prefix_agreement(ref, logits.argmax(-1)))
+    return agree
 
 
 def _awq_inv_scale(gm: fx.GraphModule, lin: fx.Node) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """fxpress.llm.quality: sliding-window perplexity, prefix agreement, the IR's effective weights."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -91,3 +92,20 @@ def test_real_smollm2_int8_keeps_greedy_tokens():
     qm = Q.effective_model(model, cm)
     agree, _ = Q.greedy_agreement(model, qm, tok, Q.PROMPTS[:3], new_tokens=32)
     assert sum(a == 32 for a in agree) >= 2, agree
+
+
+def test_forced_agreement_equals_greedy_agreement():
+    """One teacher-forced forward per prompt gives greedy_agreement's counts (a perturbed model
+    that departs from fp32 somewhere in 12 tokens, and the model itself)."""
+    lm = _tiny_llama()
+    other = copy.deepcopy(lm)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = Q.PROMPTS[:4]
+    refs = Q.greedy_tokens(lm, _Tok(), prompts, new_tokens=12)
+    assert all(r.numel() == 12 for r in refs)
+    want, _ = Q.greedy_agreement(lm, other, _Tok(), prompts, new_tokens=12, reference_tokens=refs)
+    got = Q.forced_agreement(other, _Tok(), prompts, refs)
+    assert got == want and min(want) < 12, (got, want)
+    assert Q.forced_agreement(lm, _Tok(), prompts, refs) == [12] * 4
