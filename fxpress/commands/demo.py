@@ -191,14 +191,13 @@ def _pruned_int8(model, example, calibration, ratio: float, steps: int):
     from ..real import photo_train
     from .demo_prune import EFFNET_CAPS, EFFNET_HINTS, pruned_int8
     train = photo_train(128, 160, seed=1)  # other crops than calibration's and evaluation's
-    bn = photo_train(32, 224, seed=2)
     log: dict = {}
     t = time.perf_counter()
     cm = pruned_int8(model, example, calibration=calibration,
                      train=[(train[i:i + 16],) for i in range(0, 128, 16)],
-                     bn=[(bn[i:i + 16],) for i in range(0, 32, 16)], ratio=ratio, caps=EFFNET_CAPS,
+                     bn=None, ratio=ratio, caps=EFFNET_CAPS,
                      hints=EFFNET_HINTS, steps=steps, log=log)
-    how = f"{steps} distillation steps" if steps else "BN re-estimation only"
+    how = f"{steps} distillation steps" if steps else "no recovery"
     print(f"    (pruned + recovered + quantized in {time.perf_counter() - t:.0f} s: {log})", flush=True)
     return cm, f"fxpress pruned {ratio:.0%} + {how} + int8 static"
 
@@ -324,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prune-ratio", type=float, default=0.25,
                    help="EfficientNet: share of blocks 6-15's expansion channels removed")
     p.add_argument("--prune-steps", type=int, default=60,
-                   help="distillation steps recovering the pruned EfficientNet (0: BN re-estimation "
-                        "only; -1: no pruned row)")
+                   help="distillation steps recovering the pruned EfficientNet (0: none; -1: no "
+                        "pruned row)")
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32, help="SmolLM2 tokens generated per row")
     p.add_argument("--skip", action="append", default=[], choices=["efficientnet", "minilm", "smollm2"],

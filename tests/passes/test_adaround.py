@@ -39,7 +39,8 @@ def stem():
     net = _Stem(efficientnet_lite0()).eval()
     x = (photo_crops(48, size=64) / 255.0 - 0.5) / 0.5
     calib = [(x[i:i + 4],) for i in range(0, 32, 4)]
-    cfg = {"mode": "static", "calib_samples": 32, "float_policy": "off"}
+    # AdaRound against nearest rounding, both without the default bias correction of depthwise nets
+    cfg = {"mode": "static", "calib_samples": 32, "float_policy": "off", "bias_correction": False}
     near = fxpress.compress(net, calib[0], fxpress.Quantize(**cfg), calibration=calib)
     ada = fxpress.compress(net, calib[0], fxpress.Quantize(**cfg, adaround=300), calibration=calib)
     return net, x[32:], near, ada
@@ -88,7 +89,7 @@ def small():
     m = _ConvHead().eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     calib = _data(8, 1)
-    cfg = {"mode": "static", "observer": "minmax"}
+    cfg = {"mode": "static", "observer": "minmax", "bias_correction": False}  # AdaRound alone
     near = fxpress.compress(m, calib[0], fxpress.Quantize(**cfg), calibration=calib)
     ada = fxpress.compress(m, calib[0], fxpress.Quantize(**cfg, adaround=200), calibration=calib)
     return m, before, near, ada

@@ -12,6 +12,9 @@ AIMET's empirical bias correction). Per-layer rows (shift, output SQNR vs
 float before and after) land in ``report["bias_correction"]``.
 
     fxpress.Quantize(mode="static", bias_correction=True)
+
+The default, ``bias_correction="auto"``, runs it on static graphs with a depthwise conv and
+calibration data (`auto_skip` says why not elsewhere: the pass's stats["skipped"]).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ..base import Pass, PassContext, PassResult
 from .calibrate import calibration_batches, check_batch
 from .convert import constant_node, fetch_attr
 
-__all__ = ["BiasCorrection", "QUANTIZE_OPS", "DEQUANTIZE_OPS"]
+__all__ = ["BiasCorrection", "QUANTIZE_OPS", "DEQUANTIZE_OPS", "auto_skip", "depthwise_convs"]
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -109,12 +112,17 @@ class BiasCorrection(Pass):
 
     name: ClassVar[str] = "quant_bias_correction"
     config: Any = None
+    auto: bool = False   # Quantize(bias_correction="auto"): only where `auto_skip` finds no reason
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         import copy
 
         from .convert import ConvertToQDQ
         cfg = self.config
+        why = auto_skip(gm, ctx, cfg) if self.auto else None
+        if why is not None:
+            ctx.report["bias_correction"] = []
+            return PassResult(gm, False, {"corrected": 0, "skipped": why})
         batches = []
         for i, b in calibration_batches(ctx, cfg, required=True):
             check_batch(gm, b, i)
@@ -159,6 +167,50 @@ class BiasCorrection(Pass):
         after = _sqnr(fp_vals[n.name], torch.cat([y.flatten() for y in run.env[n]]))
         rows.append({"layer": module_path(node) or node.name, "max_abs_shift": float(shift.abs().max()),
                      "sqnr_before_db": round(before, 2), "sqnr_after_db": round(after, 2)})
+
+
+def _groups(n: fx.Node) -> int:
+    if n.target is aten.convolution.default:
+        return int(n.args[8]) if len(n.args) > 8 else 1
+    return int(n.args[6]) if len(n.args) > 6 else int(n.kwargs.get("groups", 1))
+
+
+def depthwise_convs(gm: fx.GraphModule) -> int:
+    """Convs with one input channel per group (groups > 1) whose weight is a constant."""
+    count = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (aten.conv1d.default, aten.conv2d.default,
+                                                       aten.conv3d.default, aten.convolution.default):
+            continue
+        w = n.args[1] if len(n.args) > 1 else None
+        while isinstance(w, fx.Node) and w.op != "get_attr" and w.args:  # observer / dequantize
+            w = w.args[0]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and _groups(n) > 1 \
+                and fetch_attr(gm, w.target).shape[1] == 1:
+            count += 1
+    return count
+
+
+def auto_skip(gm: fx.GraphModule, ctx: PassContext, cfg: Any = None) -> str | None:
+    """Why `bias_correction="auto"` leaves `gm` alone, or None to correct it.
+
+    On: static graphs with a depthwise conv, where 9 (or 25) int8 weights per channel shift the
+    output mean most (measured, real EfficientNet-Lite0 on 96 real-photo crops: the IR's logits
+    17.7 -> 24.0 dB vs fp32, top-1 agreement 90.6 -> 94.8 %; CLE alone 17.6 dB: it stays opt-in).
+    Off without calibration data (the example is too few samples for a mean), under a process
+    group (ranks would correct on different shards) and with AdaRound on (`cfg.adaround`)."""
+    from ... import distributed
+    if cfg is not None and getattr(cfg, "adaround", False) is not False:
+        # measured on a small depthwise net: AdaRound then bias correction 14.3 dB vs fp32,
+        # bias correction alone 18.4 dB; True still runs both
+        return "adaround is on"
+    if ctx.calibration is None:
+        return "no calibration data"
+    if distributed.world() is not None:
+        return "under a process group"
+    if not depthwise_convs(gm):
+        return "no depthwise conv"
+    return None
 
 
 def _add_to_bias(gm: fx.GraphModule, n: fx.Node, shift: torch.Tensor) -> bool:

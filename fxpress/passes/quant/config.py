@@ -109,7 +109,9 @@ class Quantize(RecipeEntry):
       from calibrated channel ranges (passes/quant/cle.py; report["cle"] per pair).
     bias_correction: static: add E[y_fp] - E[y_q] (per output channel, measured on the
       calibration batches, layer by layer) to each int8 conv/linear bias
-      (passes/quant/bias_correction.py; report["bias_correction"] per layer).
+      (passes/quant/bias_correction.py; report["bias_correction"] per layer). "auto"
+      (default): on for static graphs with a depthwise conv and calibration data
+      (bias_correction.auto_skip); True: always (static); False: off.
     adaround: static: learn each int8 conv/linear weight's rounding (up or down) on the
       calibration data (AdaRound; passes/quant/adaround.py; report["adaround"] per layer).
       False (default) | True (500 iterations per layer) | an iteration count.
@@ -149,7 +151,7 @@ class Quantize(RecipeEntry):
     freeze_bn_after: int = 200
     freeze_observer_after: int = 400
     pads: str = "int8"
-    bias_correction: bool = False
+    bias_correction: bool | str = "auto"
     equalize: bool = False
     float_outputs: bool = False
     adaround: bool | int = False
@@ -238,13 +240,13 @@ class Quantize(RecipeEntry):
         check_range("freeze_bn_after", self.freeze_bn_after, 0)
         check_range("freeze_observer_after", self.freeze_observer_after, 0)
         check_choice("pads", self.pads, ("int8", "float"))
-        check_choice("bias_correction", self.bias_correction, (False, True))
+        check_choice("bias_correction", self.bias_correction, (False, True, "auto"))
         check_choice("equalize", self.equalize, (False, True))
         check_choice("float_outputs", self.float_outputs, (False, True))
         if self.equalize and self.mode != "static":
             raise RecipeError("cross-layer equalization uses calibrated (static) ranges",
                               field="equalize", value=self.equalize)
-        if self.bias_correction and self.mode != "static":
+        if self.bias_correction is True and self.mode != "static":
             raise RecipeError("bias correction measures calibrated (static) int8 layers",
                               field="bias_correction", value=self.bias_correction)
         if not isinstance(self.adaround, bool):
@@ -337,7 +339,7 @@ class Quantize(RecipeEntry):
                                    else int(self.adaround)))
         if self.bias_correction and self.mode == "static":
             from .bias_correction import BiasCorrection
-            passes.append(BiasCorrection(self))
+            passes.append(BiasCorrection(self, auto=self.bias_correction == "auto"))
         passes.append(ConvertToQDQ(weight_range=self.weight_range))
         if self.pads == "int8":
             passes.append(PadInInt8())

@@ -23,7 +23,7 @@ def _quantize(m, **kw):
 def nets():
     torch.manual_seed(0)
     m = SkewedDW().eval()
-    return m, _quantize(m), _quantize(m, bias_correction=True)
+    return m, _quantize(m, bias_correction=False), _quantize(m, bias_correction=True)
 
 
 def test_bias_correction_structure(nets):
