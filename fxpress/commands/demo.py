@@ -147,7 +147,7 @@ def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Ro
 
 # ------------------------------------------------------------------------------ EfficientNet
 def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int, prune_ratio: float = 0.25,
-                      prune_steps: int = 60) -> list[Row]:
+                      prune_steps: int = 80) -> list[Row]:
     import fxpress
     from ..passes.analysis.cost import total_cost
     from ..real import agreement, efficientnet_lite0, photo_sets
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=96, help="held-out photo crops for agreement")
     p.add_argument("--prune-ratio", type=float, default=0.25,
                    help="EfficientNet: share of blocks 6-15's expansion channels removed")
-    p.add_argument("--prune-steps", type=int, default=60,
+    p.add_argument("--prune-steps", type=int, default=80,
                    help="distillation steps recovering the pruned EfficientNet (0: none; -1: no "
                         "pruned row)")
     p.add_argument("--sentences", type=int, default=256)
