@@ -8,9 +8,7 @@ then computes ``linear(x * (1/s), Q(W * s))`` -- the same function before roundi
 salient input channels (large |x|) scaled up so they round finer. ``x * (1/s)`` is one float
 ``mul`` node before the linears (one per shared input; ORT and Inductor fuse it into the
 producer). With ``awq_clip`` each group's clipping range is then shrunk (grid over [0.5, 1])
-where that lowers the group's share of the output error (AutoAWQ's ``auto_clip``); with
-``awq_gptq`` the scaled weights ``W * s`` are quantized by GPTQ instead, on the Hessian of the
-scaled input ``x / s`` (llm-compressor's AWQ-then-GPTQ recipe).
+where that lowers the group's share of the output error (AutoAWQ's ``auto_clip``).
 
     s = awq_scales(x_rows, [w_q, w_k, w_v], bits=4, group_size=128)
 """
@@ -83,30 +81,26 @@ def awq_clip(x: torch.Tensor, w: torch.Tensor, *, bits: int, group_size: int, sy
 
 
 def _activation_stats(gm, ctx, cfg, targets):
-    """Per distinct linear input: (mean |x| per channel, up to _MAX_ROWS sample rows, GPTQ's
-    H = 2 X^T X / n over every row when ``cfg.awq_gptq`` else None)."""
+    """Per distinct linear input: (mean |x| per channel, up to _MAX_ROWS sample rows)."""
     acc: dict[fx.Node, list] = {}
 
     def observe(lin, x):
         key = lin.args[0]
-        a = acc.setdefault(key, [torch.zeros(x.shape[1], dtype=torch.float64), 0, [], None])
+        a = acc.setdefault(key, [torch.zeros(x.shape[1], dtype=torch.float64), 0, []])
         a[0] += x.abs().double().sum(0)
         a[1] += x.shape[0]
         a[2].append(x)
-        if cfg.awq_gptq:
-            xd = x.double()
-            a[3] = 2.0 * xd.T @ xd if a[3] is None else a[3] + 2.0 * xd.T @ xd
 
     first = {}
     for lin in targets:
         first.setdefault(lin.args[0], lin)
     collect_linear_inputs(gm, ctx, cfg, list(first.values()), observe)
     out = {}
-    for key, (s, cnt, rows, h) in acc.items():
+    for key, (s, cnt, rows) in acc.items():
         xs = torch.cat(rows, 0)
         if xs.shape[0] > _MAX_ROWS:  # evenly strided rows: deterministic, spans every batch
             xs = xs[torch.linspace(0, xs.shape[0] - 1, _MAX_ROWS).long()]
-        out[key] = ((s / max(cnt, 1)).float(), xs, None if h is None else h / max(cnt, 1))
+        out[key] = ((s / max(cnt, 1)).float(), xs)
     return out
 
 
@@ -119,7 +113,7 @@ def awq_targets(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node], stats: dic
             groups.setdefault(lin.args[0], []).append(lin)
     out, ratios = {}, []
     for i, (x_node, lins) in enumerate(groups.items()):
-        x_mean, xs, h = acts[x_node]
+        x_mean, xs = acts[x_node]
         ws = [fetch_attr(gm, lin.args[1].target).detach().float() for lin in lins]
         with single_thread():
             s, r = awq_scales(xs, x_mean, ws, bits=cfg.bits, group_size=cfg.group_size,
@@ -127,14 +121,7 @@ def awq_targets(gm: fx.GraphModule, ctx, cfg, targets: list[fx.Node], stats: dic
             ratios.append(r)
             x_s = xs / s
             for lin, w in zip(lins, ws):
-                if cfg.awq_gptq:  # x/s feeds W*s: H of the scaled input is diag(1/s) H diag(1/s)
-                    from .gptq import gptq_quantize
-                    sd = s.double()
-                    out[lin] = gptq_quantize(w * s, h / sd[:, None] / sd[None, :], bits=cfg.bits,
-                                             group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                             damp=cfg.damp, act_order=cfg.act_order,
-                                             block=cfg.block, scale_search=cfg.scale_search)
-                elif cfg.awq_clip:
+                if cfg.awq_clip:
                     out[lin] = awq_clip(x_s[::2], w * s, bits=cfg.bits, group_size=cfg.group_size,
                                         symmetric=cfg.symmetric)
                 else:

@@ -144,8 +144,6 @@ class WeightOnly(RecipeEntry):
     scale_search: "minmax" (scales from each group's range) or "mse" (each group's range shrunk
       by the ratio in [0.5, 1] with the least rounding error, weighted by GPTQ's Hessian diagonal
       under gptq; RTN and GPTQ; see fxpress.passes.quant.scale_search).
-    awq_gptq: AWQ only: quantize the scaled weights with GPTQ (damp / act_order / block /
-      scale_search apply) instead of awq_clip's search.
     sequential: GPTQ only: each linear's Hessian from the outputs of the linears before it
       already quantized (true-sequential, as AutoGPTQ/llm-compressor), not from the float model.
     calib_batches / calib_samples: how much calibration data to read (as Quantize).
@@ -164,7 +162,6 @@ class WeightOnly(RecipeEntry):
     awq_clip: bool = True
     scale_search: str = "minmax"
     sequential: bool = False
-    awq_gptq: bool = False
     calib_batches: int | None = None
     calib_samples: int = 128
 
@@ -181,10 +178,6 @@ class WeightOnly(RecipeEntry):
         check_choice("awq_clip", self.awq_clip, (True, False))
         check_choice("scale_search", self.scale_search, ("minmax", "mse"))
         check_choice("sequential", self.sequential, (False, True))
-        check_choice("awq_gptq", self.awq_gptq, (False, True))
-        if self.awq_gptq and self.method != "awq":
-            raise RecipeError(f"awq_gptq=True runs GPTQ after AWQ's scaling, not after {self.method}",
-                              field="awq_gptq", value=self.awq_gptq, accepted=("awq",))
         if self.sequential and self.method != "gptq":
             raise RecipeError(f"sequential=True is GPTQ's true-sequential order, not {self.method}'s",
                               field="sequential", value=self.sequential, accepted=("gptq",))

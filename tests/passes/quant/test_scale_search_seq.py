@@ -123,37 +123,3 @@ def test_options_on_a_causal_lm_and_bad_input():
         fxpress.WeightOnly(method="awq", sequential=True)
     assert fxpress.WeightOnly(scale_search="mse").scale_search == "mse"
 
-
-def _correlated_batches(n, seed=1):
-    """Inputs of one fixed correlation (the same mix for every seed), fresh noise per seed."""
-    mix = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) / 8
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.ones(64)
-    scale[:4] = 20.0  # a few salient channels, as LLM activations have
-    return [((torch.randn(4, 8, 64, generator=g) @ mix + 0.3 * torch.randn(4, 8, 64, generator=g))
-             * scale,) for _ in range(n)]
-
-
-def test_awq_then_gptq():
-    """awq_gptq=True: AWQ's x * (1/s) muls stay (one per shared input, spec method "awq") and
-    GPTQ on the scaled weights cuts held-out output error below AWQ's clip search
-    (int4 g32, correlated inputs with salient channels; measured 0.34x)."""
-    from tests.passes.quant.wo_helpers import Pair
-    torch.manual_seed(0)
-    m = Pair().eval()
-    cal, held = _correlated_batches(8), _correlated_batches(2, seed=7)
-    cfg = {"bits": 4, "group_size": 32, "method": "awq", "skip": ()}
-    both = fxpress.compress(m, cal[0], fxpress.WeightOnly(awq_gptq=True, **cfg), calibration=cal)
-    awq = fxpress.compress(m, cal[0], fxpress.WeightOnly(**cfg), calibration=cal)
-    gm = both.graph_module
-    muls = [n for n in gm.graph.nodes if n.op == "call_function" and
-            n.target is torch.ops.aten.mul.Tensor and n.args[1].op == "get_attr"]
-    assert len(muls) == 2 and len(muls[0].users) == 2
-    specs = [get_record(n, WeightOnlySpec) for n in gm.graph.nodes]
-    assert [s.method for s in specs if s is not None] == ["awq"] * 3
-    with torch.no_grad():
-        err = lambda cm: sum(float((cm(x) - m(x)).pow(2).mean()) for (x,) in held)  # noqa: E731
-        print(err(both) / err(awq))
-        assert err(both) < 0.6 * err(awq)
-    with pytest.raises(RecipeError, match="awq_gptq"):
-        fxpress.WeightOnly(method="gptq", awq_gptq=True)
