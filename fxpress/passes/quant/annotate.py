@@ -37,7 +37,7 @@ from ...ir.meta import (QuantAnnotation, QuantSpec, ResidualQuant, get_record, m
                         set_record)
 from ..base import Pass, PassContext, PassResult
 
-__all__ = ["AnnotateQuant", "OP_TABLE", "FUSED_UNARY", "chain_end"]
+__all__ = ["AnnotateQuant", "OP_TABLE", "FUSED_UNARY", "chain_end", "is_transformer"]
 
 aten = torch.ops.aten
 OP_TABLE: dict[Any, str] = {
@@ -66,6 +66,26 @@ def _is_float(n: Any) -> bool:
         return False
     v = n.meta.get("val")
     return v.is_floating_point() if isinstance(v, torch.Tensor) else True
+
+
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+
+
+def is_transformer(gm: fx.GraphModule) -> bool:
+    """A graph with a layer_norm or an attention (a softmax of a matmul, through scaling /
+    masking adds): the quantization defaults for transformers apply (observer, SmoothQuant,
+    float policy; see Quantize). LeViT normalizes with BatchNorm but attends like a ViT."""
+    for n in gm.graph.nodes:
+        if n.target is aten.layer_norm.default:
+            return True
+        if n.target in _SOFTMAX:
+            src, hops = n.args[0], 0
+            while isinstance(src, fx.Node) and hops < 4 and src.target not in _MATMUL:
+                src, hops = (src.args[0] if src.args else None), hops + 1
+            if isinstance(src, fx.Node) and src.target in _MATMUL:
+                return True
+    return False
 
 
 def chain_end(node: fx.Node, *, through_bn: bool = False) -> fx.Node:
@@ -107,7 +127,7 @@ class AnnotateQuant(Pass):
                 counts["conv_add_auto"] = len(residual)
             residual = {}
         fused_convs = {_conv_of(v) for v in residual.values()}
-        transformer = any(n.target is aten.layer_norm.default for n in gm.graph.nodes)
+        transformer = is_transformer(gm)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in OP_TABLE:
                 continue

@@ -125,8 +125,7 @@ class BiasCorrection(Pass):
             return PassResult(gm, False, {"corrected": 0, "skipped": why})
         batches = []
         for i, b in calibration_batches(ctx, cfg, required=True):
-            check_batch(gm, b, i)
-            batches.append(tuple(b))
+            batches.append(tuple(check_batch(gm, b, i)))  # flat, placeholder order (dict batches too)
         qgm = copy.deepcopy(gm)
         ConvertToQDQ(weight_range=cfg.weight_range if cfg is not None else "auto").run(
             qgm, PassContext(example_inputs=ctx.example_inputs))

@@ -58,7 +58,8 @@ class Quantize(RecipeEntry):
       run time; linear/matmul inputs only) or "qat" (fake-quant for training, then
       ``fxpress.convert(cm)``).
     observer: static: auto | minmax | moving_average | histogram | mse | entropy (default auto:
-      minmax on transformers, histogram elsewhere; see specs_for);
+      minmax on transformers (widened where the calibration is tiny), histogram elsewhere;
+      see specs_for);
       qat: moving_average | minmax | lsq (learned ranges; default moving_average).
     percentile: clipping percentile of the histogram observer.
     calib_batches / calib_samples: stop calibrating after this many batches (when given),
@@ -263,9 +264,11 @@ class Quantize(RecipeEntry):
                   ) -> tuple[QuantSpec | None, QuantSpec | None]:
         """(weight spec, activation spec) for the layer at `module` (None: stays float).
 
-        observer "auto" (the static default): "minmax" on transformers (`transformer`: the
-        graph has a layer_norm), whose linear inputs carry outlier channels a percentile clips
-        (real MiniLM: histogram 0.894 min cosine, minmax 0.9975), else "histogram"."""
+        observer "auto" (the static default): "minmax_tail" on transformers (`transformer`: the
+        graph has a layer_norm or an attention, annotate.is_transformer), whose linear inputs
+        carry outlier channels a percentile clips (real MiniLM: histogram 0.894 min cosine,
+        minmax 0.9975): min/max, widened by a fitted tail where fewer than 32 samples were
+        seen (observers.TailMinMaxObserver), else "histogram"."""
         w, a = self.weights, self.activations
         for pat, spec in self.overrides.items():
             if fnmatch.fnmatchcase(module, pat):
@@ -277,7 +280,7 @@ class Quantize(RecipeEntry):
             wspec = replace(wspec, reduce_range=True)
         observer = self.observer
         if observer == "auto":
-            observer = "minmax" if transformer else "histogram"
+            observer = "minmax_tail" if transformer else "histogram"
         return (wspec,
                 parse_spec(a, weight=False, observer=observer, dynamic=self.mode == "dynamic",
                            field_name="activations"))

@@ -23,6 +23,7 @@ from ... import distributed
 from ...errors import CalibrationError
 from ...ir.meta import QuantAnnotation, drop_record, get_record, module_path
 from ..base import Pass, PassContext, PassResult
+from .annotate import is_transformer
 from .calibrate import calibration_batches
 from .insert_observers import observer_nodes
 
@@ -112,8 +113,7 @@ class Sensitivity(Pass):
             floated: list[str] = [r[2] for r in rows[:cfg.keep_float]]
             auto = []
             if getattr(cfg, "float_policy", "off") == "auto":
-                transformer = any(n.target is torch.ops.aten.layer_norm.default
-                                  for n in gm.graph.nodes)
+                transformer = is_transformer(gm)
                 auto = auto_float(rows, floated, weights=transformer)
                 floated += [r[2] for r in auto]
             guard = None

@@ -73,7 +73,7 @@ def test_static_default_keeps_the_destructive_residual_add_float_and_names_its_c
 def test_default_observers_and_smoothing_by_model_kind():
     from fxpress.passes.quant.config import Quantize
     static, dynamic = Quantize(mode="static"), Quantize(mode="dynamic")
-    assert static.specs_for("x", transformer=True)[1].observer == "minmax"
+    assert static.specs_for("x", transformer=True)[1].observer == "minmax_tail"
     assert static.specs_for("x", transformer=False)[1].observer == "histogram"
     assert (static.smooth_alpha(True), dynamic.smooth_alpha(True)) == (0.5, 0.75)
     assert static.smooth_alpha(False) is None and Quantize(smooth=0.3).smooth_alpha(False) == 0.3
