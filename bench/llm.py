@@ -23,6 +23,8 @@ Rows (each skipped cleanly, with the reason, when its package or input is missin
   fx_ort_int4/int8       fxpress WeightOnly -> lower(backend="onnxruntime", lm_head="int8")
   fx_ind_fp32/int8/int4  fxpress WeightOnly -> lower(backend="inductor", lm_head="int8")
                   (fp32: the empty recipe, lm_head float)
+  fx_ort_int4_h4  the same with lm_head="int4" (GenAI's default head; the int8 head is ours:
+                  an all-int4 head is known to make some models repeat themselves)
 
 Timing: per-runner blocks (a 50 ms pause, warm-up calls, then --repeats timed calls, median):
 prefill = generate(prompt, 1 new token); decode tok/s = 127 / (generate(prompt, 128) - prefill).
@@ -76,7 +78,7 @@ def copy_bandwidth_gbs() -> float:
 
 
 def weight_bytes(model, bits: int | None, group: int, head_bits: int | None,
-                 scale_bytes: int = 4) -> int:
+                 scale_bytes: int = 4, head_group: int = -1) -> int:
     """Bytes of the decoder's linear weights + head read per decode token (embedding rows are a
     lookup). bits None: fp32. int with group g: bits/8 per weight + one scale per g (and a zero
     where the format keeps one, folded into `scale_bytes`)."""
@@ -89,7 +91,8 @@ def weight_bytes(model, bits: int | None, group: int, head_bits: int | None,
         if b is None:
             total += 4 * n * k
         else:
-            g = k if group == -1 or name.endswith("lm_head") else group
+            g = head_group if name.endswith("lm_head") else group
+            g = k if g == -1 else g
             total += n * k * b // 8 + n * (-(-k // g)) * scale_bytes
     return total
 
@@ -246,21 +249,27 @@ def make_runner(row: str, model, tok, name: str, args, ir_cache: dict):
     if row.startswith("torchao_"):
         return torchao_runner(model, 8 if row.endswith("int8") else 4)
     if row.startswith("fx_"):
-        _, backend, prec = row.split("_")
+        _, backend, prec, *hd = row.split("_")
         bits = {"fp32": None, "int8": 8, "int4": 4}[prec]
         if prec not in ir_cache:
             recipe = [] if bits is None else fxpress.WeightOnly(bits=bits)
             ir_cache[prec] = fxpress.compress(model, (ir_cache["example"],), recipe)
         cm = ir_cache[prec]
         head = "float" if bits is None else "int8"
+        if hd == ["h4"] and backend == "ort":
+            head = "int4"
+        elif hd:
+            raise Skip(f"unknown head suffix in {row!r} (fx_ort_<prec>_h4 only)")
         if backend == "ort":
             gen = fxpress.lower(cm, backend="onnxruntime", lm_head=head, threads=threads)
             label = f"fxpress {prec} -> ONNX Runtime (lm_head {head})"
         else:
             gen = fxpress.lower(cm, backend="inductor", lm_head=head)
             label = f"fxpress {prec} -> Inductor (lm_head {head})"
-        nbytes = weight_bytes(model, bits, 128 if bits == 4 else -1, None if bits is None else 8,
-                              2 * 2 if backend == "ind" and bits == 4 else 4)
+        nbytes = weight_bytes(model, bits, 128 if bits == 4 else -1,
+                              None if bits is None else (4 if head == "int4" else 8),
+                              2 * 2 if backend == "ind" and bits == 4 else 4,
+                              32 if backend == "ort" else -1)  # ORT heads: blocks of 32
         return GeneratorRunner(gen, label, nbytes)
     raise Skip(f"unknown row {row!r}")
 

@@ -96,60 +96,114 @@ def _emit(g: fx.Graph, lin: fx.Node, op, op_args_fn, k: int, kp: int, n: int, bi
     return y
 
 
+def _plan(fg: fx.GraphModule, lin: fx.Node, logits_src, lm_head: str):
+    """(kind, weight dict) for one linear: kind "int4pack" / "int8pack", or None (left dense)."""
+    from .ir_weights import _read_weight
+    w = lin.args[1]
+    got = _read_weight(fg, w, 0) if isinstance(w, fx.Node) else None
+    if got is None:
+        return None, None
+    k = int(got["k"])
+    if got.get("q") is None:
+        if lin is not logits_src or lm_head != "int8":
+            return None, None
+        wt = torch.from_numpy(got["weight"])  # float head -> int8 per row
+        s = (wt.abs().amax(1) / 127.0).clamp(min=1e-10)
+        q = torch.round(wt / s[:, None]).clamp(-127, 127).to(torch.int8)
+        got = {"q": q.numpy(), "scales": s[:, None].numpy(), "zp": None, "bits": 8, "block": k, "k": k}
+    got = dict(got, q=torch.from_numpy(got["q"]), scales=torch.from_numpy(got["scales"]).float(),
+               zp=None if got.get("zp") is None else torch.from_numpy(got["zp"]))
+    n = got["q"].shape[0]
+    bits, block = int(got["bits"]), int(got["block"])
+    if bits == 4 and block in INT4_GROUPS and n % 16 == 0:
+        return "int4pack", got
+    if bits == 8 and got["zp"] is None and bool((got["scales"] == got["scales"][:, :1]).all()):
+        return "int8pack", got
+    return None, None
+
+
+def _siblings(fg: fx.GraphModule, plans: list) -> list[list]:
+    """Linears reading the same input in the same packed form (q/k/v, gate/up) in groups, in
+    graph order; a group's biases must all be constants (or absent)."""
+    from .ir_weights import constant
+    groups: dict = {}
+    for lin, kind, got in plans:
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        b = None if bias is None else constant(fg, bias)
+        key = (lin.args[0], kind, int(got["bits"]), int(got["block"]), got["zp"] is None,
+               int(got["k"]), tuple(got["q"].shape[1:]), bias is None or b is not None)
+        if not key[-1]:
+            key = (lin,)  # a computed bias: alone
+        groups.setdefault(key, []).append((lin, got, b))
+    return list(groups.values())
+
+
 def pack_weight_only_linears(fg: fx.GraphModule, *, lm_head: str = "float") -> dict[str, int]:
     """Rewrite `fg`'s weight-only linears (and, with lm_head="int8", the float output
-    projection) to torch's packed int4 / int8 CPU kernels, in place; returns kernel counts."""
-    from .ir_weights import _read_weight, constant
-    counts = {"int4pack": 0, "int8pack": 0, "dense": 0}
+    projection) to torch's packed int4 / int8 CPU kernels, in place; returns kernel counts.
+
+    Linears that read the same activation in the same form (q/k/v; gate/up) become ONE packed
+    matmul on their concatenated weights, sliced back per linear ("fused": the linears absorbed):
+    at decode every matmul is a GEMV whose fixed cost (bf16 cast, dispatch, a parallel region)
+    is paid per call."""
+    counts = {"int4pack": 0, "int8pack": 0, "dense": 0, "fused": 0}
     g = fg.graph
     out_node = g.output_node()
     logits_src = out_node.args[0][0] if isinstance(out_node.args[0], (tuple, list)) else None
-    idx = 0
+    plans = []
     for lin in list(g.nodes):
         if lin.op != "call_function" or lin.target is not aten.linear.default:
             continue
-        w = lin.args[1]
-        bias = lin.args[2] if len(lin.args) > 2 else None
-        got = _read_weight(fg, w, 0) if isinstance(w, fx.Node) else None
-        if got is None:
+        kind, got = _plan(fg, lin, logits_src, lm_head)
+        if kind is None:
             counts["dense"] += 1
-            continue
-        k = int(got["k"])
-        if got.get("q") is None:
-            if lin is not logits_src or lm_head != "int8":
-                counts["dense"] += 1
-                continue
-            wt = torch.from_numpy(got["weight"])  # float head -> int8 per row
-            s = (wt.abs().amax(1) / 127.0).clamp(min=1e-10)
-            q = torch.round(wt / s[:, None]).clamp(-127, 127).to(torch.int8)
-            got = {"q": q.numpy(), "scales": s[:, None].numpy(), "zp": None, "bits": 8, "block": k}
-        q = torch.from_numpy(got["q"])
-        scales = torch.from_numpy(got["scales"]).float()
-        zp = None if got.get("zp") is None else torch.from_numpy(got["zp"])
+        else:
+            plans.append((lin, kind, got))
+    kinds = {lin: kind for lin, kind, _ in plans}
+    for idx, group in enumerate(_siblings(fg, plans)):
+        first = min((lin for lin, _, _ in group), key=lambda n: list(g.nodes).index(n))
+        kind = kinds[first]
+        q = torch.cat([got["q"] for _, got, _ in group])
+        scales = torch.cat([got["scales"] for _, got, _ in group])
+        zp = None if group[0][1]["zp"] is None else torch.cat([got["zp"] for _, got, _ in group])
+        sizes = [int(got["q"].shape[0]) for _, got, _ in group]
         n, kp = q.shape
-        bits, block = int(got["bits"]), int(got["block"])
+        k, bits, block = int(group[0][1]["k"]), int(group[0][1]["bits"]), int(group[0][1]["block"])
+        bias = None
+        if any(b is not None for _, _, b in group):
+            bias = torch.cat([torch.zeros(sz) if b is None else b.float().reshape(-1)
+                              for (_, _, b), sz in zip(group, sizes)])
         name = f"_fxwo_{idx}"
-        idx += 1
-        if bits == 4 and block in INT4_GROUPS and n % 16 == 0:
+        with g.inserting_before(first):
+            ba = None if bias is None else g.get_attr(_register(fg, name + "_bias", bias))
+        if kind == "int4pack":
             packed, sz = _int4_pack(q, scales, zp)
             pn, sn = _register(fg, name + "_packed", packed), _register(fg, name + "_sz", sz)
-            with g.inserting_before(lin):
+            with g.inserting_before(first):
                 pa, sa = g.get_attr(pn), g.get_attr(sn)
-            new = _emit(g, lin, aten._weight_int4pack_mm_for_cpu.default,
-                        lambda: (pa, block, sa), k, kp, n, bias)
-            counts["int4pack"] += 1
-        elif bits == 8 and zp is None and bool((scales == scales[:, :1]).all()):
+            new = _emit(g, first, aten._weight_int4pack_mm_for_cpu.default,
+                        lambda: (pa, block, sa), k, kp, n, ba)
+        else:
             qn = _register(fg, name + "_int8", q[:, :k].contiguous())
             sn = _register(fg, name + "_scale", scales[:, 0].contiguous().to(torch.bfloat16))
-            with g.inserting_before(lin):
+            with g.inserting_before(first):
                 qa, sa = g.get_attr(qn), g.get_attr(sn)
-            new = _emit(g, lin, aten._weight_int8pack_mm.default, lambda: (qa, sa), k, k, n, bias)
-            counts["int8pack"] += 1
-        else:
-            counts["dense"] += 1
-            continue
-        lin.replace_all_uses_with(new)
-        g.erase_node(lin)
+            new = _emit(g, first, aten._weight_int8pack_mm.default, lambda: (qa, sa), k, k, n, ba)
+        counts[kind] += 1
+        counts["fused"] += len(group) - 1 if len(group) > 1 else 0
+        off = 0
+        for (lin, _, _), size in zip(group, sizes):
+            out = new
+            if len(group) > 1:
+                with g.inserting_after(new):
+                    out = g.call_function(aten.slice.Tensor, (new, -1, off, off + size))
+                # a slice along the last dim is strided: views of it become reshapes
+                for user in list(lin.users):
+                    if user.op == "call_function" and user.target is aten.view.default:
+                        user.target = aten.reshape.default
+            off += size
+            lin.replace_all_uses_with(out)
+            g.erase_node(lin)
     g.eliminate_dead_code()
     from ..passes.cleanup.dce import remove_unused_attributes
     remove_unused_attributes(fg)

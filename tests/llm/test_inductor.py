@@ -30,10 +30,10 @@ def _flat_call(gm, ids):
 
 
 @pytest.mark.parametrize("recipe,kernel,want", [
-    (fxpress.WeightOnly(bits=4, group_size=32), "int4pack", 14),
+    (fxpress.WeightOnly(bits=4, group_size=32), "int4pack", 8),
     # hidden 96 with g64: K padded to 128, the activation padded with zeros
-    (fxpress.WeightOnly(bits=4, group_size=64), "int4pack", 14),
-    (fxpress.WeightOnly(bits=8), "int8pack", 14),
+    (fxpress.WeightOnly(bits=4, group_size=64), "int4pack", 8),
+    (fxpress.WeightOnly(bits=8), "int8pack", 8),
 ])
 def test_packed_kernels_match_the_ir(recipe, kernel, want):
     from fxpress.llm.inductor import last_position_logits, pack_weight_only_linears
@@ -42,7 +42,8 @@ def test_packed_kernels_match_the_ir(recipe, kernel, want):
     cm = fxpress.compress(lm, (ids,), recipe)
     fg = flat_graph(cm.graph_module)
     counts = pack_weight_only_linears(fg, lm_head="float")
-    assert counts[kernel] == want and counts["dense"] == 1  # 7 linears x 2 layers; lm_head float
+    # 7 linears x 2 layers -> q/k/v and gate/up packed: 4 matmuls per layer; lm_head float
+    assert counts[kernel] == want and counts["dense"] == 1 and counts["fused"] == 6
     op = {"int4pack": torch.ops.aten._weight_int4pack_mm_for_cpu.default,
           "int8pack": torch.ops.aten._weight_int8pack_mm.default}[kernel]
     assert sum(n.target is op for n in fg.graph.nodes) == want
@@ -64,7 +65,8 @@ def test_int8_lm_head_and_bad_options():
     ids = torch.randint(0, 512, (1, 6))
     cm = fxpress.compress(lm, (ids,), fxpress.WeightOnly(bits=4, group_size=32))
     fg = flat_graph(cm.graph_module)
-    assert pack_weight_only_linears(fg, lm_head="int8") == {"int4pack": 14, "int8pack": 1, "dense": 0}
+    assert pack_weight_only_linears(fg, lm_head="int8") == {"int4pack": 8, "int8pack": 1, "dense": 0,
+                                                                "fused": 6}
     with torch.no_grad():
         out = fg(*_flat_call(cm.graph_module, ids))
     assert _sqnr(cm(ids).logits, out[0]) > 30.0
@@ -121,3 +123,25 @@ def test_cuda_graphs_decode():
     out = gen.generate(ids, max_new_tokens=6)
     ref = fxpress.lower(cm, backend="inductor").generate(ids, max_new_tokens=6)
     assert out.shape == ref.shape and torch.equal(out[:, :9], ref[:, :9])
+
+
+def test_sibling_linears_pack_into_one_matmul_with_their_biases():
+    """Qwen2's q/k/v carry biases: packed into one int4 matmul (bias concatenated), the logits
+    and the cache stay the IR's."""
+    from fxpress.llm.inductor import pack_weight_only_linears
+    from tests.llm.lms import ids as make_ids, tiny_lm
+    lm = tiny_lm("qwen2")
+    x = make_ids(2, 9)
+    cm = fxpress.compress(lm, (x,), fxpress.WeightOnly(bits=4, group_size=32))
+    fg = flat_graph(cm.graph_module)
+    counts = pack_weight_only_linears(fg, lm_head="float")
+    assert counts == {"int4pack": 8, "int8pack": 0, "dense": 1, "fused": 6}
+    biased = [n for n in fg.graph.nodes if n.target is torch.ops.aten.add.Tensor
+              and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" and "_bias" in str(a.target)
+                      for a in n.args)]
+    assert len(biased) == 2  # one packed q/k/v bias per layer
+    with torch.no_grad():
+        out = fg(*_flat_call(cm.graph_module, x))
+    ref = cm(x)
+    assert _sqnr(ref.logits, out[0]) > 35.0
+    assert _sqnr(ref.cache[0][0], out[1]) > 35.0
