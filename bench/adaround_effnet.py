@@ -5,9 +5,10 @@ bench/run.py uses, IR and lowered (ORT, Inductor), with and without Quantize(ada
         [--calib 100] [--iterations 500] [--backends ir,onnxruntime,inductor] [--recipes default,bench]
 
 Calibration: the 32 crops bench/run.py calibrates on, then crops of a second seed (other views
-of the same photos) up to --calib. Recipes: "default" = Quantize(mode="static"); "bench" = the
+of the same photos) up to --calib. Recipes: "default" = Quantize(mode="static") (bias correction
+"auto": on for this depthwise net); "no_bc" / "bc": bias_correction False / True; "bench" = the
 fxpress row of bench/run.py (equalize, bias_correction, float_outputs, conv_add="separate");
-"eq_bc" = equalize + bias_correction only; each without and with adaround.
+"bench_no_bc" = that without bias correction; each without and with adaround.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fxpress
+from fxpress.passes.quant import sqnr_db
 from fxpress.real import (
     EFFICIENTNET_MEAN_STD,
     agreement,
@@ -32,8 +34,11 @@ from fxpress.real import (
 
 RECIPES = {
     "default": {},
-    "eq_bc": {"equalize": True, "bias_correction": True},
+    "no_bc": {"bias_correction": False},
+    "bc": {"bias_correction": True},
     "bench": {"equalize": True, "bias_correction": True, "float_outputs": True, "conv_add": "separate"},
+    "bench_no_bc": {"equalize": True, "bias_correction": False, "float_outputs": True,
+                    "conv_add": "separate"},
 }
 
 
@@ -58,7 +63,8 @@ def main(argv=None) -> int:
     model = efficientnet_lite0()
     calib, evals = data(a.calib)
     with torch.no_grad():
-        ref = model(evals).argmax(-1)
+        logits = model(evals)
+    ref = logits.argmax(-1)
     rows = []
     for recipe in a.recipes.split(","):
         for ada in (False, a.iterations):
@@ -71,11 +77,13 @@ def main(argv=None) -> int:
                 if be == "ir":
                     fn = cm
                 else:
-                    fn = fxpress.lower(cm, be, example_inputs=calib[0], calibration=calib)
+                    extra = {"calibration": calib} if be == "onnxruntime" else {}
+                    fn = fxpress.lower(cm, be, example_inputs=calib[0], **extra)
                 with torch.no_grad():
-                    pred = torch.cat([fn(evals[i:i + 1]) for i in range(len(evals))]).argmax(-1)
+                    out = torch.cat([fn(evals[i:i + 1]) for i in range(len(evals))])
                 row = {"recipe": recipe, "adaround": ada, "backend": be,
-                       "top1_agree": round(100 * agreement(ref, pred), 1),
+                       "top1_agree": round(100 * agreement(ref, out.argmax(-1)), 1),
+                       "logits_sqnr_db": round(sqnr_db(logits, out), 2),
                        "compress_s": round(took, 1), "adaround_stats": stats}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

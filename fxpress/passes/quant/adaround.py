@@ -43,7 +43,7 @@ from torch import fx
 
 from ...ir.meta import module_path
 from ..base import Pass, PassContext, PassResult
-from .bias_correction import _quantized_layer, _Runner
+from .bias_correction import _add_to_bias, _channel_mean, _quantized_layer, _Runner
 from .calibrate import calibration_batches, check_batch
 from .convert import ConvertToQDQ, fetch_attr
 
@@ -71,7 +71,8 @@ def _conv_args(n: fx.Node) -> dict:
     out = dict(zip(names, n.args))
     out.update(n.kwargs)
     d = _CONV[n.target]
-    tup = lambda v, dflt: tuple(v) if isinstance(v, (list, tuple)) else (dflt if v is None else v,) * d
+    def tup(v, dflt):
+        return tuple(v) if isinstance(v, (list, tuple)) else (dflt if v is None else v,) * d
     return {"stride": tup(out.get("stride"), 1), "padding": tup(out.get("padding"), 0),
             "dilation": tup(out.get("dilation"), 1), "groups": int(out.get("groups") or 1)}
 
@@ -148,11 +149,12 @@ class AdaRound(Pass):
     warm_start: float = 0.2
     beta: tuple = (20.0, 2.0)
     seed: int = 0
+    correct_bias: bool = False
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
-        batches = [tuple(b) for i, b in calibration_batches(ctx, cfg, required=True)
-                   if check_batch(gm, b, i) is not None]
+        batches = [tuple(check_batch(gm, b, i))  # flat, in placeholder order
+                   for i, b in calibration_batches(ctx, cfg, required=True)]
         qgm = _converted(gm, ctx, cfg)
         layers = [n for n in qgm.graph.nodes if _quantized_layer(n)]
         by_name = {n.name: n for n in gm.graph.nodes}
@@ -174,6 +176,9 @@ class AdaRound(Pass):
             fetch_attr(gm, target).copy_(old)
             row = next(r for r in rows if r["layer"] == module_path(fn))
             row["kept"], row["reason"] = "nearest", "conversion does not reproduce the grid"
+        if self.correct_bias and any("bias_shift_max" in r for r in rows):
+            gm.graph.lint()
+            gm.recompile()
         done = sum(r["kept"] == "adaround" for r in rows)
         ctx.report["adaround"] = rows
         return PassResult(gm, done > 0, {"layers": done, "kept_nearest": len(rows) - done,
@@ -203,7 +208,8 @@ class AdaRound(Pass):
         dq = qn.args[1]
         q0 = fetch_attr(qgm, dq.args[0].target)
         if isinstance(dq.args[1], fx.Node):
-            scale, axis, qmin, qmax = fetch_attr(qgm, dq.args[1].target).float(), dq.args[3], dq.args[4], dq.args[5]
+            scale = fetch_attr(qgm, dq.args[1].target).float()
+            axis, qmin, qmax = dq.args[3:6]
             view = [1] * w.dim()
             view[axis] = -1
             s = scale.reshape(view)
@@ -240,8 +246,16 @@ class AdaRound(Pass):
             row["kept"] = "adaround"
             changed[fn] = (w_node.target, fetch_attr(gm, w_node.target).detach().clone())
             fetch_attr(gm, w_node.target).copy_((q_ada * s).to(fetch_attr(gm, w_node.target).dtype))
-        q.env[qn] = [_call(qn, q.env, k, (q_ada * s).to(w.dtype))   # later layers read it
-                     for k in range(len(q.batches))]
+        outs = [_call(qn, q.env, k, (q_ada * s).to(w.dtype)) for k in range(len(q.batches))]
+        if self.correct_bias:  # E[y_fp] - E[y_q] against the float weights, in the same sweep
+            axis = 1 if qn.target in _CONV else -1
+            shift = _channel_mean(fp.env[fn], axis) - _channel_mean(outs, axis)
+            if bool(torch.isfinite(shift).all()) and _add_to_bias(gm, fn, shift):
+                view = [1] * outs[0].dim()
+                view[axis] = -1
+                outs = [y + shift.reshape(view) for y in outs]
+                row["bias_shift_max"] = float(shift.abs().max())
+        q.env[qn] = outs                                          # later layers read it
         return row
 
     def _statistics(self, qn, xq: list, xf: list, w: torch.Tensor, g: int, index: int,
@@ -281,7 +295,8 @@ class AdaRound(Pass):
         """sum over output channels, mean over rows of (W x_fp - W~ x_q)^2 (float64)."""
         wg = wg.double()
         if "xq" in st:
-            return float((st["xq"].double() @ wg.transpose(1, 2) - st["yf"].double()).pow(2).sum() / st["m"])
+            err = st["xq"].double() @ wg.transpose(1, 2) - st["yf"].double()
+            return float(err.pow(2).sum() / st["m"])
         quad = ((wg @ st["gram"]) * wg).sum() - 2 * (st["cross"] * wg).sum() + st["const"]
         return float(quad.clamp(min=0) / st["m"])
 
