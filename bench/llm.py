@@ -48,7 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
+# as bench/run.py: torch's OpenMP workers sleep between runners (PASSIVE) but spin a short while
+# (10k iterations) inside one call, so the Inductor rows' many small parallel regions per decode step
+# do not each pay a futex wake-up; an explicit value in the environment wins
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
