@@ -105,21 +105,51 @@ def _input_scale(gm: fx.GraphModule, x: fx.Node) -> float | None:
     return None
 
 
-def _bias_floor(gm: fx.GraphModule, node: fx.Node, k: int) -> torch.Tensor | None:
-    """`bias_scale_floor` of every static int8 conv/linear reading weight observer `node` with a
-    constant bias (the largest where several read it); None when there is none."""
-    floor = None
-    for u in node.users:
+def _bias_users(gm: fx.GraphModule, node: fx.Node):
+    """(layer, its input scale) for each static int8 conv/linear reading weight observer `node`
+    with a constant (get_attr) bias."""
+    for u in list(node.users):
         if u.op != "call_function" or u.target not in _WEIGHTED or len(u.args) < 3 \
                 or u.args[1] is not node or not isinstance(u.args[2], fx.Node) \
                 or u.args[2].op != "get_attr" or not isinstance(u.args[0], fx.Node):
             continue
         sx = _input_scale(gm, u.args[0])
-        if sx is None or sx <= 0:
-            continue
+        if sx is not None and sx > 0:
+            yield u, sx
+
+
+def _bias_floor(gm: fx.GraphModule, node: fx.Node, k: int) -> torch.Tensor | None:
+    """`bias_scale_floor` of every `_bias_users` layer of weight observer `node` (the largest
+    where several read it); None when there is none."""
+    floor = None
+    for u, sx in _bias_users(gm, node):
         f = bias_scale_floor(fetch_attr(gm, u.args[2].target), sx, k, margin=1.01)
         floor = f if floor is None or floor.shape != f.shape else torch.maximum(floor, f)
     return floor
+
+
+def _snap_biases(gm: fx.GraphModule, node: fx.Node, scale: torch.Tensor) -> int:
+    """Put the bias of each `_bias_users` layer on its int8 kernel's int32 grid,
+    ``round(b / (sx * sw)) * sx * sw`` (a new buffer ``<bias>_int32grid``): the IR then adds the
+    bias ORT's QLinearConv / QGemm add, and the lowering's int32 bias is exact. Unsnapped, the
+    0.5-step bias roundings flip rounding ties that a chaotic net amplifies (random HF
+    MobileNetV2 with corrected biases: ORT 22.3 dB from its IR; 173 dB without biases)."""
+    done = 0
+    for u, sx in list(_bias_users(gm, node)):
+        b = fetch_attr(gm, u.args[2].target).detach()
+        step = (sx * torch.as_tensor(scale).double().reshape(-1)).expand(b.numel()) \
+            if torch.as_tensor(scale).numel() in (1, b.numel()) else None
+        if step is None or b.dim() != 1:
+            continue
+        q = torch.round(b.double() / step).clamp(-(2 ** 31), 2 ** 31 - 1)
+        snapped = (q * step).to(b.dtype)
+        if torch.equal(snapped, b):
+            continue
+        new = constant_node(gm, u, str(u.args[2].target) + "_int32grid", snapped,
+                            "get_attr:bias_int32grid")
+        u.args = u.args[:2] + (new,) + u.args[3:]
+        done += 1
+    return done
 
 
 def _fit_bias(gm, node, w, scale, zp, spec: QuantSpec):
@@ -246,6 +276,7 @@ class ConvertToQDQ(Pass):
         scale, raised = _fit_bias(gm, node, w, scale, zp, spec)
         if raised:
             wq = _quantize_weight(w, scale, zp, spec)
+        _snap_biases(gm, node, scale)
         base = str(x.target)
         wq_t = register_tensor(gm, base + "_int8", wq)
         with graph.inserting_before(node):
