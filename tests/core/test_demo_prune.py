@@ -58,3 +58,25 @@ def test_bn_recalibration_matches_batch_statistics():
         torch.testing.assert_close(got[name], dict(ref_m.named_buffers())[name], rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref_m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_speedup_lines_and_training_crops():
+    import pytest
+
+    from fxpress.commands.demo_report import Row, _speedups
+    from fxpress.errors import InputError
+    from fxpress.real import photo_sets, photo_train
+    rows = [Row("fp32", "onnxruntime", 1, 1.0, 1, 4.0), Row("fxpress int8 static", "onnxruntime", 1, 1.0, 1, 2.0),
+            Row("fxpress pruned 25% + int8 static", "onnxruntime", 1, 1.0, 1, 1.6)]
+    lines = _speedups(rows)
+    assert lines == ["- fxpress int8 static [onnxruntime]: 2.00x its fp32 row",
+                     "- fxpress pruned 25% + int8 static [onnxruntime]: 2.50x its fp32 row, "
+                     "1.25x the unpruned int8 row"]
+    with pytest.raises(InputError, match="seed 0"):
+        photo_train(4, seed=0)
+    train = photo_train(8, 224, seed=1)
+    calib, ev = photo_sets(8, 8)
+    assert train.shape == (8, 3, 224, 224)
+    # no training crop is a calibration or evaluation crop
+    d = torch.cdist(train.flatten(1), torch.cat([calib, ev]).flatten(1))
+    assert float(d.min()) > 1.0
