@@ -85,7 +85,25 @@ def _fxpress_runners(w, tmp):
     out.append((f"fxpress -> Inductor ({how})", ind, _int8_size(gm), ind.report.get("kernels")))
     if w.name in PRUNED_WORKLOADS:
         out += _fxpress_pruned_runners(w)
+    if w.name in ADAROUND_WORKLOADS:
+        out += _fxpress_adaround_runners(w)
     return out
+
+
+# issue 24: the workload's recipe + Quantize(adaround=True) (docs/results/session8_adaround.md)
+ADAROUND_WORKLOADS = ("efficientnet_lite0",)
+
+
+def _fxpress_adaround_runners(w):
+    import fxpress
+    from bench.peers import SPINNING, THREADS
+    gm, how = fxpress_quantize(w.model, w.example, w.calibration,
+                               options={**(w.notes.get("quantize") or {}), "adaround": True})
+    ort_run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example,
+                            calibration=w.calibration, threads=THREADS, spinning=SPINNING)
+    ind = fxpress.lower(gm, "inductor", example_inputs=w.example)
+    return [(f"fxpress -> ORT ({how})", ort_run, _int8_size(gm), ort_run.report.get("kernels")),
+            (f"fxpress -> Inductor ({how})", ind, _int8_size(gm), ind.report.get("kernels"))]
 
 
 def _minilm_ir(w, recipe: str):
