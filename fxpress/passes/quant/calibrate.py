@@ -155,6 +155,8 @@ class Calibrate(Pass):
         if n_batches == 0:
             raise CalibrationError("calibration is empty: the iterable gave no batches, so no "
                                    "activation range can be observed")
+        for m in mods:  # the samples calibration had (a tensor's dim 0 may be a broadcast 1)
+            m.calib_samples, m._cached = n_samples, None
         for node, m in obs:
             if getattr(m, "is_dynamic", False):
                 continue

@@ -49,9 +49,10 @@ class TailMinMaxObserver(Observer):
     (p = `TAIL_P`), an exponential tail fitted to the top k (peaks over the threshold u, the
     (k+1)-th largest: P(X > u + t) = k/n e^(-t/e), e = their mean excess over u) gives the
     value exceeded once in 1/p, and the range takes it where it is beyond the observed one.
-    A bounded tensor (ReLU6 at 6) has e ~ 0; a calibration of `TAIL_ROWS` or more leading-dim
-    rows (samples), or n p >= k, keeps its min/max (real MiniLM, 128 sentences: widening cost
-    its min cosine 0.990 -> 0.988)."""
+    A bounded tensor (ReLU6 at 6) has e ~ 0; a calibration of `TAIL_ROWS` or more samples
+    (Calibrate sets `calib_samples`; else the leading-dim rows seen), or n p >= k, keeps its
+    min/max (real MiniLM, 128 sentences: widening its position embeddings, dim 0 = 1, cost
+    the padding=True static recipe's min cosine 0.990 -> 0.985)."""
 
     kind = "minmax_tail"
     TAIL_K, TAIL_SHARE, TAIL_KEEP, TAIL_P, TAIL_ROWS = 16, 0.02, 256, 1e-5, 32
@@ -81,7 +82,9 @@ class TailMinMaxObserver(Observer):
     def _tail(self, top: torch.Tensor) -> float:
         """The 1-in-1/TAIL_P value of the exponential tail through `top` (descending)."""
         k = min(max(self.TAIL_K, int(self.TAIL_SHARE * self.count)), self.TAIL_KEEP)
-        if top.numel() <= k or self.count * self.TAIL_P >= k or self.rows >= self.TAIL_ROWS:
+        # the samples Calibrate fed (set after calibrating), else the leading-dim rows seen
+        samples = getattr(self, "calib_samples", None) or self.rows
+        if top.numel() <= k or self.count * self.TAIL_P >= k or samples >= self.TAIL_ROWS:
             return float(top[0])
         u = float(top[k])
         e = float((top[:k] - u).mean())
