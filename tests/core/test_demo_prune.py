@@ -30,7 +30,7 @@ def test_distillation_recovers_what_pruning_and_int8_lose():
     with torch.no_grad():
         a_plain = agreement(ref, plain(xte).argmax(-1))                    # held-out test split
         a_kd = agreement(ref, kd(xte).argmax(-1))
-    assert a_kd >= 0.95 and a_kd >= a_plain + 0.05, (a_plain, a_kd)   # measured 0.869 -> 0.987 (150 steps)
+    assert a_kd >= 0.95 and a_kd >= a_plain + 0.05, (a_plain, a_kd)   # measured 0.625 -> 0.987 (l2 importance: 0.869 -> 0.990)
     assert next(model.parameters()).shape[0] == 16                         # the teacher untouched
 
 
