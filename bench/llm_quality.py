@@ -22,6 +22,11 @@ g128: RTN +63.3 % (asymmetric +38.1 %), GPTQ +33.9 % (act-order asymmetric +11.3
 (asymmetric +21.7 %). Plain int8-per-row RTN applied to the HF weights outside fxpress gives the
 same picture (last-position logits 26.9 dB vs fp32; bf16 weights 47 dB): this model's greedy
 choices often have near-ties (prompt 2's first token: top-2 logits 29.458 / 29.413).
+
+Session 8 (docs/results/session8_llmq.md): int4 g128 GPTQ act-order asymmetric with
+sequential=True and scale_search="mse" +7.85 % (from +11.3 %); int8 g32 GPTQ sequential mse
+-0.04 % perplexity but 0/10 prompts (int8 g32 RTN stays the best, 4/10). --agreement forced gives
+the generate counts from one forward per prompt.
 """
 from __future__ import annotations
 
