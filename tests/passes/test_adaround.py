@@ -155,6 +155,10 @@ def test_adaround_config_modes_and_iterations():
     assert its(fxpress.Quantize(mode="static")) == []
     assert its(fxpress.Quantize(mode="static", adaround=True)) == [DEFAULT_ITERATIONS]
     assert its(fxpress.Quantize(mode="static", adaround=40)) == [40]
+    for bc in (False, True, "auto"):  # bias correction, if any, runs inside AdaRound's sweep
+        passes = fxpress.Quantize(mode="static", adaround=40, bias_correction=bc).passes()
+        assert [p.correct_bias for p in passes if isinstance(p, AdaRound)] == [bc]
+        assert not any(p.name == "quant_bias_correction" for p in passes)
     recipe = fxpress.Recipe.from_list([{"quantize": {"mode": "static", "adaround": 40}}])
     assert recipe.entries[0].adaround == 40
 
@@ -181,6 +185,6 @@ def test_adaround_with_bias_correction():
     x = torch.cat([b[0] for b in _data(4, 7)])
     with torch.no_grad():
         ref = m(x)
-        mean_err = lambda cm: float((cm(x) - ref).mean((0, 2, 3)).abs().max())  # noqa: E731
+        mean_err = lambda cm: float((cm(x) - ref).mean((0, 2, 3)).abs().max())
         assert mean_err(both) < mean_err(alone) / 2, (mean_err(alone), mean_err(both))
         assert sqnr_db(ref, both(x)) > sqnr_db(ref, alone(x)) - 0.1

@@ -115,8 +115,8 @@ class Quantize(RecipeEntry):
       (bias_correction.auto_skip); True: always (static); False: off.
     adaround: static: learn each int8 conv/linear weight's rounding (up or down) on the
       calibration data (AdaRound; passes/quant/adaround.py; report["adaround"] per layer).
-      False (default) | True (500 iterations per layer) | an iteration count. With
-      bias_correction=True the correction runs in AdaRound's sweep against the float weights.
+      False (default) | True (500 iterations per layer) | an iteration count. Bias correction
+      (True, or "auto" where it applies) then runs in AdaRound's sweep against the float weights.
     float_policy: static: "auto" (default): per-node sensitivity on the calibration batches
       keeps float the nodes whose int8 form alone costs far more than the rest (residual adds,
       LayerNorm/softmax inputs, attention scores, a linear on GELU outliers; rule in
@@ -338,12 +338,11 @@ class Quantize(RecipeEntry):
                     or self.float_policy == "auto":
                 passes.append(Sensitivity(self))
         ada = self.adaround is not False and self.mode == "static"
-        if ada:  # bias_correction=True: corrected in AdaRound's sweep, against the float weights
+        if ada:  # bias correction (True / "auto"): in AdaRound's sweep, against the float weights
             from .adaround import DEFAULT_ITERATIONS, AdaRound
             its = DEFAULT_ITERATIONS if self.adaround is True else int(self.adaround)
-            passes.append(AdaRound(self, iterations=its, correct_bias=self.bias_correction is True))
-        if self.bias_correction and self.mode == "static" \
-                and not (ada and self.bias_correction is True):
+            passes.append(AdaRound(self, iterations=its, correct_bias=self.bias_correction))
+        if self.bias_correction and self.mode == "static" and not ada:
             from .bias_correction import BiasCorrection
             passes.append(BiasCorrection(self, auto=self.bias_correction == "auto"))
         passes.append(ConvertToQDQ(weight_range=self.weight_range))
