@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -50,6 +51,10 @@ def select_next(logits: torch.Tensor, *, do_sample: bool, temperature: float, to
     """Next token per row from last-position logits [B, V]: argmax, or a sample after
     temperature, top-k and top-p (nucleus) filtering as transformers' warpers do."""
     if not do_sample:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax stays on this thread: torch's splits a 49k-vocabulary row into an
+            # OpenMP region whose workers then spin beside ONNX Runtime's threads at the next step
+            return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1), np.int64))
         return logits.argmax(-1)
     scores = logits.float() / temperature
     if top_k is not None and top_k > 0:
