@@ -135,7 +135,7 @@ def _siblings(fg: fx.GraphModule, plans: list) -> list[list]:
         if not key[-1]:
             key = (lin,)  # a computed bias: alone
         groups.setdefault(key, []).append((lin, got, b))
-    return list(groups.values())
+    return list(groups.values())  # plans come in graph order: a group's first is its earliest
 
 
 def pack_weight_only_linears(fg: fx.GraphModule, *, lm_head: str = "float") -> dict[str, int]:
@@ -161,7 +161,7 @@ def pack_weight_only_linears(fg: fx.GraphModule, *, lm_head: str = "float") -> d
             plans.append((lin, kind, got))
     kinds = {lin: kind for lin, kind, _ in plans}
     for idx, group in enumerate(_siblings(fg, plans)):
-        first = min((lin for lin, _, _ in group), key=lambda n: list(g.nodes).index(n))
+        first = group[0][0]
         kind = kinds[first]
         q = torch.cat([got["q"] for _, got, _ in group])
         scales = torch.cat([got["scales"] for _, got, _ in group])
@@ -190,7 +190,7 @@ def pack_weight_only_linears(fg: fx.GraphModule, *, lm_head: str = "float") -> d
                 qa, sa = g.get_attr(qn), g.get_attr(sn)
             new = _emit(g, first, aten._weight_int8pack_mm.default, lambda: (qa, sa), k, k, n, ba)
         counts[kind] += 1
-        counts["fused"] += len(group) - 1 if len(group) > 1 else 0
+        counts["fused"] += len(group) - 1
         off = 0
         for (lin, _, _), size in zip(group, sizes):
             out = new
