@@ -64,14 +64,19 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> LinearW:
     with zeros to whole blocks): what a float lm_head becomes for ``lm_head="int8"|"int4"``."""
     n, k = w.shape
     kp = -(-k // block) * block
-    wp = np.zeros((n, kp), np.float32)
-    wp[:, :k] = w
-    g = wp.reshape(n, kp // block, block)
     qmax = (1 << (bits - 1)) - 1
-    scales = np.abs(g).max(-1) / qmax
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(g / scales[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, kp)
-    return LinearW("", n, k, q=q, scales=scales.astype(np.float32), bits=bits, block=block)
+    q = np.empty((n, kp), np.int8)
+    scales = np.empty((n, kp // block), np.float32)
+    rows = max(1, (1 << 22) // kp)  # ~16 MB of float temporaries at a time (a 1B model's head is 400 MB)
+    for r in range(0, n, rows):
+        wp = np.zeros((min(rows, n - r), kp), np.float32)
+        wp[:, :k] = w[r:r + rows]
+        g = wp.reshape(wp.shape[0], kp // block, block)
+        s = np.abs(g).max(-1) / qmax
+        s[s == 0] = 1.0
+        q[r:r + rows] = np.clip(np.rint(g / s[..., None]), -qmax - 1, qmax).reshape(wp.shape[0], kp)
+        scales[r:r + rows] = s
+    return LinearW("", n, k, q=q, scales=scales, bits=bits, block=block)
 
 
 def constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
@@ -87,6 +92,7 @@ def constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of the tensor where it can be one (read only: never written through)."""
     return t.detach().cpu().numpy()
 
 
@@ -109,9 +115,9 @@ def _read_weight(gm, w, k_in: int) -> dict | None:
             return None
         spec = get_record(w, WeightOnlySpec)
         block = int(w.args[6])
-        qa = _np(q).astype(np.int8)
+        qa = _np(q).astype(np.int8, copy=False)
         bits = spec.bits if spec is not None else (4 if qa.min() >= -8 and qa.max() <= 7 else 8)
-        scales = _np(s).astype(np.float32).reshape(qa.shape[0], -1)
+        scales = _np(s).astype(np.float32, copy=False).reshape(qa.shape[0], -1)
         zpa = None if zp is None or not bool((zp != 0).any()) else \
             _np(zp).astype(np.int8).reshape(qa.shape[0], -1)
         return dict(q=qa, scales=scales, zp=zpa, bits=bits, block=block,
@@ -122,7 +128,7 @@ def _read_weight(gm, w, k_in: int) -> dict | None:
         q, s, zp = (constant(gm, a) for a in w.args[:3])
         if q is None or s is None:
             return None
-        qa = _np(q).astype(np.int8)
+        qa = _np(q).astype(np.int8, copy=False)
         n, k = qa.shape
         spec = get_record(w, WeightOnlySpec)
         bits = spec.bits if spec is not None else 8
@@ -139,7 +145,7 @@ def _read_weight(gm, w, k_in: int) -> dict | None:
     c = constant(gm, w)
     if c is None or c.dim() != 2 or not c.dtype.is_floating_point:
         return None
-    return dict(weight=_np(c).astype(np.float32), k=c.shape[1])
+    return dict(weight=_np(c).astype(np.float32, copy=False), k=c.shape[1])  # a view: no copy
 
 
 def linear_weights(gm: fx.GraphModule) -> tuple[dict[str, LinearW], list[str]]:

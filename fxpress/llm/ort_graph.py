@@ -21,8 +21,17 @@ concatenated likewise. Rotary tables come from the model's own rotary module (an
 transformers computes ahead of time).
 
 Anything outside the plan raises `NotThisFamily` (the caller exports the IR generically).
+
+Memory: with ``external_data=path`` every initializer of >= 1 KiB is written to that file as it is
+made (`ExternalData`: offsets aligned for ORT's mmap, no ``raw_data`` in the proto, no serialized
+copy of the weights), and the IR's float weights are read as views (one transposed [K, N] copy
+per linear at a time): the build holds one linear's temporaries beside the IR, not a copy of
+the model.
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,10 +42,73 @@ from ..backends.onnx.nbits import pack_nbits, pack_zero_points
 from .capture import CausalLMSpec
 from .ir_weights import LinearW, linear_weights, quantize_blocks
 
-__all__ = ["FAMILIES", "NotThisFamily", "build_decoder", "rotary_tables"]
+__all__ = ["FAMILIES", "ExternalData", "NotThisFamily", "build_decoder", "rotary_tables",
+           "session_entries"]
 
 MS = "com.microsoft"
 FAMILIES = ("llama", "mistral", "qwen2")
+INLINE_BYTES = 1024      # smaller initializers stay in the proto (onnx.save_model's threshold)
+ALIGN = 65536            # offsets of large tensors: ORT maps aligned external data on CPU
+SMALL_ALIGN = 64
+
+
+class ExternalData:
+    """One external data file that initializers are appended to as they are made.
+
+    `write(name, arr)` appends the array's bytes (no copy of a contiguous array) at an aligned
+    offset and returns a TensorProto pointing there (``data_location=EXTERNAL``, location = the
+    file's name, so the .onnx must be saved in the same folder). `close()` when done."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.location = self.path.name
+        self._f = open(self.path, "wb")
+        self.offset = 0
+
+    def write(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        arr = np.ascontiguousarray(arr)
+        if sys.byteorder != "little" or arr.dtype.byteorder == ">":  # ONNX stores little-endian
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        align = ALIGN if arr.nbytes >= ALIGN else SMALL_ALIGN
+        start = -(-self.offset // align) * align
+        if start > self.offset:
+            self._f.write(b"\0" * (start - self.offset))
+        self._f.write(arr.reshape(-1).view(np.uint8).data)
+        self.offset = start + arr.nbytes
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+                             dims=arr.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", start), ("length", arr.nbytes)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return t
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def session_entries(model_path) -> dict[str, str]:
+    """ORT session config entries for the decoder file `model_path` (read without its data).
+
+    A graph without MatMulNBits (float linears only) gets ``session.disable_prepacking``: ORT then
+    maps model.onnx.data (aligned offsets, `ExternalData`) and its MatMuls read the mapped file
+    in place, where prepacking makes an anonymous second copy of every weight (measured, random
+    4-layer ~1B Llama, fp32: +1.42 GiB peak / +1.04 GiB resident at load with prepacking, +0.01
+    GiB and file-backed pages without, prefill and decode times equal within noise). MatMulNBits
+    needs its packed form (120x slower decode without), so a quantized graph keeps ORT's default.
+    """
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not ours to judge here: the session reports it)
+        return {}
+    if any(n.op_type == "MatMulNBits" for n in proto.graph.node):
+        return {}
+    return {"session.disable_prepacking": "1"}
 
 
 class NotThisFamily(Exception):
@@ -64,13 +136,29 @@ def rotary_tables(spec: CausalLMSpec, length: int) -> tuple[np.ndarray, np.ndarr
 
 
 class _Builder:
-    def __init__(self, accuracy_level, report: dict):
+    def __init__(self, accuracy_level, report: dict, data: ExternalData | None = None):
         self.nodes, self.inits, self.report = [], [], report
         self.accuracy_level = accuracy_level
+        self.data = data
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.ascontiguousarray(arr)
+        if self.data is not None and arr.nbytes >= INLINE_BYTES:
+            self.inits.append(self.data.write(name, arr))
+        else:
+            self.inits.append(numpy_helper.from_array(arr, name))
         return name
+
+    def matmul_weight(self, name: str, ws: list[LinearW]) -> str:
+        """The float [K, N] initializer of `ws` concatenated along N: one transposed copy (per
+        linear, freed once written), never a float copy of the IR's [N, K] weights."""
+        k, n = ws[0].k, sum(w.n for w in ws)
+        wt = np.empty((k, n), np.float32)
+        at = 0
+        for w in ws:
+            wt[:, at:at + w.n] = w.dense().T
+            at += w.n
+        return self.init(name, wt)
 
     def node(self, op, ins, outs, name, domain="", **attrs):
         self.nodes.append(helper.make_node(op, ins, outs, name=name, domain=domain, **attrs))
@@ -105,10 +193,10 @@ class _Builder:
             self.report.setdefault("accuracy_levels", {})[name] = level
             return self.node("MatMulNBits", ins, [out or f"{name}/out"], name, MS, K=k, N=n, bits=q.bits,
                              block_size=q.block, accuracy_level=level)
-        w = np.concatenate([w.dense() for w in ws]).astype(np.float32)
+        w = self.matmul_weight(f"{name}.weight_t", ws)
         if bias is None:
-            return self.node("MatMul", [x, self.init(f"{name}.weight_t", w.T)], [out or f"{name}/out"], name)
-        y = self.node("MatMul", [x, self.init(f"{name}.weight_t", w.T)], [f"{name}/out"], name)
+            return self.node("MatMul", [x, w], [out or f"{name}/out"], name)
+        y = self.node("MatMul", [x, w], [f"{name}/out"], name)
         return self.node("Add", [y, self.init(f"{name}.bias", bias)], [out or f"{name}/biased"],
                          name + "/bias")
 
@@ -155,21 +243,35 @@ def check_family(spec: CausalLMSpec) -> None:
 
 def build_decoder(gm, spec: CausalLMSpec, *, lm_head: str = "auto", accuracy_level=4,
                   max_positions: int | None = None, report: dict | None = None,
-                  fuse_gate_up: bool = True) -> onnx.ModelProto:
+                  fuse_gate_up: bool = True, external_data=None) -> onnx.ModelProto:
     """The ORT GenAI-layout decoder of a Llama-family IR (see the module docstring).
 
     lm_head: "auto" (int8 when the IR's linears are weight-only quantized, else as the IR has it),
     "int8", "int4" (blocks of 32), "float" (the IR's head, dequantized if it is quantized).
     accuracy_level: an int, or a callable (K, N, bits, block) -> int. fuse_gate_up: one
     MatMulNBits + Split for gate and up (False: two MatMulNBits, ORT GenAI's builder's form).
+    external_data: a file path (``<folder>/model.onnx.data``): initializers of >= 1 KiB are
+    streamed there as they are made and the returned proto points at it, so it must be saved
+    (plainly, ``onnx.save_model(model, "<folder>/model.onnx")``) in that folder; None keeps
+    every initializer in the proto (raw_data).
     """
     report = {} if report is None else report
     check_family(spec)
-    cfg = spec.config()
     ws, unread = linear_weights(gm)
     if unread:
         raise NotThisFamily(f"linears not in a weight-only / float form: {unread[:3]}")
-    b = _Builder(accuracy_level, report)
+    data = ExternalData(external_data) if external_data is not None else None
+    try:
+        return _build(_Builder(accuracy_level, report, data), gm, spec, ws, lm_head=lm_head,
+                      max_positions=max_positions, fuse_gate_up=fuse_gate_up)
+    finally:
+        if data is not None:
+            data.close()
+
+
+def _build(b: _Builder, gm, spec: CausalLMSpec, ws: dict, *, lm_head: str, max_positions,
+           fuse_gate_up: bool) -> onnx.ModelProto:
+    report, cfg = b.report, spec.config()
     L, H, KV, D = spec.num_layers, spec.num_heads, spec.kv_heads, spec.head_dim
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     ids_in = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
