@@ -118,6 +118,9 @@ class OrtCausalLM(Generator):
         self.folder, self.spec, self._tmp = Path(folder), spec, tmp
         self.report = dict(report or {})
         so = session_options(threads, "all", spinning=spinning)
+        from .ort_graph import session_entries
+        for key, value in session_entries(self.folder / MODEL).items():  # no 2nd copy of fp32 weights
+            so.add_session_config_entry(key, value)
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(self.folder / MODEL), so,
@@ -311,11 +314,13 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
         level = int(accuracy_level)
     report: dict = {"generator": "genai-layout decoder"}
     t0 = time.perf_counter()
-    try:
+    tmp = tempfile.TemporaryDirectory(prefix="fxpress-llm-")
+    try:  # weights streamed to model.onnx.data as they are made (ort_graph.ExternalData)
         model = build_decoder(gm, spec, lm_head=lm_head, accuracy_level=level,
                               max_positions=spec.max_positions, report=report,
-                              fuse_gate_up=fuse_gate_up)
+                              fuse_gate_up=fuse_gate_up, external_data=Path(tmp.name) / DATA)
     except NotThisFamily as why:
+        tmp.cleanup()
         from ..backends.base import get_backend
         from .lowering import LoweredCausalLM
         run = LoweredCausalLM(get_backend("onnxruntime")(gm, flat_example_inputs, device=device,
@@ -323,8 +328,8 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
         run.lowered.report["generator"] = f"generic export, growing past ({why})"
         return run
     report["build_s"] = round(time.perf_counter() - t0, 2)
-    tmp = tempfile.TemporaryDirectory(prefix="fxpress-llm-")
     write_model(model, Path(tmp.name))
+    del model
     lm = OrtCausalLM(Path(tmp.name), spec, threads=threads, report=report, tmp=tmp, spinning=spinning)
     if check:
         ids = flat_example_inputs[0]
