@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EFFNET_CAPS", "EFFNET_HINTS", "recovery", "pruned_int8"]
+__all__ = ["EFFNET_CAPS", "EFFNET_HINTS", "EFFNET_REFIT", "recovery", "pruned_int8"]
 
 # EfficientNet-Lite0: prune the expansion channels of blocks 6-15 (14x14 and 7x7, ~60 % of the
 # MACs); the stem, the first six blocks (measured: 25-50 % of one early block's expansion
@@ -32,20 +32,30 @@ EFFNET_CAPS = {"_conv_stem": 0.0, "_blocks.[0-5]._*": 0.0, "_blocks.*._project_c
                "_conv_head": 0.0}
 # block outputs (widths unchanged by the caps above): identity hint adapters
 EFFNET_HINTS = ("_blocks.7", "_blocks.10", "_blocks.13", "_blocks.15")
+# the 1x1 projections that read the pruned channels: refit by least squares after pruning
+EFFNET_REFIT = tuple(f"_blocks.{i}._project_conv" for i in range(6, 16))
 
 
 def recovery(teacher: torch.nn.Module, train: Sequence, bn: Sequence | None, *, steps: int,
              lr: float = 1e-3, temperature: float = 2.0, hints: Sequence[str] = (),
-             hint_weight: float = 1.0, log: dict | None = None):
-    """finetune(gm) for compress(): re-estimate BN on `bn` (when given), then (steps > 0) distil
-    from `teacher` on `train` for `steps` optimiser steps. `log` (a dict) receives what each
-    stage did."""
+             hint_weight: float = 1.0, refit: Sequence[str] = (), refit_data: Sequence | None = None,
+             log: dict | None = None):
+    """finetune(gm) for compress(): re-estimate BN on `bn` (when given), refit the 1x1 convs
+    `refit` to the teacher by least squares on `refit_data` (default `train`), then (steps > 0)
+    distil from `teacher` on `train` for `steps` optimiser steps. `log` (a dict) receives what
+    each stage did."""
     from ..distill import offline
     from ..passes.prune.bn_recal import recalibrate_bn
+    from ..passes.prune.reconstruct import reconstruct
 
     def finetune(module: Any) -> dict:
         gm = getattr(module, "graph_module", module)
         out = {"bn": recalibrate_bn(gm, bn)} if bn is not None else {}
+        if refit:
+            st = reconstruct(gm, teacher, train if refit_data is None else refit_data, refit)
+            out["refit"] = {"convs": len(st),
+                            "err_before": round(sum(v["err_before"] for v in st.values()) / len(st), 4),
+                            "err_after": round(sum(v["err_after"] for v in st.values()) / len(st), 4)}
         if steps > 0:
             ft = offline(teacher, train, epochs=10_000, max_steps=steps, lr=lr,
                          temperature=temperature, hints=hints, hint_weight=hint_weight)
@@ -60,16 +70,18 @@ def recovery(teacher: torch.nn.Module, train: Sequence, bn: Sequence | None, *, 
 def pruned_int8(model: torch.nn.Module, example: tuple, *, calibration: Sequence, train: Sequence,
                 bn: Sequence | None, ratio: float, caps: dict | None = None,
                 hints: Sequence[str] = (), steps: int = 60, lr: float = 1e-3, temperature: float = 2.0,
-                importance: str = "taylor", quantize: bool = True, log: dict | None = None):
+                importance: str = "taylor", round_to: int = 8, refit: Sequence[str] = (),
+                quantize: bool = True, log: dict | None = None):
     """`model` pruned (local ranking, `ratio` of each uncapped group), recovered, static int8.
 
     Taylor importance (|w * dL/dw| on the calibration batches) by default: on EfficientNet-Lite0
     at 25 % of blocks 6-15's expansion channels it keeps 58 % top-1 agreement before any
     training where L2 keeps 0 % (docs/results/session8_demo.md)."""
     import fxpress
-    recipe = [fxpress.ChannelPruning(ratio=ratio, scope="local", caps=caps, importance=importance)]
+    recipe = [fxpress.ChannelPruning(ratio=ratio, scope="local", caps=caps, importance=importance,
+                                     round_to=round_to)]
     if quantize:
         recipe.append(fxpress.Quantize(mode="static"))
     ft = recovery(model, train, bn, steps=steps, lr=lr, temperature=temperature, hints=hints,
-                  log=log)
+                  refit=refit, log=log)
     return fxpress.compress(model, example, recipe, calibration=calibration, finetune=ft)
