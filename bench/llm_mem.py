@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -21,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import fxpress  # noqa: E402
-from fxpress.llm import ort as ort_mod  # noqa: E402
-from fxpress.llm import ort_graph  # noqa: E402
-from fxpress.llm.models import llama_1b_config, random_llama  # noqa: E402
+import fxpress
+from fxpress.llm import ort as ort_mod
+from fxpress.llm import ort_graph
+from fxpress.llm.models import llama_1b_config, random_llama
 
 
 def _status(key: str) -> int:

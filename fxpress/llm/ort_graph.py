@@ -62,7 +62,7 @@ class ExternalData:
     def __init__(self, path):
         self.path = Path(path)
         self.location = self.path.name
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115  (closed by close() / __exit__)
         self.offset = 0
 
     def write(self, name: str, arr: np.ndarray) -> onnx.TensorProto:

@@ -120,8 +120,8 @@ def test_lowering_peak_rss_stays_under_a_multiple_of_the_weights(recipe, limit):
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _PROBE, recipe], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _PROBE, recipe], check=False, capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = got["peak_delta"] / got["weights"]
