@@ -143,18 +143,50 @@ def _packed_weight(gm: fx.GraphModule, wdq: fx.Node):
     return None
 
 
+# u8 producers Inductor computes as its own kernels: a packed conv reading one gets it written
+# channels-last by that kernel (an int8 pad of TF-"same" padding too: Inductor fuses the pad and
+# the layout into one kernel where the op would copy to channels-last on every call)
+_INDUCTOR_U8 = {_Q.quantize_per_tensor.default, torch.ops.aten.constant_pad_nd.default}
+
+
 def _channels_last(g: fx.Graph, xq: fx.Node, made: dict) -> fx.Node:
     """A packed conv's u8 input as Inductor should write it: a quantize of a float tensor
     (Inductor's kernel, NCHW) gets a channels-last clone that Inductor fuses into that kernel
     (ResNet-18's 3 x 224 x 224 input: 151 us, vs 193 us for the kernel then the op's own
     copy). Packed convs' outputs and pools of them are channels-last already."""
-    if not (isinstance(xq, fx.Node) and xq.target == _Q.quantize_per_tensor.default):
+    if not (isinstance(xq, fx.Node) and xq.target in _INDUCTOR_U8):
         return xq
     if xq not in made:
         with g.inserting_after(xq):
             made[xq] = g.call_function(torch.ops.aten.clone.default, (xq,),
                                        {"memory_format": torch.channels_last})
     return made[xq]
+
+
+_CLAMPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default,
+           torch.ops.aten.clamp.default, torch.ops.aten.clamp_.default}
+
+
+def _clamp_from_zero(n: fx.Node) -> float | None:
+    """The upper bound `hi` of ``hardtanh(x, 0, hi)`` / ``clamp(x, 0, hi)`` (ReLU6: 6.0), else
+    None."""
+    if n.target not in _CLAMPS or n.kwargs:
+        return None
+    lo, hi = (list(n.args[1:3]) + [None, None])[:2]
+    if n.target in (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default):
+        lo = -1.0 if lo is None else lo
+        hi = 1.0 if hi is None else hi
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node) or lo is None or hi is None:
+        return None
+    return float(hi) if float(lo) == 0.0 and float(hi) > 0 else None
+
+
+def _saturates_at(hi: float, scale: float, zero_point: int, qmax: int) -> bool:
+    """Whether ``quantize(hi)`` is already the top code: then ``q(clamp(y, 0, hi)) ==
+    q(relu(y))`` for every y (q is monotone and saturates), and a ReLU6 before a requantize is a
+    plain relu post-op. The observer of a ReLU6 output sees values <= 6, so its scale puts 6 at
+    or past 255; where it does not (a scale set elsewhere) the conv stays on Inductor's path."""
+    return round(hi / scale) + zero_point >= qmax
 
 
 def _match(gm: fx.GraphModule, conv: fx.Node):
@@ -180,12 +212,20 @@ def _match(gm: fx.GraphModule, conv: fx.Node):
         acc = other
         chain.append(n)
         n = _single_user(n)
+    clip = None  # an upper bound a ReLU6-style clamp puts on the conv's output
     if n is not None and n.target in _RELUS:
         relu = True
         chain.append(n)
         n = _single_user(n)
+    elif n is not None and (clip := _clamp_from_zero(n)) is not None:
+        relu = True
+        chain.append(n)
+        n = _single_user(n)
     if (n is None or n.target != _Q.quantize_per_tensor.default or len(n.args) < 6
-            or n.args[5] != torch.uint8 or any(isinstance(v, fx.Node) for v in n.args[1:3])):
+            or n.args[5] != torch.uint8 or any(isinstance(v, fx.Node) for v in n.args[1:5])
+            or (n.args[3], n.args[4]) != (0, 255)):  # the kernel saturates to the full u8 range
+        return None
+    if clip is not None and not _saturates_at(clip, float(n.args[1]), int(n.args[2]), 255):
         return None
     bias = fetch_attr(gm, b.target).float() if b is not None else None
     return wq, bias, (stride, padding, dilation, groups), acc, relu, n, chain

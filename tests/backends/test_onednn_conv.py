@@ -160,3 +160,62 @@ def test_hf_resnet_unmodified_at_another_batch():
     assert type(out) is type(model(*x3))
     assert sqnr(main_output(ir), main_output(out)) > 25
     assert sqnr(main_output(ir), main_output(out)) >= sqnr(main_output(ir), main_output(own(*x3))) - 3
+
+
+@pytest.fixture(scope="module")
+def mobilenet_ir():
+    """A small MobileNetV2 (ReLU6 after every expand and depthwise conv) under static int8:
+    the ReLU6 convs are the ones a relu-only match left to Inductor's own qconv lowering."""
+    from tests.models import mobilenet_v2
+    model = mobilenet_v2(small=True, num_classes=10).eval()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(1, 3, 64, 64, generator=g),) for _ in range(4)]
+    cm = fxpress.compress(model, data[0], [fxpress.Quantize(mode="static")], calibration=data)
+    return cm.graph_module, data
+
+
+_HARDTANH = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
+
+
+def _relu6_convs(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target in _HARDTANH)
+
+
+@needs_packed
+def test_relu6_convs_run_packed_and_match_the_ir(mobilenet_ir):
+    """conv -> ReLU6 -> quantize is conv + relu post-op where quantize(6) is the top u8 code
+    (the observer of a ReLU6 output puts it there): every conv of the net runs packed, with
+    the IR's numbers (as close as Inductor's own qconvs, > 30 dB)."""
+    gm, data = mobilenet_ir
+    n_convs = sum(1 for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    assert _relu6_convs(gm) >= 10
+    run = compile_inductor(gm, data[0], wrapper="python")
+    own = compile_inductor(gm, data[0], wrapper="python", packed_convs="off")
+    kinds = [r["kernel"] for r in run.report["layers"] if r["op"] == "conv2d"]
+    assert len(kinds) == n_convs and all(k.startswith("packed oneDNN conv") for k in kinds), kinds
+    assert "qconv_prepack" not in run.report["kernels"]
+    ops = [n.target for n in run._flat.graph.nodes if n.op == "call_function"]
+    assert not any(t in ops for t in _HARDTANH)
+    for (x,) in data[1:3]:
+        ref, y = gm(x), run(x)
+        assert _sqnr(ref, y) > 30 and _sqnr(ref, y) > _sqnr(ref, own(x)) - 3, (_sqnr(ref, y), _sqnr(ref, own(x)))
+
+
+@needs_packed
+def test_a_clamp_below_the_quantized_range_stays_on_inductor(mobilenet_ir):
+    """A clamp whose bound quantizes below 255 is not a relu: that conv is left as it was
+    (here the first ReLU6 turned into clamp(0, 0.1) under the observer's 6-wide scale)."""
+    gm, data = mobilenet_ir
+    flat = flat_graph(gm)
+    clamp = next(n for n in flat.graph.nodes if n.target in _HARDTANH)
+    clamp.args = (clamp.args[0], 0.0, 0.1)
+    flat.recompile()
+    handles = onednn_conv.packed_onednn_convs(flat)
+    onednn_conv.release_when_collected(flat, handles)
+    left = [n for n in flat.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert len(left) == 1 and left[0] is clamp.args[0]
+    assert _relu6_convs(flat) == 1
+    assert len(handles) == sum(1 for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default) - 1
+    assert _relu6_convs(gm) == 13  # the IR itself is untouched
+    # the edited graph still runs, the clamped conv in float Q/DQ form beside the packed ones
+    assert torch.isfinite(flat(data[1][0])[0]).all()
