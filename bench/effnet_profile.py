@@ -1,11 +1,15 @@
-"""Per-op profile of EfficientNet-Lite0 int8: fxpress -> ORT against ORT quantize_static and
-OpenVINO + NNCF (issue 24: what keeps fxpress -> ORT behind OpenVINO).
+"""Per-op profile of int8 CNNs (EfficientNet-Lite0, ResNet-18): fxpress -> ORT and fxpress ->
+Inductor against ORT quantize_static and OpenVINO + NNCF (issue 24: where the time goes).
 
-    .venv/bin/python bench/effnet_profile.py [--runs 200] [--recipe bench|default] [--threads 2]
+    .venv/bin/python bench/effnet_profile.py [--workload efficientnet_lite0|resnet18] [--runs 200]
+        [--recipe bench|default] [--threads 2] [--no-openvino] [--no-inductor]
 
 Each runner alone, one after another in one process: a warm-up, then `--runs` calls with ORT's
-profiler (or OpenVINO's PERF_COUNT) on; per op type: total ms per call, node count; the
-runner's median wall ms from a separate unprofiled loop. Writes bench/out/effnet_profile.md.
+profiler, OpenVINO's PERF_COUNT or torch.profiler (Inductor: its extern kernels - the packed
+oneDNN convs, pools - and its own fused kernels as one "CompiledFxGraph" self time) on; per op
+type: total ms per call, node count; OpenVINO also per layer; the runner's median wall ms from a
+separate unprofiled loop. Writes bench/out/effnet_profile.md (EfficientNet-Lite0) or
+bench/out/<workload>_profile.md.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch  # noqa: E402
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 
-from bench.models import efficientnet_lite0  # noqa: E402
+from bench.models import get_workload  # noqa: E402
 from bench.peers import export_onnx, fxpress_quantize  # noqa: E402
 from fxpress.timing import median_ms  # noqa: E402
 
@@ -74,6 +78,7 @@ def ov_profile(w, runs: int, threads: int, tmp: str):
     x = w.example[0].numpy()
     wall = median_ms(lambda: req.infer([x]), (), runs=runs, warmup=5)
     per: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    layers: dict[str, list] = collections.defaultdict(list)  # per layer: ms of each run
     for _ in range(runs):
         req.infer([x])
         for p in req.get_profiling_info():
@@ -81,7 +86,38 @@ def ov_profile(w, runs: int, threads: int, tmp: str):
                 k = f"{p.node_type} ({p.exec_type})"
                 per[k][0] += p.real_time.total_seconds() * 1e3 / runs
                 per[k][1] += 1
-    return {k: (v[0], v[1] // runs) for k, v in per.items()}, wall
+                layers[f"{p.node_name} [{k}]"].append(p.real_time.total_seconds() * 1e3)
+    return {k: (v[0], v[1] // runs) for k, v in per.items()}, wall, layers
+
+
+def inductor_profile(gm, w, runs: int):
+    """({op: [ms per call, calls per model call]}, median ms, kernel counts) of fxpress ->
+    Inductor under torch.profiler; "(Inductor's fused kernels + wrapper)" is the compiled
+    graph's self time (its generated C++ kernels: quantize, pads, adds, pools it fused)."""
+    import fxpress
+    from torch.profiler import ProfilerActivity, profile
+    run = fxpress.lower(gm, "inductor", example_inputs=w.example)
+    x = w.example
+    wall = median_ms(lambda: run(*x), (), runs=runs, warmup=5)
+    with torch.no_grad():
+        for _ in range(5):
+            run(*x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                run(*x)
+    per = {}
+    for e in prof.key_averages():
+        name = "(Inductor's fused kernels + wrapper)" if "CompiledFxGraph" in e.key else e.key
+        if e.self_cpu_time_total > 0.005 * 1e3 * runs or "CompiledFxGraph" in e.key:
+            per[name] = (e.self_cpu_time_total / 1e3 / runs, e.count // runs)
+    return per, wall, run.report.get("kernels", {})
+
+
+def layer_table(layers: dict, top: int = 25) -> list[str]:
+    """The `top` slowest layers (median ms over the profiled runs), in descending order."""
+    import statistics
+    rows = sorted(((statistics.median(v), k) for k, v in layers.items()), reverse=True)[:top]
+    return ["| layer | median ms |", "|---|---:|"] + [f"| {k} | {ms:.3f} |" for ms, k in rows] + [""]
 
 
 def table(name: str, per: dict, wall: float) -> list[str]:
@@ -99,20 +135,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipe", choices=["bench", "default"], default="bench")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--workload", default="efficientnet_lite0",
+                    choices=["efficientnet_lite0", "resnet18"])
     args = ap.parse_args(argv)
     import fxpress
     from bench.peers import ort_quantize_static
-    w = efficientnet_lite0()
+    torch.set_num_threads(args.threads)
+    w = get_workload(args.workload)
     x = w.example[0]
-    out = [f"# EfficientNet-Lite0 int8 per-op profile ({args.threads} threads, {args.runs} runs, "
+    out = [f"# {w.name} int8 per-op profile ({args.threads} threads, {args.runs} runs, "
            f"load avg at start {os.getloadavg()[0]:.1f})", ""]
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         src = export_onnx(w.model, w.example, os.path.join(tmp, "fp32.onnx"), ["x"])
         runners["ORT fp32"] = open(src, "rb").read()
         ort_quantize_static(w.model, w, tmp)
-        runners["ORT quantize_static"] = open(os.path.join(tmp, "efficientnet_lite0_qdq.onnx"), "rb").read()
-        opts = w.notes["quantize"] if args.recipe == "bench" else {}
+        runners["ORT quantize_static"] = open(os.path.join(tmp, f"{w.name}_qdq.onnx"), "rb").read()
+        opts = (w.notes.get("quantize") or {}) if args.recipe == "bench" else {}
         gm, how = fxpress_quantize(w.model, w.example, w.calibration, options=opts)
         run = fxpress.lower(gm, "onnxruntime", example_inputs=w.example, calibration=w.calibration)
         runners[f"fxpress -> ORT ({how})"] = run.onnx_model.SerializeToString()
@@ -121,11 +161,18 @@ def main(argv=None) -> int:
             out += table(name, per, wall)
             out += ["optimized graph: " + ", ".join(f"{k} {v}" for k, v in sorted(kernels.items())), ""]
             print("\n".join(out[-40:]), flush=True)
+        if not args.no_inductor:
+            per, wall, kernels = inductor_profile(gm, w, args.runs)
+            out += table(f"fxpress -> Inductor ({how})", per, wall)
+            out += ["int8 kernels: " + ", ".join(f"{k} {v}" for k, v in sorted(kernels.items())), ""]
+            print("\n".join(out[-30:]), flush=True)
         if not args.no_openvino:
-            per, wall = ov_profile(w, args.runs, args.threads, tmp)
+            per, wall, layers = ov_profile(w, args.runs, args.threads, tmp)
             out += table("OpenVINO + NNCF nncf.quantize", per, wall)
+            out += ["OpenVINO + NNCF, slowest layers:", ""] + layer_table(layers)
     text = "\n".join(out) + "\n"
-    dst = _ROOT / "bench" / "out" / "effnet_profile.md"
+    name = "effnet_profile.md" if w.name == "efficientnet_lite0" else f"{w.name}_profile.md"
+    dst = _ROOT / "bench" / "out" / name
     dst.parent.mkdir(parents=True, exist_ok=True)
     from fxpress.utils import atomic_write_text
     atomic_write_text(dst, text)
