@@ -159,23 +159,30 @@ class Generator:
         batch, prompt = ids.shape
         state = self.start(batch, prompt + max_new_tokens)
         pos = positions_from_mask(mask, prompt)
+        # the whole mask up front (new columns are ones): step i passes a view, not a grown copy
+        full = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], 1)
         logits = self.step(state, ids, mask, pos)
         done = torch.zeros(batch, dtype=torch.bool)
+        eos_set = {int(e) for e in eos.tolist()}
         new = []
         for i in range(max_new_tokens):
             nxt = select_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=gen)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            if batch == 1:  # the common case, without the per-row tensor bookkeeping (it stops at EOS)
+                done[0] = int(nxt[0]) in eos_set
+            else:
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                if eos_set:
+                    done |= torch.isin(nxt, eos)
             new.append(nxt)
             if streamer is not None:
                 streamer.put(nxt.cpu())
-            if eos.numel():
-                done |= torch.isin(nxt, eos)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
             pos = pos[:, -1:] + 1
-            logits = self.step(state, nxt[:, None], mask, pos)
+            n = prompt + i + 1  # batch 1: a view with a plain [n, 1] stride (compilers guard on it)
+            step_mask = full[0, :n][None] if batch == 1 else full[:, :n].contiguous()
+            logits = self.step(state, nxt[:, None], step_mask, pos)
         if streamer is not None:
             streamer.end()
         return torch.cat([ids, torch.stack(new, 1)], 1)

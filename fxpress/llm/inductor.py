@@ -33,10 +33,12 @@ the cache out), never to the user's IR:
    are two graphs, each compiled once (``torch.compile(dynamic=True)`` alone compiled the first
    prompt length static and recompiled for the next).
 
-The KV cache is the IR's explicit one (the graph concatenates past and new keys and returns the
-whole cache), so a decode step copies the cache once per layer; on CUDA the same graph runs
-without weight-only kernels (the dequantize folds to fp16/fp32 constants) and, with
-``cuda_graphs=True``, under ``mode="reduce-overhead"``.
+The KV cache: by default static buffers ``[B, KV, prompt + max_new_tokens, D]`` that each step
+writes in place at its own columns (``fxpress.llm.static_kv``; the capacity is a dynamic
+dimension, so one decode graph serves every length); ``static_kv=False`` keeps the IR's explicit
+cache (the graph concatenates past and new keys: a decode step copies the cache once per layer).
+On CUDA the same graph runs without weight-only kernels (the dequantize folds to fp16/fp32
+constants) and, with ``cuda_graphs=True``, under ``mode="reduce-overhead"``.
 """
 from __future__ import annotations
 
@@ -244,7 +246,8 @@ class InductorCausalLM(Lowered, Generator):
     backend = "inductor"
 
     def __init__(self, gm: fx.GraphModule, *, device: str = "cpu", lm_head: str = "float",
-                 cuda_graphs: Any = "auto", max_length: int | None = None, weight_kernels: bool = True):
+                 cuda_graphs: Any = "auto", max_length: int | None = None, weight_kernels: bool = True,
+                 static_kv: bool = True):
         _check_options(lm_head, cuda_graphs)
         Lowered.__init__(self, gm)
         self.spec = causal_lm_spec(gm)
@@ -261,6 +264,8 @@ class InductorCausalLM(Lowered, Generator):
         if weight_kernels and not cuda:
             kernels = pack_weight_only_linears(fg, lm_head=lm_head)
         last = last_position_logits(fg)
+        from .static_kv import static_kv_cache
+        self.static_kv = bool(static_kv) and static_kv_cache(fg)
         self._fg = fg.to(self.device)
         self._full = None  # the all-positions graph, compiled on the first __call__
         self._gm_full = gm
@@ -272,6 +277,8 @@ class InductorCausalLM(Lowered, Generator):
                        "activations": "bf16 at the packed int4/int8 matmuls, fp32 elsewhere"
                        if kernels["int4pack"] + kernels["int8pack"] else "fp32",
                        "lm_head": lm_head, "cuda_graphs": self.cuda_graphs,
+                       "kv_cache": "static buffers, written in place" if self.static_kv
+                       else "concatenated per step",
                        "rewrite_s": round(time.perf_counter() - t0, 2), "compiles": []}
 
     # ------------------------------------------------------------------ Lowered
@@ -302,7 +309,7 @@ class InductorCausalLM(Lowered, Generator):
         if max_length > self.capacity():
             raise InputError(f"{max_length} tokens exceed this model's {self.capacity()} positions",
                              input_name="max_new_tokens")
-        past = empty_past(self.spec, batch)
+        past = empty_past(self.spec, batch, max_length if self.static_kv else 0)
         return {"past": [t.to(self.device) for kv in past for t in kv]}
 
     def step(self, state, input_ids, attention_mask, position_ids):
@@ -316,7 +323,7 @@ class InductorCausalLM(Lowered, Generator):
         if ids.shape[1] > 1:
             for t in (ids, pos):
                 mark(t, 1)
-        if past and past[0].shape[2] > 0:
+        if past and past[0].shape[2] > 0:  # the past length, or the static buffers' capacity
             for t in past:
                 mark(t, 2)
         mark(mask, 1)
@@ -327,7 +334,10 @@ class InductorCausalLM(Lowered, Generator):
             self.report["compiles"].append(
                 (f"tokens={input_ids.shape[1]} past={state['past'][0].shape[2]}",
                  round(time.perf_counter() - t0, 1)))
-        logits, present = out[0], list(out[1:])
+        logits = out[0]
+        if self.static_kv:  # the buffers were written in place
+            return logits[:, -1].float().cpu()
+        present = list(out[1:])
         # one layout for every step: the prefill's present can be a transposed view of the new
         # keys (nothing to concatenate to), which would make the decode graph recompile on strides
         state["past"] = [t if t.is_contiguous() else t.contiguous() for t in present]
@@ -342,13 +352,14 @@ class InductorCausalLM(Lowered, Generator):
 
 def lower_inductor(gm: fx.GraphModule, flat_example_inputs: tuple = (), *, device: str = "cpu",
                    lm_head: str = "float", cuda_graphs: Any = "auto", max_length: int | None = None,
-                   weight_kernels: bool = True, warmup: bool = False, **options) -> InductorCausalLM:
+                   weight_kernels: bool = True, static_kv: bool = True, warmup: bool = False,
+                   **options) -> InductorCausalLM:
     """fxpress.lower(causal_lm_ir, backend="inductor") (registered in fxpress.llm.lowering)."""
     if options:
         raise RecipeError(f"lower(backend='inductor') of a causal LM got unknown option(s) "
                           f"{sorted(options)}", field=sorted(options)[0], value=None,
                           accepted=("lm_head", "cuda_graphs", "max_length", "weight_kernels",
-                                    "warmup"))
+                                    "static_kv", "warmup"))
     lm = InductorCausalLM(gm, device=device, lm_head=lm_head, cuda_graphs=cuda_graphs,
-                          max_length=max_length, weight_kernels=weight_kernels)
+                          max_length=max_length, weight_kernels=weight_kernels, static_kv=static_kv)
     return lm.warmup() if warmup else lm
