@@ -146,8 +146,8 @@ def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Ro
 
 
 # ------------------------------------------------------------------------------ EfficientNet
-def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int, prune_ratio: float = 0.25,
-                      prune_steps: int = 80) -> list[Row]:
+def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int, prune_ratio: float = 0.5,
+                      prune_steps: int = 0) -> list[Row]:
     import fxpress
     from ..passes.analysis.cost import total_cost
     from ..real import agreement, efficientnet_lite0, photo_sets
@@ -187,19 +187,20 @@ def efficientnet_demo(out_dir: Path, *, rounds: int, n_eval: int, prune_ratio: f
 
 
 def _pruned_int8(model, example, calibration, ratio: float, steps: int):
-    """Pruned (blocks 6-15's expansion channels), recovered from the fp32 teacher, static int8."""
+    """Pruned (blocks 3-15's expansion channels, multiples of 16), the projections refit by
+    least squares to the fp32 teacher (optionally distilled `steps` more), static int8."""
     from ..real import photo_train
-    from .demo_prune import EFFNET_CAPS, EFFNET_HINTS, pruned_int8
-    train = photo_train(128, 160, seed=1)  # other crops than calibration's and evaluation's
+    from .demo_prune import EFFNET_CAPS, EFFNET_HINTS, EFFNET_REFIT, pruned_int8
+    train = photo_train(128, 224, seed=1)  # other crops than calibration's and evaluation's
     log: dict = {}
     t = time.perf_counter()
     cm = pruned_int8(model, example, calibration=calibration,
                      train=[(train[i:i + 16],) for i in range(0, 128, 16)],
-                     bn=None, ratio=ratio, caps=EFFNET_CAPS,
-                     hints=EFFNET_HINTS, steps=steps, log=log)
-    how = f"{steps} distillation steps" if steps else "no recovery"
+                     bn=None, ratio=ratio, caps=EFFNET_CAPS, round_to=16, refit=EFFNET_REFIT,
+                     hints=EFFNET_HINTS, steps=steps, lr=3e-4, log=log)
+    how = " + least-squares refit" + (f" + {steps} distillation steps" if steps else "")
     print(f"    (pruned + recovered + quantized in {time.perf_counter() - t:.0f} s: {log})", flush=True)
-    return cm, f"fxpress pruned {ratio:.0%} + {how} + int8 static"
+    return cm, f"fxpress pruned {ratio:.0%}{how} + int8 static"
 
 
 def _ort_quantize_static(src: Path, dst: Path, names: list[str], batches: list) -> Path:
@@ -320,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="folder for tables, artefacts and the plot")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds per latency (median)")
     p.add_argument("--images", type=int, default=96, help="held-out photo crops for agreement")
-    p.add_argument("--prune-ratio", type=float, default=0.25,
-                   help="EfficientNet: share of blocks 6-15's expansion channels removed")
-    p.add_argument("--prune-steps", type=int, default=80,
-                   help="distillation steps recovering the pruned EfficientNet (0: none; -1: no "
-                        "pruned row)")
+    p.add_argument("--prune-ratio", type=float, default=0.5,
+                   help="EfficientNet: share of blocks 3-15's expansion channels removed")
+    p.add_argument("--prune-steps", type=int, default=0,
+                   help="distillation steps after the least-squares refit of the pruned "
+                        "EfficientNet (0: refit only; -1: no pruned row)")
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32, help="SmolLM2 tokens generated per row")
     p.add_argument("--skip", action="append", default=[], choices=["efficientnet", "minilm", "smollm2"],
