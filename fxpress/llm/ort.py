@@ -50,6 +50,11 @@ def write_model(model: onnx.ModelProto, folder: Path) -> Path:
     """model.onnx + model.onnx.data (one external file) in `folder`; returns the .onnx path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL
+    if not any(len(t.raw_data) >= 1024 for t in model.graph.initializer):
+        # streamed by build_decoder (its data file is in `folder`): nothing to move. onnx's
+        # conversion below also refuses when the CWD holds a model.onnx.data (a cwd-relative check)
+        onnx.save_model(model, str(path))
+        return path
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA, size_threshold=1024)
     return path

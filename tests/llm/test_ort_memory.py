@@ -176,3 +176,15 @@ def test_compress_holds_one_copy_of_the_weights_and_none_of_the_users():
     print(got, f"{ratio:.2f}x")
     assert got["shared"] == 0 and got["user_same"], got
     assert ratio < 1.5, f"compress peak {ratio:.2f}x the weights (limit 1.5x): {got}"
+
+
+def test_lowering_works_from_a_folder_holding_a_saved_model(tmp_path, monkeypatch):
+    """onnx's external-data conversion checks for model.onnx.data relative to the CWD: the
+    streamed lowering does not convert, so lowering next to a saved artefact works."""
+    (tmp_path / DATA).write_bytes(b"not ours")
+    monkeypatch.chdir(tmp_path)
+    model = tiny_lm("llama")
+    x = ids(1, 6)
+    lm = fxpress.lower(fxpress.compress(model, (x,), []), backend="onnxruntime")
+    assert lm.generate(x, max_new_tokens=3).shape == (1, 9)
+    assert (tmp_path / DATA).read_bytes() == b"not ours"
