@@ -295,11 +295,14 @@ def _run_a(session, a):
 def fastest_accuracy_level(k: int, n: int, bits: int, block: int, m_rows: int = 1,
                            threads: int | None = None) -> int:
     """Times one MatMulNBits [m_rows, k] x [k, n] at accuracy_level 0 (fp32) and 4 (int8 compute)
-    on this host, returns the faster (once per process per shape)."""
+    on this host, returns the faster (once per process per shape). A wide N (an lm_head) is
+    timed on its first columns only, <= ~16 MB of packed weight: both levels cost the same per
+    column, and the full 49152 x 2048 head cost 1.2 GB and 17 s of set-up for one choice."""
     import onnxruntime as ort
 
     from ...timing import interleaved_medians
     from ..onnxruntime import session_options
+    n = min(n, max(256, (16 << 23) // (k * bits)))
     rng = np.random.default_rng(0)
     q = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=np.int8)  # int64: 0.8 GB
     sessions = {}
