@@ -118,10 +118,11 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
             example_inputs, example_kwargs = (), example_inputs
         example_inputs = as_input_tuple(example_inputs)
         # the module tree is copied (capture sets modes and attributes on it) but its parameters
-        # and buffers are the user's: nothing writes them before capture's finish_ir gives the IR
-        # its own (detach_parameters), so the peak is user + IR, not user + copy + IR (a 1B fp32
-        # Llama: 13.6 -> ~9 GiB)
-        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        # are the user's: nothing writes them before capture's finish_ir gives the IR its own
+        # (detach_parameters), so the peak is user + IR, not user + copy + IR (a 1B fp32 Llama:
+        # 13.6 -> ~9 GiB). Buffers are copied: a forward may update one in place (running
+        # statistics, state caches) when a frontend runs the model eagerly
+        shared = {id(t): t for t in model.parameters()}
         work = copy.deepcopy(model, shared).eval()
         with progress.step(f"capturing {type(model).__name__}"):
             gm = capture(work, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
