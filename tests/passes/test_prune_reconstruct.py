@@ -44,7 +44,7 @@ def test_refit_recovers_exactly_what_a_linear_fit_can(bn):
     assert dict(cm.graph_module.named_parameters())["conv1.weight"].shape[0] == 4   # the twins went
     with torch.no_grad():
         ref, before = model(x), cm(x)
-    rel = lambda a: float((a - ref).pow(2).sum() / (ref - ref.mean()).pow(2).sum())  # noqa: E731
+    rel = lambda a: float((a - ref).pow(2).sum() / (ref - ref.mean()).pow(2).sum())
     assert rel(before) > 0.005                 # pruning alone is lossy (measured 0.046, bn: 0.010)
     st = reconstruct(cm.graph_module, model, [(x[i:i + 16],) for i in range(0, 64, 16)], ["conv2"],
                      ridge=1e-9)  # (the default 1e-3 shrinks: held-out error ~1e-3)
