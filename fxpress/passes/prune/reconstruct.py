@@ -104,15 +104,17 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, batches: Ite
                     "err_after": float((after - y).pow(2).sum()) / denom}
         weight = _param(gm, node.args[1])
         bias = _param(gm, node.args[2]) if len(node.args) > 2 else None
+        mean = None
+        if bias is None:  # where the intercept goes, found before anything is written
+            bn = [u for u in node.users if "batch_norm" in str(u.target)]
+            mean = _param(gm, bn[0].args[3]) if len(bn) == 1 and len(bn[0].args) > 3 else None
+            if mean is None:
+                raise RecipeError(f"reconstruct: {m!r} has no bias and no batch_norm to hold "
+                                  "the intercept", field="modules", value=m)
         with torch.no_grad():
             weight.copy_(w.T.reshape(weight.shape).to(weight.dtype))
             if bias is not None:
                 bias.copy_(b.to(bias.dtype))
             else:
-                bn = [u for u in node.users if "batch_norm" in str(u.target)]
-                mean = _param(gm, bn[0].args[3]) if len(bn) == 1 and len(bn[0].args) > 3 else None
-                if mean is None:
-                    raise RecipeError(f"reconstruct: {m!r} has no bias and no batch_norm to hold "
-                                      "the intercept", field="modules", value=m)
                 mean.sub_(b.to(mean.dtype))
     return stats
