@@ -65,7 +65,8 @@ def test_fusion_decision_is_timed_on_one_row(tiny_dynamic):
     d = tiny_dynamic[2].report["transformer_fusion"]
     assert "plain_ms" in d, d                     # onnxscript's fusions match torch.onnx graphs
     assert d["timed_on"] == "1x16 x 1x16", d      # example 4 x 16, timed on one row
-    assert d["applied"] == (d["fused_ms"] < d["plain_ms"])
+    if d["fused_ms"] != d["plain_ms"]:  # the report rounds to 3 decimals: a tie there went either way
+        assert d["applied"] == (d["fused_ms"] < d["plain_ms"])
 
 
 def test_timing_feeds_cut_a_dynamic_batch_only():
