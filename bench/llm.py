@@ -16,7 +16,8 @@ Rows (each skipped cleanly, with the reason, when its package or input is missin
                   (``python -m onnxruntime_genai.models.builder -i HF -o OUT -p P -e cpu``; its
                   defaults: int4 block 32, accuracy level 4, quantized lm_head), folders cached
                   under ~/.cache/fxpress/genai; run with onnxruntime_genai's own generator
-  llamacpp        llama.cpp (llama-cpp-python) on the package's own Q4_1 GGUF (SmolLM2 only)
+  llamacpp        llama.cpp (llama-cpp-python) on the package's own Q4_1 GGUF (SmolLM2 only), in a
+                  process of its own
   torchao_int8    torchao Int8WeightOnly on the HF model, forward under torch.compile, HF generate
                   with a static cache (torchao_int4: skipped with the reason: torchao 0.18 has no
                   x86 CPU int4 kernel)
@@ -157,25 +158,53 @@ class GenAIRunner(Runner):
         return torch.from_numpy(np.asarray(gen.get_sequence(0))[ids.shape[1]:].astype(np.int64))
 
 
+_LLAMACPP_CHILD = r"""
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+t = int(sys.argv[2])
+llm = Llama(model_path=sys.argv[1], n_threads=t, n_threads_batch=t, n_ctx=1024, n_batch=512,
+            verbose=False)
+for line in sys.stdin:
+    req = json.loads(line)
+    llm.reset()
+    llm.eval(req["ids"])
+    out = []
+    for i in range(req["n"]):
+        # the last position's row of llm.scores: `eval_logits` turns every row so far into
+        # Python lists at each call (seconds per token at a 49k vocabulary)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        if i < req["n"] - 1:
+            llm.eval([tok])
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+"""
+
+
 class LlamaCppRunner(Runner):
+    """llama.cpp's eval loop in a process of its own (one JSON line per generate), so its OpenMP
+    threads never meet torch's or ORT's pools. (Sessions 7-8 read 4 tok/s here: the loop took
+    `llm.eval_logits[-1]`, which copies every logits row so far into Python lists per token.)"""
+
     def __init__(self, gguf: Path, threads: int, nbytes):
-        from llama_cpp import Llama
-        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
-                         n_ctx=1024, n_batch=512, verbose=False)
-        self.label = "llama.cpp (llama-cpp-python eval loop, the package's Q4_1 GGUF)"
+        self.proc = subprocess.Popen([sys.executable, "-c", _LLAMACPP_CHILD, str(gguf), str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.label = "llama.cpp (llama-cpp-python eval loop in its own process, the package's Q4_1 GGUF)"
         self.bytes_per_token = nbytes
 
     def generate(self, ids, n):
-        llm = self.llm
-        llm.reset()
-        llm.eval(ids[0].tolist())
-        out = []
-        for i in range(n):
-            tok = int(np.argmax(llm.eval_logits[-1]))
-            out.append(tok)
-            if i < n - 1:
-                llm.eval([tok])
-        return torch.tensor(out)
+        self.proc.stdin.write(json.dumps({"ids": ids[0].tolist(), "n": n}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp process exited ({self.proc.poll()})")
+        return torch.tensor(json.loads(line), dtype=torch.long)
+
+    def __del__(self):
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------- builders
