@@ -334,14 +334,11 @@ class InductorCausalLM(Lowered, Generator):
             self.report["compiles"].append(
                 (f"tokens={input_ids.shape[1]} past={state['past'][0].shape[2]}",
                  round(time.perf_counter() - t0, 1)))
-        logits = out[0]
-        if self.static_kv:  # the buffers were written in place
-            return logits[:, -1].float().cpu()
-        present = list(out[1:])
-        # one layout for every step: the prefill's present can be a transposed view of the new
-        # keys (nothing to concatenate to), which would make the decode graph recompile on strides
-        state["past"] = [t if t.is_contiguous() else t.contiguous() for t in present]
-        return logits[:, -1].float().cpu()
+        if not self.static_kv:  # static buffers were written in place; else the cache comes back
+            # one layout for every step: the prefill's present can be a transposed view of the new
+            # keys (nothing to concatenate to), which would make the decode graph recompile on strides
+            state["past"] = [t if t.is_contiguous() else t.contiguous() for t in out[1:]]
+        return out[0][:, -1].float().cpu()
 
     def warmup(self, prompt_tokens: int = 8):
         """Compile both graphs now (prefill at `prompt_tokens`, then one decode step)."""

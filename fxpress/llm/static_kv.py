@@ -70,8 +70,7 @@ def static_kv_cache(fg: fx.GraphModule) -> bool:
                 return False
         plan.append((buf, present, parts[1]))
     ids = phs[0]
-    first = next(iter(g.nodes))
-    with g.inserting_before(phs[-1].next if phs[-1].next is not None else first):
+    with g.inserting_before(phs[-1].next):  # after the inputs, in order
         past_len = g.call_function(operator.sub, (g.call_function(aten.sym_size.int, (mask, 1)),
                                                   g.call_function(aten.sym_size.int, (ids, 1))))
     for buf, present, new in plan:
