@@ -121,10 +121,12 @@ def space_to_depth_stems(gm: fx.GraphModule, max_in_channels: int = MAX_IN_CHANN
                                     _Q.dequantize_per_tensor.default)):
             continue
         s = stride[0]
+        src, (top, bottom, left, right) = _pre_pad(x)
         xs, ys, ws = _shape(x), _shape(conv), _shape(w)
         if xs is None or ys is None or ws is None or len(xs) != 4:
             continue
-        h, wd = xs[2], xs[3]
+        h, wd = xs[2] - top - bottom, xs[3] - left - right  # the unshuffle's input
+        padding = [padding[0] + top, padding[1] + left]  # before-pads; out fixes the after
         if not all(isinstance(d, int) for d in (h, wd, ys[2], ys[3], xs[1])) \
                 or xs[1] > max_in_channels or h % s or wd % s:
             continue
@@ -136,14 +138,34 @@ def space_to_depth_stems(gm: fx.GraphModule, max_in_channels: int = MAX_IN_CHANN
         if None in plans:
             continue
         (offh, k2h, bh, ah), (offw, k2w, bw, aw) = plans
-        hits += _rewrite(gm, conv, x, w, wsrc, b, s, (offh, offw), (k2h, k2w), (bh, ah, bw, aw))
+        hits += _rewrite(gm, conv, x, w, wsrc, b, s, (offh, offw), (k2h, k2w), (bh, ah, bw, aw),
+                         src)
     if hits:
         g.eliminate_dead_code()
         gm.recompile()
     return hits
 
 
-def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> bool:
+def _pre_pad(x: fx.Node) -> tuple:
+    """(the unshuffle's source, (top, left) pads) for the conv input ``dq(xq)``: a non-negative
+    int8 ``constant_pad_nd`` of H, W by the dequantize's zero point (TF-"same" padding, e.g.
+    EfficientNet-Lite's stem: bottom/right 1, which made H odd) is absorbed into the plan: the
+    unshuffle reads the unpadded tensor, and its own pad carries the rest. Returns (source,
+    (top, bottom, left, right)); (x's source, 0s) for any other input."""
+    q, none = x.args[0], (0, 0, 0, 0)
+    if not (isinstance(q, fx.Node) and q.target == torch.ops.aten.constant_pad_nd.default):
+        return q, none
+    pads = list(q.args[1])
+    value = q.args[2] if len(q.args) > 2 else q.kwargs.get("value", 0)
+    zp = x.args[2]
+    if (len(pads) != 4 or not all(isinstance(v, int) and v >= 0 for v in pads)
+            or not isinstance(zp, int) or not isinstance(value, (int, float)) or value != zp):
+        return q, none
+    left, right, top, bottom = pads
+    return q.args[0], (top, bottom, left, right)
+
+
+def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads, src) -> bool:
     """Replace `conv` (False, graph untouched, where the weight's qparams are not per output
     channel on axis 0 from constants)."""
     g = gm.graph
@@ -165,7 +187,7 @@ def _rewrite(gm, conv, x, w, wsrc, b, s, off, k2, pads) -> bool:
     with g.inserting_before(conv):
         wattr = g.get_attr(name)
         wdq = g.call_function(w.target, (wattr, *wargs[1:]), dict(w.kwargs))
-        unshuf = g.call_function(torch.ops.aten.pixel_unshuffle.default, (dq_args[0], s))
+        unshuf = g.call_function(torch.ops.aten.pixel_unshuffle.default, (src, s))
         bh, ah, bw, aw = pads
         padded = unshuf
         if any(pads):
