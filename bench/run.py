@@ -43,7 +43,7 @@ sys.path.insert(0, str(_ROOT))
 
 from bench.models import WORKLOADS, get_workload  # noqa: E402
 from bench.peers import PEERS, fxpress_quantize  # noqa: E402
-from fxpress.timing import interleaved_times  # noqa: E402
+from fxpress.timing import block_times, interleaved_times  # noqa: E402,F401  (zoo_latency imports it)
 from fxpress.utils import atomic_write, atomic_write_text  # noqa: E402
 
 
@@ -151,27 +151,6 @@ def _accuracy(w, fn, ref_outputs):
                      for o, r in zip(outs, ref_outputs)])
     return {"top1_agree": 100 * sum(agree) / len(agree), "cos_mean": float(cos.mean()),
             "cos_min": float(cos.min())}
-
-
-def block_times(fns: dict, args, *, rounds: int, warm: int = 3, timed: int = 5,
-                pause_s: float = 0.05) -> dict[str, list[float]]:
-    """Seconds per timed call, in rounds of per-runner blocks (rotated order): a pause (the
-    previous runtime's pool threads stop spinning), `warm` untimed calls, `timed` timed ones.
-    On 2 vCPUs ORT sessions at their defaults spin after each run, so call-by-call interleaving
-    reads them 2-3x slow; blocks measure each runner's steady state (issue 24)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for i in range(rounds):
-            for n in names[i % len(names):] + names[:i % len(names)]:
-                time.sleep(pause_s)
-                for _ in range(warm):
-                    fns[n](*args)
-                for _ in range(timed):
-                    t = time.perf_counter()
-                    fns[n](*args)
-                    times[n].append(time.perf_counter() - t)
-    return times
 
 
 def bench_workload(w, rounds: int, warmup: int, per_round: int = 2, timing: str = "blocks") -> list[dict]:

