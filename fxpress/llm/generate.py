@@ -25,10 +25,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, LoweringError
 from .capture import CausalLMSpec, empty_past, positions_from_mask
 
-__all__ = ["Generator", "KVCallGenerator", "select_next"]
+__all__ = ["Generator", "KVCallGenerator", "NoFolderFormat", "select_next"]
+
+
+class NoFolderFormat(LoweringError, NotImplementedError):
+    """``lm.save(dir)`` on a lowered causal LM that has no folder format (a LoweringError, and a
+    NotImplementedError as ``Lowered.save`` raises for backends without an artefact)."""
 
 
 def _as_ids(x, name: str) -> torch.Tensor:
@@ -85,7 +90,13 @@ class Generator:
         raise NotImplementedError
 
     def save(self, path, tokenizer=None):
-        raise NotImplementedError(f"{type(self).__name__} has no folder format")
+        """Backends with a folder format override this (``OrtCausalLM``: an ORT GenAI folder)."""
+        backend = getattr(self, "backend", None) or type(self).__name__
+        raise NoFolderFormat(
+            f"lm.save({str(path)!r}): the {backend!r} lowering of this {self.spec.model_type!r} model "
+            "has no folder format (ONNX Runtime GenAI folders are written for the Llama, Mistral and "
+            "Qwen2 decoders lowered to 'onnxruntime'); keep the compressed model with cm.save(path) "
+            "and lower it again after fxpress.load(path)")
 
     # ------------------------------------------------------------------ generate
     def capacity(self) -> int:

@@ -281,6 +281,10 @@ class InductorCausalLM(Lowered, Generator):
                        else "concatenated per step",
                        "rewrite_s": round(time.perf_counter() - t0, 2), "compiles": []}
 
+    # Lowered.save comes first in the MRO and takes no tokenizer: a user's lm.save(dir, tokenizer=tok)
+    # was a TypeError; the Generator's says what to save instead
+    save = Generator.save
+
     # ------------------------------------------------------------------ Lowered
     @property
     def meta(self):  # complete_call reads the spec here

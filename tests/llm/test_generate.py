@@ -91,3 +91,15 @@ def test_zero_new_tokens_returns_the_prompt(pair):
     _, lm = pair
     x = ids(2, 3)
     assert torch.equal(lm.generate(x, max_new_tokens=0), x)
+
+
+def test_save_without_a_folder_format_is_a_typed_error_naming_what_to_save(pair, tmp_path):
+    """A lowering with no folder format (eager here; Inductor and ORT's generic export alike):
+    lm.save(dir, tokenizer=...) is a LoweringError (still a NotImplementedError) that says to keep
+    the compressed model with cm.save, and writes nothing."""
+    from fxpress.errors import LoweringError
+    _, lm = pair
+    with pytest.raises(LoweringError, match=r"cm\.save") as e:
+        lm.save(tmp_path / "lm", tokenizer=None)
+    assert isinstance(e.value, NotImplementedError) and "'llama'" in str(e.value)
+    assert not (tmp_path / "lm").exists()

@@ -76,6 +76,18 @@ def test_int8_lm_head_and_bad_options():
         fxpress.lower(cm, backend="inductor", nonsense=1)
 
 
+def test_save_with_a_tokenizer_is_a_typed_error_not_a_type_error(tmp_path):
+    """lm.save(dir, tokenizer=tok), as the docs show for ORT, on the Inductor lowering: Lowered.save
+    took no tokenizer (a TypeError); now the Generator's typed error says what to save instead.
+    Nothing compiles (lowering is lazy)."""
+    from fxpress.errors import LoweringError
+    cm = fxpress.compress(_tiny_llama(), (torch.randint(0, 512, (1, 6)),))
+    lm = fxpress.lower(cm, backend="inductor")
+    with pytest.raises(LoweringError, match=r"'inductor' lowering .*cm\.save"):
+        lm.save(tmp_path / "lm", tokenizer=object())
+    assert not (tmp_path / "lm").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [fxpress.WeightOnly(bits=4, group_size=32), None])
 def test_generate_matches_the_ir(recipe):
