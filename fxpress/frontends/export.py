@@ -144,9 +144,15 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict
     if frontend not in ("export", "fx"):
         from ..errors import RecipeError
         raise RecipeError("unknown frontend", field="frontend", value=frontend, accepted=["export", "fx"])
-    from ..llm.capture import capture_causal_lm, wants_kv_capture
+    from ..llm.capture import NoKVCache, capture_causal_lm, wants_kv_capture
     if frontend == "export" and wants_kv_capture(model, example_kwargs, dynamic_shapes):
-        return capture_causal_lm(model, example_inputs, example_kwargs, static_shapes=static_shapes)
+        try:
+            return capture_causal_lm(model, example_inputs, example_kwargs, static_shapes=static_shapes)
+        except (NoKVCache, CaptureError) as e:  # the plain forward still compresses and runs
+            warnings.warn(f"fxpress.capture: {type(model).__name__} is captured without its KV cache "
+                          f"({e}); the IR maps a whole sequence to logits and its lowering has no "
+                          "generate(); example_kwargs={'use_cache': False} says this up front",
+                          stacklevel=3)
     from .hf import hf_capture_conventions
     with hf_capture_conventions(model, example_kwargs):
         if check:

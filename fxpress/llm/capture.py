@@ -101,15 +101,42 @@ def _text_config(model):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
+class NoKVCache(Exception):
+    """The model generates without a key/value cache of [B, heads, T, head_dim] tensors (Mamba's
+    state, say): `fxpress.capture` falls back to the plain forward and says why."""
+
+
 def _geometry(model) -> tuple[int, int, int, int]:
-    """(layers, heads, kv heads, head_dim) read from the config, checked by a real forward later."""
+    """(layers, heads, kv heads, head_dim): the config's names, the cache geometry read off one
+    two-token forward (Falcon's multi-query, per-family key names); NoKVCache if there is none."""
     cfg = _text_config(model)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    if not layers or not heads:
+        raise NoKVCache(f"its config ({type(cfg).__name__}) names no attention heads")
+    cache = _probe_cache(model)
+    keys = [getattr(layer, "keys", None) for layer in getattr(cache, "layers", None) or ()]
+    if not keys or any(not isinstance(k, torch.Tensor) or k.dim() != 4 for k in keys):
+        raise NoKVCache(f"its forward returns {type(cache).__name__}, not per-layer key/value "
+                        "tensors")
+    kv, head_dim = keys[0].shape[1], keys[0].shape[3]
+    if len(keys) != int(layers) or any(k.shape[1] != kv or k.shape[3] != head_dim for k in keys):
+        raise NoKVCache("its cache layers differ in shape")
     return int(layers), int(heads), int(kv), int(head_dim)
+
+
+def _probe_cache(model):
+    """The cache one forward of two tokens returns (no grad, eval; nothing of `model` changes)."""
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(input_ids=ids, use_cache=True, return_dict=True)
+    except Exception as e:  # noqa: BLE001  (any model error: capture will report it properly)
+        raise NoKVCache(f"a two-token forward with use_cache=True failed ({type(e).__name__}: {e})") from e
+    finally:
+        model.train(was)
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 def _spec(model) -> CausalLMSpec:
@@ -231,7 +258,8 @@ def capture_causal_lm(model: torch.nn.Module, example_inputs: tuple, example_kwa
     spec = _spec(model)
     kwargs = {k: v for k, v in (example_kwargs or {}).items() if k != "use_cache"}
     ids, mask, pos, past = _example(model, spec, example_inputs, kwargs)
-    kv = kv_module(model.eval() if model.training else model)
+    was = model.training
+    kv = kv_module(model.eval())
     b, t, p = Dim.AUTO, Dim.AUTO, Dim.AUTO
     shapes = None if static_shapes else (
         {0: b, 1: t}, {0: b, 1: Dim.AUTO}, {0: b, 1: t},
@@ -242,6 +270,8 @@ def capture_causal_lm(model: torch.nn.Module, example_inputs: tuple, example_kwa
             gm = torch.export.export(kv, example, dynamic_shapes=shapes, strict=False).module()
     except Exception as e:  # noqa: BLE001  (torch raises many types; CaptureError explains)
         raise _capture_error(e, "export") from e
+    finally:
+        model.train(was)  # the user's mode back
     gm.meta[KEY] = spec
     gm = finish_ir(gm)
     gm.register_forward_pre_hook(complete_hook, with_kwargs=True, prepend=True)

@@ -12,7 +12,8 @@ then the linear, which still reads float activations. The dequantize node carrie
 ``WeightOnlySpec`` (bits, group size, method) and a ``QuantSpec``; packing is the backends'
 business (ORT ``MatMulNBits``: fxpress.backends.onnx.nbits; Inductor: fxpress.backends.inductor_wo).
 
-Policy: only ``aten.linear`` weights are quantized. Embeddings stay float and ``lm_head`` is
+Policy: only ``aten.linear`` weights are quantized (``WeightOps`` first rewrites addmm / matmul /
+mm / einsum on a constant weight, GPT-2's ``Conv1D`` and Falcon's ``x @ W.T``, to linear). Embeddings stay float and ``lm_head`` is
 skipped by default, as llm-compressor's W4A16/W8A16 schemes do (``ignore=["lm_head"]``): the
 output projection is the most sensitive layer and is often tied to the embedding. Pass
 ``skip=()`` to quantize it too. A weight read by more than one node (tied) is never quantized.
@@ -346,9 +347,14 @@ class WeightOnlyQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config or WeightOnly()
+        from .weight_ops import WeightOps  # GPT-2's Conv1D addmm, Falcon's x @ W.T -> linear
+        done = WeightOps().run(gm, ctx)
+        gm, ops = done.graph_module, done.stats
         targets = target_linears(gm, cfg)
         stats: dict[str, Any] = {"method": cfg.method, "bits": cfg.bits,
                                  "group_size": cfg.group_size}
+        if any(k != "left" for k in ops):
+            stats["to_linear"] = {k: v for k, v in ops.items() if k != "left"}
         if cfg.method == "gptq":
             from .gptq import gptq_targets
             results = gptq_targets(gm, ctx, cfg, targets, stats)

@@ -14,7 +14,7 @@ a buffer beside the original parameter, ``<weight>_lin`` / ``<weight>_folded``):
 function, and from then on the same int8 Q/DQ form, SmoothQuant, observers and backend kernels
 (ORT DynamicQuantizeMatMul / QGemm / QLinearConv, Inductor's qlinear) as any linear or conv.
 
-    gm, _, stats = WeightOps().run(gm, ctx)   # stats: {"addmm": 8, "matmul": 0, ...}
+    stats = WeightOps().run(gm, ctx).stats   # {"addmm": 8, "matmul": 0, ...}
 
 A weight read by other ops too (tied) is copied, never changed in place. A form left alone
 (e.g. ``bmm`` with a 3-D parameter, a batched einsum) is named in ``stats["left"]`` with why.
