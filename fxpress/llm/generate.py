@@ -31,6 +31,12 @@ from .capture import CausalLMSpec, empty_past, positions_from_mask
 __all__ = ["Generator", "KVCallGenerator", "NoFolderFormat", "select_next"]
 
 
+# transformers.generate arguments accepted at these values (the loop's behaviour); None is accepted too
+NEUTRAL_ARGS = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True, "repetition_penalty": 1.0,
+                "min_new_tokens": 0, "no_repeat_ngram_size": 0, "output_scores": False,
+                "return_dict_in_generate": False}
+
+
 class NoFolderFormat(LoweringError, NotImplementedError):
     """``lm.save(dir)`` on a lowered causal LM that has no folder format (a LoweringError, and a
     NotImplementedError as ``Lowered.save`` raises for backends without an artefact)."""
@@ -135,19 +141,39 @@ class Generator:
                              input_name="input_ids" if ids.shape[1] > cap else "max_new_tokens")
         return ids, mask
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id: int | None = None, streamer=None,
-                 seed: int | None = None, **unused) -> torch.Tensor:
+    def _new_from_max_length(self, input_ids, max_length) -> int:
+        """transformers' ``max_length`` (prompt + new tokens) as a count of new tokens."""
+        prompt, cap = _as_ids(input_ids, "input_ids").shape[1], self.capacity()
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not prompt <= max_length <= cap:
+            raise InputError(f"max_length (prompt + new tokens) must be an int from the prompt's {prompt} "
+                             f"tokens to this model's cache of {cap}, got {max_length!r}",
+                             input_name="max_length")
+        return max_length - prompt
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id=None, pad_token_id: int | None = None,
+                 streamer=None, seed: int | None = None, max_length: int | None = None,
+                 **unused) -> torch.Tensor:
         """Prompt + new tokens [B, T + n] (int64), like transformers' ``generate``.
 
         Rows stop at ``eos_token_id`` (an int or a list; default: the model's) and are padded
         with ``pad_token_id`` after it (default: the model's pad, else its first EOS); the loop
-        ends when every row has stopped or ``max_new_tokens`` are made.
+        ends when every row has stopped or ``max_new_tokens`` are made (default 20; or
+        ``max_length`` - prompt tokens when only ``max_length`` is given, as in transformers).
+        transformers arguments at their greedy/sampling defaults (``num_beams=1``,
+        ``use_cache=True``, ``repetition_penalty=1.0``, ...) are accepted; other values of them
+        (beam search, penalties) are InputErrors.
         """
+        for name, value in list(unused.items()):
+            if name in NEUTRAL_ARGS and (value is None or value == NEUTRAL_ARGS[name]):
+                del unused[name]
         if unused:
-            raise InputError(f"generate() got unexpected argument(s) {sorted(unused)}",
-                             input_name=sorted(unused)[0])
+            raise InputError(f"generate() does not take {sorted(unused)} (beam search, penalties and "
+                             f"scores are not implemented; it takes transformers' {sorted(NEUTRAL_ARGS)} "
+                             "at their defaults only)", input_name=sorted(unused)[0])
+        if max_new_tokens is None:
+            max_new_tokens = 20 if max_length is None else self._new_from_max_length(input_ids, max_length)
         ids, mask = self.check_generate_inputs(input_ids, attention_mask, max_new_tokens)
         if do_sample and not temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, got {temperature!r}",

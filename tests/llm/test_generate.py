@@ -103,3 +103,24 @@ def test_save_without_a_folder_format_is_a_typed_error_naming_what_to_save(pair,
         lm.save(tmp_path / "lm", tokenizer=None)
     assert isinstance(e.value, NotImplementedError) and "'llama'" in str(e.value)
     assert not (tmp_path / "lm").exists()
+
+
+def test_transformers_arguments_users_pass(pair):
+    """max_length (prompt + new, as transformers; max_new_tokens wins when both are given) and
+    transformers' arguments at their defaults are taken; beam search and penalties are InputErrors
+    naming the argument (they were all 'unexpected argument' errors)."""
+    _, lm = pair
+    x = ids(1, 5)
+    want = lm.generate(x, max_new_tokens=7, eos_token_id=[])
+    assert torch.equal(lm.generate(x, max_length=12, eos_token_id=[]), want)
+    assert torch.equal(lm.generate(x, max_length=30, max_new_tokens=7, eos_token_id=[]), want)
+    assert torch.equal(lm.generate(x, max_new_tokens=7, eos_token_id=[], num_beams=1, use_cache=True,
+                                   repetition_penalty=1.0, num_return_sequences=1, min_new_tokens=None),
+                       want)
+    assert lm.generate(x, eos_token_id=[]).shape == (1, 25)  # transformers' default: 20 new tokens
+    for kw, name in ((dict(num_beams=4), "num_beams"), (dict(repetition_penalty=1.3), "repetition_penalty"),
+                     (dict(max_length=4), "max_length"), (dict(max_length=97), "max_length"),
+                     (dict(foo=None), "foo")):
+        with pytest.raises(InputError) as e:
+            lm.generate(x, **kw)
+        assert e.value.input_name == name, (kw, str(e.value))
