@@ -146,11 +146,14 @@ def _accuracy(w, fn, ref_outputs):
         cos = torch.cat([torch.nn.functional.cosine_similarity(o.float(), r.float(), dim=-1)
                          for o, r in zip(outs, ref_outputs)])
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
-    agree = [float((o.argmax(-1) == r.argmax(-1)).float().mean()) for o, r in zip(outs, ref_outputs)]
+    hits = [(o.argmax(-1) == r.argmax(-1)) for o, r in zip(outs, ref_outputs)]
+    k, n = int(sum(int(h.sum()) for h in hits)), sum(h.numel() for h in hits)
     cos = torch.cat([torch.nn.functional.cosine_similarity(o.float(), r.float(), dim=-1)
                      for o, r in zip(outs, ref_outputs)])
-    return {"top1_agree": 100 * sum(agree) / len(agree), "cos_mean": float(cos.mean()),
-            "cos_min": float(cos.min())}
+    from bench.effnet_accuracy import wilson
+    lo, hi = wilson(k, n)
+    return {"top1_agree": 100 * k / n, "top1_n": n, "top1_wilson95": [100 * lo, 100 * hi],
+            "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
 
 def bench_workload(w, rounds: int, warmup: int, per_round: int = 2, timing: str = "blocks") -> list[dict]:
@@ -225,6 +228,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         if "top1_agree" in r:
             acc = f"top-1 agree {r['top1_agree']:.1f}%, cos {r['cos_mean']:.4f}"
+            if r.get("top1_wilson95"):
+                lo, hi = r["top1_wilson95"]
+                acc = acc.replace("%,", f"% [{lo:.1f}-{hi:.1f}] of {r['top1_n']},", 1)
         else:
             acc = f"cos mean {r['cos_mean']:.4f} min {r['cos_min']:.4f}"
         sp = f"{r['speedup_vs_ort_fp32']:.2f}" if r.get("speedup_vs_ort_fp32") else "–"
