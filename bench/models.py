@@ -72,19 +72,20 @@ def minilm(batch: int = 8, seq: int = 128, n_sentences: int = 528) -> Workload:
                     evaluation, "text", {"sentences": n})
 
 
-def efficientnet_lite0(n_calib: int = 100, n_eval: int = 96) -> Workload:
+def efficientnet_lite0(n_calib: int = 128, n_eval: int = 256) -> Workload:
     """Real EfficientNet-Lite0 (ImageNet weights) on crops of real photos (fxpress.real):
-    100 calibration and 96 disjoint evaluation crops, batch 1, the same calibration for every
-    runner (AdaRound's rows need ~100: with 32 they reached 92.7-94.8 %, session8_adaround.md).
-    fxpress quantizes it with cross-layer equalization, bias correction, float logits and ORT's
-    residual form (notes["quantize"])."""
+    128 calibration and 256 disjoint evaluation crops (random windows, i.e. scales, and flips of
+    the three photos installed packages ship), batch 1, the same calibration for every runner.
+    96 crops carried ~+-2 points of noise per agreement figure (session8_effnet.md); bench/run.py
+    reports a Wilson 95 % interval with each. fxpress quantizes it with the default
+    Quantize(mode="static") (bias correction "auto": on for this depthwise net); the AdaRound
+    rows add adaround=True (bench/effnet_accuracy.py measured both, session10_effnet.md)."""
     from fxpress.real import efficientnet_lite0 as build, photo_sets
     calib, evals = photo_sets(n_calib, n_eval)
     return Workload("efficientnet_lite0", build(), (evals[:1].clone(),),
                     [(calib[i:i + 1],) for i in range(n_calib)],
                     [(evals[i:i + 1],) for i in range(n_eval)], "cnn",
-                    {"quantize": {"bias_correction": True, "equalize": True, "float_outputs": True,
-                                  "conv_add": "separate"}, "real": True})
+                    {"quantize": {}, "real": True})
 
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {

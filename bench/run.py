@@ -90,7 +90,8 @@ def _fxpress_runners(w, tmp):
     return out
 
 
-# issue 24: the workload's recipe + Quantize(adaround=True) (docs/results/session8_adaround.md)
+# issue 24: the workload's recipe + Quantize(adaround=True) (session8_adaround.md; on 256 crops
+# the default recipe + AdaRound beat CLE + BC + float outputs + AdaRound: session10_effnet.md)
 ADAROUND_WORKLOADS = ("efficientnet_lite0",)
 
 
