@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     evals = torch.cat([b[0] for b in w.evaluation])
     with torch.no_grad():
         logits = torch.cat([w.model(evals[i:i + 32]) for i in range(0, len(evals), 32)])
-    rows, fns = [], {}
+    from fxpress.errors import LoweringError
+    rows, fns, failed = [], {}, []
     for name in [r for r in a.recipes.split(",") if r]:
         base, _, kf = name.partition("+kf")
         if base not in RECIPES or (kf and not kf.isdigit()):
@@ -116,10 +117,17 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         cm = fxpress.compress(w.model, w.example, fxpress.Quantize(
             mode="static", calib_samples=a.calib, **opts), calibration=w.calibration)
-        run = fxpress.lower(cm, "onnxruntime", example_inputs=w.example, calibration=w.calibration)
         sec = cm.report.sections
         floated = (sec.get("quant_guard") or {}).get("float_modules", []) if kf else []
         worst = (sec.get("quant_sensitivity") or [])[:5]  # each layer alone, nearest rounding
+        print(f"  {name}: float layers {floated}; most sensitive {worst}", flush=True)
+        try:
+            run = fxpress.lower(cm, "onnxruntime", example_inputs=w.example,
+                                calibration=w.calibration)
+        except LoweringError as e:  # reported as a row, the other recipes go on
+            print(f"  {name}: LoweringError {e}", flush=True)
+            failed.append({"runner": f"fxpress -> ORT ({name})", "error": str(e)[:300]})
+            continue
         label = f"fxpress -> ORT ({name})"
         fns[label] = run
         rows.append(score(label, run, evals, logits,
@@ -148,8 +156,9 @@ def main(argv=None) -> int:
     from fxpress.utils import atomic_write_text
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "effnet_accuracy.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(rows, meta)
+    atomic_write_text(out / "effnet_accuracy.json",
+                      json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=1))
+    md = markdown(rows, meta) + "".join(f"\n{f['runner']}: FAILED {f['error']}\n" for f in failed)
     atomic_write_text(out / "effnet_accuracy.md", md)
     print("\n" + md)
     return 0
