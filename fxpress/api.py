@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -114,8 +115,9 @@ def compress(model: torch.nn.Module, example_inputs: Any, recipe: Any = None, *,
         recipe = Recipe.coerce(recipe)
         from .distributed import check_same_recipe
         check_same_recipe(recipe)  # under a process group: every rank's recipe is rank 0's
-        if isinstance(example_inputs, dict) and example_kwargs is None:  # compress(model, enc)
-            example_inputs, example_kwargs = (), example_inputs
+        # a dict or a tokenizer's BatchEncoding (a Mapping, not a dict)
+        if isinstance(example_inputs, Mapping) and example_kwargs is None:  # compress(model, enc)
+            example_inputs, example_kwargs = (), dict(example_inputs)
         example_inputs = as_input_tuple(example_inputs)
         # the module tree is copied (capture sets modes and attributes on it) but its parameters
         # are the user's: nothing writes them before capture's finish_ir gives the IR its own

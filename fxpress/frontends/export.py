@@ -10,6 +10,7 @@ import linecache
 import re
 import traceback
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -138,8 +139,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}", frontend="none")
-    if isinstance(example_inputs, dict) and example_kwargs is None:  # capture(model, enc)
-        example_inputs, example_kwargs = (), example_inputs
+    # a dict or a tokenizer's BatchEncoding (a Mapping, not a dict)
+    if isinstance(example_inputs, Mapping) and example_kwargs is None:  # capture(model, enc)
+        example_inputs, example_kwargs = (), dict(example_inputs)
     example_inputs = as_input_tuple(example_inputs)
     if frontend not in ("export", "fx"):
         from ..errors import RecipeError

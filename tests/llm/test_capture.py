@@ -93,3 +93,16 @@ def test_existing_passes_apply_to_the_kv_ir():
         first = lm.step(state, x[:, :9], torch.ones(1, 9, dtype=torch.long), torch.arange(9)[None])
         last = lm.step(state, x[:, 9:], torch.ones(1, 10, dtype=torch.long), torch.tensor([[9]]))
         assert sqnr(ref[:, 8], first) > floor and sqnr(ref[:, 9], last) > floor, recipe
+
+
+def test_a_tokenizers_batch_encoding_is_an_example():
+    """compress(model, tok(prompt, return_tensors="pt")): a BatchEncoding is a Mapping, not a dict;
+    it was taken as one positional input (InputError: 'captured from input_ids'). Now it is read as
+    keyword inputs, as a dict is, and gives the same IR outputs."""
+    from transformers import BatchEncoding
+    model, x = tiny_lm("llama"), ids(1, 6)
+    enc = BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x)})
+    cm = fxpress.compress(model, enc)
+    want = fxpress.compress(model, dict(enc))
+    assert torch.equal(cm(x).logits, want(x).logits)
+    assert fxpress.capture(model, enc) is not None
