@@ -125,6 +125,8 @@ class Generator:
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask.long()  # transformers takes a boolean mask too
             mask = _as_ids(attention_mask, "attention_mask")
             if mask.shape != ids.shape:
                 raise InputError(f"attention_mask must have input_ids' shape {list(ids.shape)}, "

@@ -107,8 +107,8 @@ def test_save_without_a_folder_format_is_a_typed_error_naming_what_to_save(pair,
 
 def test_transformers_arguments_users_pass(pair):
     """max_length (prompt + new, as transformers; max_new_tokens wins when both are given) and
-    transformers' arguments at their defaults are taken; beam search and penalties are InputErrors
-    naming the argument (they were all 'unexpected argument' errors)."""
+    transformers' arguments at their defaults are taken, and a boolean attention_mask; beam search
+    and penalties are InputErrors naming the argument (they were all InputErrors)."""
     _, lm = pair
     x = ids(1, 5)
     want = lm.generate(x, max_new_tokens=7, eos_token_id=[])
@@ -118,6 +118,8 @@ def test_transformers_arguments_users_pass(pair):
                                    repetition_penalty=1.0, num_return_sequences=1, min_new_tokens=None),
                        want)
     assert lm.generate(x, eos_token_id=[]).shape == (1, 25)  # transformers' default: 20 new tokens
+    mask = torch.ones_like(x)
+    assert torch.equal(lm.generate(x, attention_mask=mask.bool(), max_new_tokens=7, eos_token_id=[]), want)
     for kw, name in ((dict(num_beams=4), "num_beams"), (dict(repetition_penalty=1.3), "repetition_penalty"),
                      (dict(max_length=4), "max_length"), (dict(max_length=97), "max_length"),
                      (dict(foo=None), "foo")):
