@@ -372,8 +372,11 @@ def load(path, **options: Any):
         if (p / "genai_config.json").exists():
             from .backends.artefacts import load_genai_folder
             return load_genai_folder(p, **options)
-        raise InputError(f"{p}: a folder fxpress can load holds genai_config.json (ORT GenAI)",
-                         input_name="path")
+        if (p / "fxpress.json").exists() and (p / "model.onnx").exists():
+            from .llm.lowering import load_generic_folder
+            return load_generic_folder(p, **options)
+        raise InputError(f"{p}: a folder fxpress can load holds genai_config.json (ORT GenAI) or "
+                         "fxpress.json + model.onnx (lm.save of another decoder)", input_name="path")
     from .backends import artefacts
     kind = artefacts.kind_of(p)
     if kind == "compressed":

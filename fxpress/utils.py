@@ -33,6 +33,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: `fill(tmp)` writes into a temporary sibling, which then replaces
+    `path` (nothing stale kept; on an error nothing of `path` changes)."""
+    import shutil
+
+    from .errors import InputError
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder", input_name="path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)

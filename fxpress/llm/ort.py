@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -225,29 +224,24 @@ class OrtCausalLM(Generator):
     def save(self, path, tokenizer=None) -> Path:
         """An onnxruntime-genai folder: model.onnx, model.onnx.data, genai_config.json, the
         tokenizer's files when given one, and fxpress.json (the spec ``fxpress.load`` reads)."""
-        out = Path(path)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out} exists and is not a folder", input_name="path")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        from ..utils import atomic_folder
+
+        def fill(tmp: Path) -> None:
             for name in (MODEL, DATA):
                 shutil.copyfile(self.folder / name, tmp / name)
             cfg = genai_config(self.spec, self.spec.max_positions)
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4))
-            meta = dataclasses.asdict(self.spec)
-            meta["eos_token_id"] = list(meta["eos_token_id"])
-            (tmp / "fxpress.json").write_text(json.dumps({"causal_lm": meta, "report": _plain(self.report)},
-                                                         indent=1))
+            (tmp / "fxpress.json").write_text(json.dumps(
+                {"causal_lm": spec_json(self.spec), "report": _plain(self.report)}, indent=1))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            if out.exists():  # replace the folder's files, keep nothing stale
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return atomic_folder(path, fill)
+
+
+def spec_json(spec: CausalLMSpec) -> dict:
+    meta = dataclasses.asdict(spec)
+    meta["eos_token_id"] = list(meta["eos_token_id"])
+    return meta
 
 
 def _plain(obj):
@@ -305,7 +299,7 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
     ``max_length`` caps the context (the rotary table and the KV buffers; default the model's
     max positions)."""
     from ..backends.onnx.nbits import fastest_accuracy_level
-    from .ort_graph import NotThisFamily, build_decoder
+    from .ort_graph import NotThisFamily
     check_choice("lm_head", lm_head, LM_HEADS)
     if device != "cpu":
         raise LoweringError(f"the ONNX Runtime causal-LM lowering runs on cpu, not {device!r}")
@@ -317,6 +311,54 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
             return fastest_accuracy_level(-(-k // block) * block, n, bits, block, 1, threads)
     else:
         level = int(accuracy_level)
+    try:
+        lm = _build(gm, spec, level, lm_head, threads, spinning, fuse_gate_up)
+    except NotThisFamily as why:
+        from ..backends.base import get_backend
+        from .lowering import LoweredCausalLM
+        run = LoweredCausalLM(get_backend("onnxruntime")(gm, flat_example_inputs, device=device,
+                                                         threads=threads, **options), gm)
+        run.lowered.report["generator"] = f"generic export, growing past ({why})"
+        return run
+    if not check:
+        return lm
+    ids = flat_example_inputs[0]
+    if ids.shape[1] < 2:
+        ids = torch.cat([ids, ids], 1)
+    got = lm.report["check"] = check_against_ir(lm, gm, ids[:1])
+    levels = set(lm.report.get("accuracy_levels", {}).values())
+    # "auto" chose int8 activations (level 4) for speed; where that costs what a weight-only user
+    # asked not to lose, build again with fp32 compute: int8 weights need >= 40 dB (real SmolLM2
+    # int8 g32: 32.7 dB and greedy text departing at token 4 with level 4; 117 dB, 32/32 tokens
+    # at level 0), int4 the check's own floor
+    floor = 40.0 if 8 in _weight_bits(gm) else min_sqnr
+    if accuracy_level == "auto" and 4 in levels and min(got.values()) < floor:
+        fast = dict(got)
+        lm = _build(gm, spec, 0, lm_head, threads, spinning, fuse_gate_up)
+        got = lm.report["check"] = check_against_ir(lm, gm, ids[:1])
+        lm.report["accuracy_level_fallback"] = {"level4_check": fast, "floor_db": floor}
+        warnings.warn(f"fxpress.lower: MatMulNBits' int8 activations (accuracy_level 4, the faster "
+                      f"here) left the logits {min(fast.values())} dB from the IR (< {floor}); built "
+                      "with fp32 compute (accuracy_level 0) instead", stacklevel=3)
+    if min(got.values()) < min_sqnr:
+        raise LoweringError(f"the ONNX Runtime decoder disagrees with the IR: {got} "
+                            f"(< {min_sqnr} dB); check=False skips this check")
+    if 4 in set(lm.report.get("accuracy_levels", {}).values()) and min(got.values()) < 40:
+        warnings.warn(f"fxpress.lower: MatMulNBits' int8 activations (accuracy_level 4, the "
+                      f"faster here) leave the logits {min(got.values())} dB from the IR; "
+                      "accuracy_level=0 computes in fp32 (exact, slower decode)", stacklevel=3)
+    return lm
+
+
+def _weight_bits(gm) -> set:
+    """The bit widths of the IR's weight-only layers."""
+    from ..ir.meta import WeightOnlySpec, get_record
+    return {r.bits for n in gm.graph.nodes if (r := get_record(n, WeightOnlySpec)) is not None}
+
+
+def _build(gm, spec, level, lm_head, threads, spinning, fuse_gate_up) -> OrtCausalLM:
+    """The genai-layout decoder of `gm` in a temporary folder, opened (NotThisFamily passes)."""
+    from .ort_graph import build_decoder
     report: dict = {"generator": "genai-layout decoder"}
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="fxpress-llm-")
@@ -324,32 +366,10 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
         model = build_decoder(gm, spec, lm_head=lm_head, accuracy_level=level,
                               max_positions=spec.max_positions, report=report,
                               fuse_gate_up=fuse_gate_up, external_data=Path(tmp.name) / DATA)
-    except NotThisFamily as why:
+    except BaseException:
         tmp.cleanup()
-        from ..backends.base import get_backend
-        from .lowering import LoweredCausalLM
-        run = LoweredCausalLM(get_backend("onnxruntime")(gm, flat_example_inputs, device=device,
-                                                         threads=threads, **options), gm)
-        run.lowered.report["generator"] = f"generic export, growing past ({why})"
-        return run
+        raise
     report["build_s"] = round(time.perf_counter() - t0, 2)
     write_model(model, Path(tmp.name))
     del model
-    lm = OrtCausalLM(Path(tmp.name), spec, threads=threads, report=report, tmp=tmp, spinning=spinning)
-    if check:
-        ids = flat_example_inputs[0]
-        if ids.shape[1] < 2:
-            ids = torch.cat([ids, ids], 1)
-        got = check_against_ir(lm, gm, ids[:1])
-        lm.report["check"] = got
-        if min(got.values()) < min_sqnr:
-            raise LoweringError(f"the ONNX Runtime decoder disagrees with the IR: {got} "
-                                f"(< {min_sqnr} dB); check=False skips this check")
-        levels = set(report.get("accuracy_levels", {}).values())
-        if 4 in levels and min(got.values()) < 40:
-            # measured on real SmolLM2 int8 g32: 32.7 dB vs the IR and greedy text departing
-            # at token 4 with int8 activations, 117 dB and 32/32 tokens with fp32 compute
-            warnings.warn(f"fxpress.lower: MatMulNBits' int8 activations (accuracy_level 4, the "
-                          f"faster here) leave the logits {min(got.values())} dB from the IR; "
-                          "accuracy_level=0 computes in fp32 (exact, slower decode)", stacklevel=3)
-    return lm
+    return OrtCausalLM(Path(tmp.name), spec, threads=threads, report=report, tmp=tmp, spinning=spinning)

@@ -69,3 +69,18 @@ def test_weight_only_reaches_addmm_and_matmul_weights(family):
     assert stats["quantized"] == 8
     with torch.no_grad():
         assert sqnr(model(x).logits, cm(x).logits) > 30
+
+
+def test_bloom_alibi_stays_dynamic_on_onnxruntime():
+    """Bloom's alibi ties the mask length to past + new tokens: the generic ONNX export is traced
+    on a non-empty past (an empty one left the .onnx static and decode an InputError); greedy
+    tokens equal HF's at batch 1 and batch 2."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4,
+                                               bos_token_id=1, eos_token_id=2)).eval()
+    cm = fxpress.compress(model, (ids(1, 12),), [])
+    lm = fxpress.lower(cm, backend="onnxruntime")
+    for x in (ids(1, 12), ids(2, 20, seed=1)):
+        ref = model.generate(x, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        assert torch.equal(lm.generate(x, max_new_tokens=5, eos_token_id=[]), ref)
