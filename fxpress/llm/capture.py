@@ -127,7 +127,8 @@ def _geometry(model) -> tuple[int, int, int, int]:
 
 def _probe_cache(model):
     """The cache one forward of two tokens returns (no grad, eval; nothing of `model` changes)."""
-    ids = torch.zeros(1, 2, dtype=torch.long)
+    param = next(model.parameters(), None)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=None if param is None else param.device)
     was = model.training
     try:
         with torch.no_grad():
