@@ -100,9 +100,9 @@ class Generator:
         backend = getattr(self, "backend", None) or type(self).__name__
         raise NoFolderFormat(
             f"lm.save({str(path)!r}): the {backend!r} lowering of this {self.spec.model_type!r} model "
-            "has no folder format (ONNX Runtime GenAI folders are written for the Llama, Mistral and "
-            "Qwen2 decoders lowered to 'onnxruntime'); keep the compressed model with cm.save(path) "
-            "and lower it again after fxpress.load(path)")
+            "has no folder format (the 'onnxruntime' lowering writes one: an ORT GenAI folder for "
+            "Llama, Mistral and Qwen2, fxpress's own for other families); keep the compressed model "
+            "with cm.save(path) and lower it again after fxpress.load(path)")
 
     # ------------------------------------------------------------------ generate
     def capacity(self) -> int:
