@@ -3,8 +3,9 @@
     fxpress generate smollm2-int4 --prompt "The capital of France is" --max-new-tokens 64
     fxpress generate smollm2-int4 --prompt "Once upon" --sample --temperature 0.7 --top-p 0.9 --seed 0
 
-DIR is an ONNX Runtime GenAI folder (genai_config.json, model.onnx, the tokenizer's files), the
-one fxpress writes or ORT GenAI's own builder does. ``--chat`` wraps the prompt in the
+DIR is a folder ``lm.save(dir, tokenizer=tok)`` writes (an ONNX Runtime GenAI folder for Llama,
+Mistral and Qwen2; fxpress.json + model.onnx for other families) or ORT GenAI's own builder does,
+with the tokenizer's files. ``--chat`` wraps the prompt in the
 tokenizer's chat template.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxpress generate", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="a saved causal-LM folder (genai_config.json + tokenizer files)")
+    p.add_argument("folder", help="a saved causal-LM folder (lm.save(dir, tokenizer=tok))")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -41,9 +42,10 @@ def main(argv: list[str]) -> int:
                          input_name="folder")
     from transformers import AutoTokenizer, TextStreamer
 
-    from ..llm import load_genai_folder
+    from ..saving import load
     tok = AutoTokenizer.from_pretrained(str(folder))
-    lm = load_genai_folder(folder, threads=args.threads)
+    # an ORT GenAI folder or the generic decoder's (fxpress.json + model.onnx): fxpress.load reads both
+    lm = load(folder, **({} if args.threads is None else {"threads": args.threads}))
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
                                       add_generation_prompt=True, return_tensors="pt")
