@@ -43,7 +43,7 @@ sys.path.insert(0, str(_ROOT))
 
 from bench.models import WORKLOADS, get_workload  # noqa: E402
 from bench.peers import PEERS, fxpress_quantize  # noqa: E402
-from fxpress.timing import block_times, interleaved_times  # noqa: E402,F401  (zoo_latency imports it)
+from fxpress.timing import block_times, interleaved_times  # noqa: E402
 from fxpress.utils import atomic_write, atomic_write_text  # noqa: E402
 
 

@@ -33,7 +33,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 
 import fxpress  # noqa: E402
-from bench.run import block_times  # noqa: E402
+from fxpress.timing import block_times  # noqa: E402
 from fxpress.utils import atomic_write_text  # noqa: E402
 from tests.zoo.test_zoo_unseen import FAMILIES, build, example, main_output, sqnr  # noqa: E402
 

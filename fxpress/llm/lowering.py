@@ -111,13 +111,13 @@ GENERIC = "fxpress generic KV decoder (onnx)"
 def load_generic_folder(path, **options) -> LoweredCausalLM:
     """A folder `LoweredCausalLM.save` wrote, as a LoweredCausalLM over an ORT session."""
     from ..backends.artefacts import load as load_artefact
-    from .ort import _spec_from_genai
+    from .ort import spec_from_json
     p = Path(path)
     meta = json.loads((p / "fxpress.json").read_text())
     if meta.get("format") != GENERIC or not (p / "model.onnx").is_file():
         raise InputError(f"{p}: not a folder of fxpress's generic KV decoder", input_name="path")
     return LoweredCausalLM(load_artefact(p / "model.onnx", "onnx", **options),
-                           spec=_spec_from_genai({}, meta["causal_lm"]))
+                           spec=spec_from_json(meta["causal_lm"]))
 
 
 def _with_past(gm, args: tuple, kwargs: dict) -> tuple:

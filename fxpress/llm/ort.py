@@ -94,9 +94,14 @@ def genai_config(spec: CausalLMSpec, context_length: int) -> dict:
     }
 
 
+def spec_from_json(meta: dict) -> CausalLMSpec:
+    """The spec `spec_json` wrote (fxpress.json's "causal_lm")."""
+    return CausalLMSpec(**{k: tuple(v) if k == "eos_token_id" else v for k, v in meta.items()})
+
+
 def _spec_from_genai(cfg: dict, fx_meta: dict | None) -> CausalLMSpec:
     if fx_meta:
-        return CausalLMSpec(**{k: tuple(v) if k == "eos_token_id" else v for k, v in fx_meta.items()})
+        return spec_from_json(fx_meta)
     m, d = cfg["model"], cfg["model"]["decoder"]
     eos = m.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -333,22 +338,8 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
     # at level 0), int4 the check's own floor
     floor = 40.0 if 8 in _weight_bits(gm) else min_sqnr
     if accuracy_level == "auto" and 4 in levels and min(got.values()) < floor:
-        fast, tried = dict(got), {}
-        # first the lm_head alone in fp32 compute (the widest, most sensitive product), then all
-        for name, lv in (("lm_head", lambda k, n, bits, block: 0 if n == spec.vocab_size
-                          else level(k, n, bits, block)), ("all", 0)):
-            if name == "lm_head" and lm.report.get("accuracy_levels", {}).get("lm_head") != 4:
-                continue
-            lm = _build(gm, spec, lv, lm_head, threads, spinning, fuse_gate_up)
-            got = lm.report["check"] = check_against_ir(lm, gm, ids[:1])
-            tried[name] = dict(got)
-            if min(got.values()) >= floor:
-                break
-        lm.report["accuracy_level_fallback"] = {"level4_check": fast, "floor_db": floor, **tried}
-        warnings.warn(f"fxpress.lower: MatMulNBits' int8 activations (accuracy_level 4, the faster "
-                      f"here) left the logits {min(fast.values())} dB from the IR (< {floor}); built "
-                      f"with fp32 compute (accuracy_level 0) for {name if name == 'all' else 'the lm_head'} "
-                      f"instead ({min(got.values())} dB)", stacklevel=3)
+        lm, got = _fp32_compute_fallback(lm, gm, spec, ids[:1], level, floor,
+                                         (lm_head, threads, spinning, fuse_gate_up))
     if min(got.values()) < min_sqnr:
         raise LoweringError(f"the ONNX Runtime decoder disagrees with the IR: {got} "
                             f"(< {min_sqnr} dB); check=False skips this check")
@@ -357,6 +348,28 @@ def lower_onnxruntime(gm, flat_example_inputs: tuple, *, device: str = "cpu", lm
                       f"faster here) leave the logits {min(got.values())} dB from the IR; "
                       "accuracy_level=0 computes in fp32 (exact, slower decode)", stacklevel=3)
     return lm
+
+
+def _fp32_compute_fallback(lm, gm, spec, ids, level, floor, build_args):
+    """(decoder, its check): rebuilt with fp32 compute (accuracy level 0) where level 4 left the
+    check under `floor`: the lm_head alone first (where it ran at 4), then every layer; the
+    report keeps the level-4 check and each retry's, and one warning says which was kept."""
+    fast, tried = dict(lm.report["check"]), {}
+    steps = [("every layer", 0)]
+    if lm.report.get("accuracy_levels", {}).get("lm_head") == 4:
+        steps.insert(0, ("the lm_head", lambda k, n, bits, block:
+                         0 if n == spec.vocab_size else level(k, n, bits, block)))
+    for name, lv in steps:
+        lm = _build(gm, spec, lv, *build_args)
+        got = lm.report["check"] = check_against_ir(lm, gm, ids)
+        tried[name] = dict(got)
+        if min(got.values()) >= floor:
+            break
+    lm.report["accuracy_level_fallback"] = {"level4_check": fast, "floor_db": floor, **tried}
+    warnings.warn(f"fxpress.lower: MatMulNBits' int8 activations (accuracy_level 4, the faster here) "
+                  f"left the logits {min(fast.values())} dB from the IR (< {floor}); built with fp32 "
+                  f"compute (accuracy_level 0) for {name} instead ({min(got.values())} dB)", stacklevel=4)
+    return lm, got
 
 
 def _weight_bits(gm) -> set:
